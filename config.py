@@ -1,0 +1,269 @@
+"""The typed configuration: one dataclass per entry point, each field with a default and a doc line.
+
+The dataclasses ARE the schema. `parse_config` turns them into command-line flags
+(`--help` lists every field with its default), layers a YAML preset or file under the
+flags (CLI wins), and validates the result in `__post_init__`. The resolved config is
+saved beside every adapter (`train_config.yaml`), so eval.py knows exactly which base
+model, template and data split an adapter was trained with.
+
+Precedence, lowest to highest: dataclass defaults < `--preset` < `--config FILE` < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CONFIG_DIR = os.path.join(ROOT, "configs")
+PRESETS = ("smoke", "demo")
+LLAMA_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(ValueError):
+    """A user error in flags or config files: reported as one line, exit code 2."""
+
+
+def doc(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its one-line documentation attached."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything `python main.py` needs. Defaults reproduce the QLoRA recipe on Llama-2-7B."""
+
+    # --- what to train -------------------------------------------------------------
+    base_model: str = doc("meta-llama/Llama-2-7b-hf", "Hub id or local directory of the base model (gated: accept Meta's licence on the hub first).")
+    gguf_file: str | None = doc(None, "GGUF file name inside --base-model's directory (dequantized to float at load time); the demo preset's offline path.")
+    dataset: str = doc("databricks/databricks-dolly-15k", "Hub dataset id, or a local .jsonl/.json/.parquet/.csv with columns instruction, context, response, category.")
+    output_dir: str = doc("llama_adapter", "Where the adapter, tokenizer, resolved config, metrics, loss curve and checkpoints go.")
+    # --- data ---------------------------------------------------------------------------
+    max_length: int = doc(1024, "Longest tokenized record (prompt + response + EOS); longer ones lose context first, then the response's end (dolly: 2% of records exceed 1024).")
+    val_fraction: float = doc(0.05, "Share of records held out for validation, stratified by category and seeded.")
+    max_records: int | None = doc(None, "Use only the first N records of the dataset (before the split); for quick runs.")
+    # --- model / LoRA ---------------------------------------------------------------------
+    quantization: Literal["4bit", "8bit", "none"] = doc("4bit", "Base weights: 4bit = NF4 + double quantization (QLoRA paper), 8bit = LLM.int8, none = bf16/fp16 on GPU, fp32 on CPU.")
+    lora_r: int = doc(16, "LoRA rank (QLoRA paper uses 64 for 7B; 16 is the common PEFT recipe and 4x fewer adapter parameters).")
+    lora_alpha: int = doc(32, "LoRA scaling numerator: the update is scaled by alpha / r (alpha = 2r is the PEFT convention).")
+    lora_dropout: float = doc(0.05, "Dropout on the LoRA input (QLoRA paper: 0.05 for 7B-13B). It costs speed; 0 disables it.")
+    lora_target_modules: list[str] = doc(LLAMA_LINEAR_LAYERS, "Linear layers that get LoRA (QLoRA paper: all linear layers of the decoder).")
+    trust_remote_code: bool = doc(False, "Run model code shipped with a hub repo. Off: Llama needs none; turn on only for a repo you trust.")
+    # --- optimisation ------------------------------------------------------------------
+    epochs: float = doc(3.0, "Passes over the training split (alpaca-lora and the dolly fine-tunes use 3).")
+    max_steps: int = doc(-1, "Stop after this many optimizer steps; -1 means run --epochs.")
+    batch_size: int = doc(4, "Records per device per micro-batch.")
+    gradient_accumulation_steps: int = doc(4, "Micro-batches per optimizer step: effective batch = batch_size x this x GPUs (QLoRA paper: 16).")
+    learning_rate: float = doc(2e-4, "Peak learning rate (QLoRA paper: 2e-4 for 7B).")
+    lr_scheduler: str = doc("cosine", "transformers scheduler name: cosine, linear, constant_with_warmup, ...")
+    warmup_ratio: float = doc(0.03, "Share of steps spent warming the learning rate up from 0 (QLoRA paper: 0.03).")
+    weight_decay: float = doc(0.0, "AdamW weight decay on the LoRA weights (QLoRA paper: 0).")
+    max_grad_norm: float = doc(0.3, "Gradient clipping norm (QLoRA paper: 0.3).")
+    optimizer: str = doc("adamw_torch", "transformers optimizer name (adamw_torch, paged_adamw_8bit, adamw_bnb_8bit, ...).")
+    gradient_checkpointing: bool = doc(True, "Recompute activations in the backward pass: about 30% slower, several times less memory.")
+    seed: int = doc(42, "Seed for the split, LoRA initialisation, dropout and data order.")
+    # --- bookkeeping -------------------------------------------------------------------
+    eval_steps: int = doc(200, "Compute the held-out loss every N optimizer steps (0: only at the end).")
+    save_steps: int = doc(200, "Write a checkpoint every N optimizer steps.")
+    save_total_limit: int = doc(3, "Keep only the newest N checkpoints.")
+    logging_steps: int = doc(10, "Log loss, learning rate, tokens/s and peak memory every N steps.")
+    dataloader_workers: int = doc(0, "Worker processes feeding batches (records are pre-tokenized, so 0 is rarely slower).")
+    resume: bool = doc(False, "Continue from the newest checkpoint in OUTPUT_DIR/checkpoints.")
+    fallback: bool = doc(True, "When the default 7B base cannot run here (no CUDA GPU, or hub unreachable and not cached), run the demo preset instead of stopping.")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_length >= 16, "max_length must be at least 16"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
+            (self.max_records is None or self.max_records > 0, "max_records must be positive"),
+            (self.lora_r > 0, "lora_r must be positive"),
+            (self.lora_alpha > 0, "lora_alpha must be positive"),
+            (0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)"),
+            (len(self.lora_target_modules) > 0, "lora_target_modules must name at least one layer"),
+            (self.epochs > 0, "epochs must be positive"),
+            (self.max_steps == -1 or self.max_steps > 0, "max_steps must be -1 or positive"),
+            (self.batch_size > 0, "batch_size must be positive"),
+            (self.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be positive"),
+            (self.learning_rate > 0, "learning_rate must be positive"),
+            (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.max_grad_norm > 0, "max_grad_norm must be positive"),
+            (self.eval_steps >= 0, "eval_steps must be >= 0"),
+            (self.save_steps > 0, "save_steps must be positive"),
+            (self.save_total_limit > 0, "save_total_limit must be positive"),
+            (self.logging_steps > 0, "logging_steps must be positive"),
+            (self.dataloader_workers >= 0, "dataloader_workers must be >= 0"),
+        ]
+        _check_literals(self)
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{message} (got {_value_named(self, message)})")
+
+
+@dataclass
+class EvalConfig:
+    """Everything `python eval.py` needs: which adapter to compare with its base, on what."""
+
+    adapter: str = doc("llama_adapter", "Adapter directory written by main.py (its train_config.yaml names the base model).")
+    base_model: str | None = doc(None, "Override the base model recorded in the adapter (must be the same architecture).")
+    question: str | None = doc(None, "Ask this instruction instead of the predefined questions.")
+    context: str = doc("", "Optional context (input) for --question.")
+    quantization: Literal["4bit", "8bit", "none"] | None = doc(None, "Base weights at inference; default: what the adapter was trained with.")
+    max_new_tokens: int = doc(256, "Longest answer, in tokens.")
+    batch_size: int = doc(8, "Questions generated together (left-padded).")
+    temperature: float = doc(0.0, "0 = greedy (reproducible); above 0 samples.")
+    top_p: float = doc(1.0, "Nucleus sampling threshold when temperature > 0.")
+    seed: int = doc(42, "Seed for sampling.")
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        checks = [
+            (self.max_new_tokens > 0, "max_new_tokens must be positive"),
+            (self.batch_size > 0, "batch_size must be positive"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{message} (got {_value_named(self, message)})")
+
+
+def _value_named(cfg: Any, message: str) -> Any:
+    name = message.split()[0]
+    return getattr(cfg, name, "?")
+
+
+def _check_literals(cfg: Any) -> None:
+    for f in dataclasses.fields(cfg):
+        choices = _choices(f.type)
+        value = getattr(cfg, f.name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(f"{f.name} must be one of {', '.join(map(str, choices))} (got {value!r})")
+
+
+def _resolve_type(annotation: Any) -> Any:
+    # `from __future__ import annotations` stores annotations as strings.
+    return eval(annotation, vars(typing) | {"Literal": Literal}) if isinstance(annotation, str) else annotation
+
+
+def _choices(annotation: Any) -> tuple | None:
+    tp = _resolve_type(annotation)
+    for arg in (tp, *typing.get_args(tp)):
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg)
+    return None
+
+
+def _scalar_type(annotation: Any) -> type:
+    tp = _resolve_type(annotation)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is Literal:
+        return type(typing.get_args(tp)[0])
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0]
+    return tp
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field: `--lora-r 8`, `--no-gradient-checkpointing`, `--lora-target-modules q_proj v_proj`."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata['help']} (default: {default})"
+        kind = _scalar_type(f.type)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if typing.get_origin(_resolve_type(f.type)) is list:
+            kwargs["nargs"] = "+"
+        parser.add_argument(flag, type=kind, choices=_choices(f.type), metavar=f.name.upper(), **kwargs)
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+    return data
+
+
+def preset_path(name: str) -> str:
+    return os.path.join(CONFIG_DIR, f"{name}.yaml")
+
+
+def build_config(cls: type, layers: list[tuple[str, dict[str, Any]]]) -> Any:
+    """Merge (source, values) layers in order, rejecting unknown keys with the source named."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    merged: dict[str, Any] = {}
+    for source, values in layers:
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)} for {cls.__name__}")
+        merged.update(values)
+    try:
+        return cls(**merged)
+    except TypeError as err:
+        raise ConfigError(str(err)) from None
+
+
+def split_preset(data: dict[str, Any], section: str | None) -> dict[str, Any]:
+    """A preset file holds TrainConfig fields at top level and EvalConfig fields under `eval:`."""
+    if section is None:
+        return {k: v for k, v in data.items() if k != "eval"}
+    values = dict(data.get(section) or {})
+    if "output_dir" in data:  # eval.py --preset X compares the adapter that main.py --preset X wrote
+        values.setdefault("adapter", data["output_dir"])
+    return values
+
+
+def parse_config(cls: type, argv: list[str] | None, description: str, extra: Any = None) -> tuple[Any, argparse.Namespace]:
+    """Parse flags for `cls`. Returns (config, namespace with the non-config flags: preset, config, debug...)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default=None, help="Named preset from configs/: smoke = tiny random Llama, seconds on a CPU; demo = SmolLM2-135M-Instruct, minutes on a CPU.")
+    parser.add_argument("--config", default=None, help="YAML file of config fields (see configs/); flags given on the command line win.")
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
+    if extra is not None:
+        extra(parser)
+    add_dataclass_flags(parser, cls)
+    args = parser.parse_args(argv)
+    section = "eval" if cls is EvalConfig else None
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if args.preset:
+        layers.append((preset_path(args.preset), split_preset(read_yaml(preset_path(args.preset)), section)))
+    if args.config:
+        layers.append((args.config, split_preset(read_yaml(args.config), section)))
+    names = {f.name for f in dataclasses.fields(cls)}
+    layers.append(("command line", {k: v for k, v in vars(args).items() if k in names}))
+    return build_config(cls, layers), args
+
+
+def save_config(cfg: Any, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(dataclasses.asdict(cfg), fh, sort_keys=False)
+
+
+def load_train_config(path: str) -> TrainConfig:
+    return build_config(TrainConfig, [(path, read_yaml(path))])
+
+
+def die(message: str, code: int = 2) -> typing.NoReturn:
+    """Print a one-line user error and exit non-zero (no traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
