@@ -180,7 +180,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
         kind = _scalar_type(f.type)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:

@@ -174,7 +174,12 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) 
 
 
 def tokenize_record(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[dict[str, list[int]] | None, str]:
-    """(example, status): input_ids/labels within max_length, or None with the reason it was dropped."""
+    """(example, status): input_ids/labels within max_length, or None with the reason it was dropped.
+
+    Too long: the context is cut from its end first, down to CONTEXT_FLOOR tokens; then the
+    response's end (never its beginning). The context goes below the floor only if the prompt
+    would otherwise leave no room for a single response token; if even that fails, drop.
+    """
     response = record["response"].strip()
     if not record["instruction"].strip():
         return None, "dropped_empty_instruction"
@@ -182,17 +187,21 @@ def tokenize_record(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, 
         return None, "dropped_empty_response"
     sample, status = dict(record), "kept"
     prompt_ids, response_ids = encode_pair(tokenizer, create_question(sample), response)
-    overflow = len(prompt_ids) + len(response_ids) + 1 - max_length
     context = _ids(tokenizer, (sample.get("context") or "").strip(), False)
-    keep = len(context)
-    while overflow > 0 and keep > min(len(context), CONTEXT_FLOOR):
-        # Context goes first, from its end: re-render and re-measure (detokenizing can shift a token).
-        keep = max(min(len(context), CONTEXT_FLOOR), keep - overflow)
+    keep, floor = len(context), min(len(context), CONTEXT_FLOOR)
+
+    def overflow() -> int:
+        return len(prompt_ids) + len(response_ids) + 1 - max_length
+
+    while keep > 0 and (overflow() > 0 and keep > floor or len(prompt_ids) >= max_length):
+        # Re-render and re-measure each time: detokenizing a cut context can shift a token.
+        excess = overflow() if keep > floor else len(prompt_ids) - max_length + 1
+        keep = max(floor if keep > floor else 0, keep - excess)
         sample["context"] = tokenizer.decode(context[:keep])
         prompt_ids, response_ids = encode_pair(tokenizer, create_question(sample), response)
-        overflow, status = len(prompt_ids) + len(response_ids) + 1 - max_length, "truncated_context"
+        status = "truncated_context"
     eos = [tokenizer.eos_token_id]
-    if overflow > 0:
+    if overflow() > 0:
         room = max_length - len(prompt_ids)
         if room < 1:
             return None, "dropped_prompt_too_long"

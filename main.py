@@ -161,6 +161,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
         include_num_input_tokens_seen="non_padding",
         label_names=["labels"],
         ddp_find_unused_parameters=False,
+        dataloader_pin_memory=rt.cuda,
     )
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
     return DollyTrainer(

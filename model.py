@@ -170,6 +170,13 @@ def load_base_model(name: str, quantization: str = "4bit", gguf_file: str | None
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
         raise explain_load_error(err, name) from err
+    if gguf_file:
+        # GGUF weights arrive dequantized to plain float tensors; drop the marker that makes
+        # Trainer refuse to fine-tune them ("GGUF does not support training").
+        model.hf_quantizer = None
+        model.__dict__["is_quantized"] = False
+        model.__dict__.pop("quantization_method", None)
+        model.config.__dict__.pop("quantization_config", None)
     model.config.use_cache = True
     return model
 
@@ -180,7 +187,9 @@ def add_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
 
     if cfg.quantization != "none":
         # Casts norms to fp32, enables input grads (needed with checkpointing), turns checkpointing on.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()

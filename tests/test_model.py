@@ -1,0 +1,137 @@
+"""model.py: the real 4-bit QLoRA path on a tiny random Llama, save/load, adapter on/off."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from config import TrainConfig, save_config
+from dataset import create_question
+from model import CONFIG_NAME, TINY_MODEL, Llama, ModelError, explain_load_error, load_base_model, load_for_training, runtime
+
+QUESTIONS = [
+    create_question({"instruction": "What is the capital of France?", "context": ""}),
+    create_question({"instruction": "When was it built?", "context": "The tower was built in 1889."}),
+    create_question({"instruction": "Name three colours.", "context": ""}),
+]
+
+
+def one_training_step(model, tokenizer) -> float:
+    """One AdamW step on the LoRA weights with a large learning rate, so the adapter changes outputs."""
+    model.train()
+    batch = tokenizer(["### Response:\nParis is the capital of France."], return_tensors="pt")
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05).step()
+    return loss.item()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """load (4-bit NF4) -> LoRA -> one training step -> save, as main.py does."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(base_model=TINY_MODEL, quantization="4bit")
+    model, tokenizer, _, _ = load_for_training(cfg)
+    loss = one_training_step(model, tokenizer)
+    out = str(tmp_path_factory.mktemp("adapter"))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_config(cfg, os.path.join(out, CONFIG_NAME))
+    return model, tokenizer, out, loss
+
+
+def test_base_is_4bit_nf4_and_only_lora_trains(trained):
+    import bitsandbytes as bnb
+
+    model, _, _, loss = trained
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
+    assert q_proj.base_layer.weight.quant_state.quant_type == "nf4"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # r=16 on 7 linear layers x 2 layers: (q,k,v,o) 4*16*(64+64) + (gate,up) 2*16*(64+192) + down 16*(192+64)
+    assert trainable == 2 * (4 * 16 * 128 + 2 * 16 * 256 + 16 * 256) == 40960
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert 6.0 < loss < 8.0  # ~ln(1024) for a random model
+
+
+def test_saved_adapter_is_peft_format(trained):
+    _, _, out, _ = trained
+    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+    with open(os.path.join(out, "adapter_config.json")) as fh:
+        config = json.load(fh)
+    assert config["r"] == 16 and config["lora_alpha"] == 32
+    assert sorted(config["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def test_reloaded_adapter_answers_like_the_in_memory_model(trained):
+    model, tokenizer, out, _ = trained
+    in_memory = Llama(model, tokenizer).ask_many(QUESTIONS, batch_size=2, max_new_tokens=12)
+    loaded = Llama.load_pretrained_model(out)
+    assert loaded.has_adapter and loaded.config.base_model == TINY_MODEL
+    assert loaded.ask_many(QUESTIONS, batch_size=2, max_new_tokens=12) == in_memory
+    assert loaded.ask_model(QUESTIONS[0], max_new_tokens=12) == in_memory[0]  # batch of 1 == left-padded batch
+
+
+def test_adapter_off_is_exactly_the_base_model(trained):
+    _, _, out, _ = trained
+    llama = Llama.load_pretrained_model(out)
+    base = Llama(load_base_model(llama.config.base_model if os.path.isdir(llama.config.base_model) else _tiny_path()), llama.tokenizer)
+    with_adapter = llama.ask_many(QUESTIONS, max_new_tokens=12)
+    without = llama.ask_many(QUESTIONS, max_new_tokens=12, use_adapter=False)
+    assert without == base.ask_many(QUESTIONS, max_new_tokens=12)
+    assert with_adapter != without  # the trained adapter really changes the answers
+    batch = llama.tokenizer(QUESTIONS[:1], return_tensors="pt")
+    with torch.no_grad(), llama.adapter(False):
+        logits_off = llama.model(**batch).logits
+    assert torch.equal(logits_off, base.model(**batch).logits)
+
+
+def _tiny_path() -> str:
+    from model import ensure_tiny_llama
+
+    return ensure_tiny_llama()
+
+
+def test_answer_has_no_prompt_echo_and_stops_at_eos(trained):
+    model, tokenizer, _, _ = trained
+    llama = Llama(model, tokenizer)
+    answer = llama.ask_model(QUESTIONS[0], max_new_tokens=12)
+    assert "### Response" not in answer and "Below is an instruction" not in answer
+    eos = tokenizer.eos_token_id
+    # Force EOS as the most likely token: generation must stop at once and return nothing.
+    bias = torch.zeros(model.config.vocab_size)
+    bias[eos] = 1e4
+    lm_head = model.base_model.model.lm_head
+    lm_head.bias = torch.nn.Parameter(bias, requires_grad=False)
+    try:
+        assert llama.ask_model(QUESTIONS[0], max_new_tokens=12) == ""
+    finally:
+        lm_head.bias = None
+
+
+def test_runtime_on_cpu_is_fp32():
+    rt = runtime()
+    if torch.cuda.is_available():
+        pytest.skip("CPU fallback check; this machine has CUDA")
+    assert rt.device == "cpu" and rt.dtype == torch.float32
+
+
+def test_gated_and_offline_errors_say_what_to_do():
+    gated = explain_load_error(OSError("You are trying to access a gated repo. 401 Client Error"), "meta-llama/Llama-2-7b-hf")
+    assert isinstance(gated, ModelError) and "huggingface-cli login" in str(gated) and "HF_TOKEN" in str(gated)
+    offline = explain_load_error(OSError("We couldn't connect to 'https://huggingface.co' to load the files"), "x/y")
+    assert "hub is unreachable" in str(offline) and "--preset demo" in str(offline)
+
+
+def test_missing_model_directory_is_a_model_error(tmp_path):
+    with pytest.raises(ModelError, match="neither an adapter"):
+        Llama.load_pretrained_model(str(tmp_path))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: bf16 compute and GPU placement of the 4-bit base")
+def test_cuda_runtime_uses_bf16_or_fp16():
+    rt = runtime()
+    assert rt.cuda and rt.dtype in (torch.bfloat16, torch.float16)
