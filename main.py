@@ -47,10 +47,11 @@ def run(argv: list[str]) -> None:
     cfg, args = parse_config(TrainConfig, argv, __doc__, extra=_extra_flags)
     cfg = fall_back_if_needed(cfg, argv)
     check_output_dir(cfg, args.overwrite)
+    records = load_records(cfg.dataset, cfg.max_records)  # bad data fails here, before minutes of model loading
     set_seed(cfg.seed)
     model, tokenizer, base_path, gguf_file = load_for_training(cfg)
     print_trainable(model)
-    train_ds, val_ds, data_summary = prepare_data(cfg, tokenizer)
+    train_ds, val_ds, data_summary = prepare_data(cfg, records, tokenizer)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, val_ds)
     metrics = train(trainer, cfg, has_val=len(val_ds) > 0)
     saved_cfg = cfg if cfg.base_model == TINY_MODEL else dataclasses.replace(cfg, base_model=base_path, gguf_file=gguf_file)
@@ -85,10 +86,17 @@ def check_output_dir(cfg: TrainConfig, overwrite: bool) -> None:
     if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
         raise ConfigError(f"--output-dir {cfg.output_dir} is a file; choose a directory")
     finished = os.path.isfile(os.path.join(cfg.output_dir, "adapter_config.json"))
-    started = os.path.isdir(os.path.join(cfg.output_dir, "checkpoints"))
+    started = last_checkpoint(cfg) is not None
+    if cfg.resume and not started:
+        raise ConfigError(f"--resume: no checkpoint in {os.path.join(cfg.output_dir, 'checkpoints')}; start without --resume")
     if (finished or started) and not (cfg.resume or overwrite):
         what = "a finished adapter" if finished else "checkpoints of an unfinished run"
         raise ConfigError(f"{cfg.output_dir} already holds {what}; pass --resume to continue it, --overwrite to replace it, or another --output-dir")
+
+
+def last_checkpoint(cfg: TrainConfig) -> str | None:
+    folder = os.path.join(cfg.output_dir, "checkpoints")
+    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
 
 
 def print_trainable(model: torch.nn.Module) -> None:
@@ -97,8 +105,7 @@ def print_trainable(model: torch.nn.Module) -> None:
     print(f"[model] trainable LoRA parameters: {trainable:,} of {total:,} stored ({100 * trainable / total:.2f}%)")
 
 
-def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[Any, Any, dict[str, Any]]:
-    records = load_records(cfg.dataset, cfg.max_records)
+def prepare_data(cfg: TrainConfig, records, tokenizer) -> tuple[Any, Any, dict[str, Any]]:
     train_raw, val_raw = split_records(records, cfg.val_fraction, cfg.seed)
     train_ds, train_summary = tokenize_records(train_raw, tokenizer, cfg.max_length, cfg.dataset)
     val_ds, val_summary = tokenize_records(val_raw, tokenizer, cfg.max_length, cfg.dataset)
@@ -171,11 +178,8 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
 
 
 def train(trainer: Trainer, cfg: TrainConfig, has_val: bool) -> dict[str, Any]:
-    checkpoint = None
-    if cfg.resume:
-        checkpoint = get_last_checkpoint(trainer.args.output_dir) if os.path.isdir(trainer.args.output_dir) else None
-        if checkpoint is None:
-            raise ConfigError(f"--resume: no checkpoint in {trainer.args.output_dir}; start without --resume")
+    checkpoint = last_checkpoint(cfg) if cfg.resume else None
+    if checkpoint:
         print(f"[main] resuming from {checkpoint}")
     result = trainer.train(resume_from_checkpoint=checkpoint)
     tokens = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
