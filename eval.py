@@ -79,12 +79,12 @@ def side_by_side(left: str, right: str, width: int) -> str:
     rows = max(len(lines_l), len(lines_r))
     lines_l += [""] * (rows - len(lines_l))
     lines_r += [""] * (rows - len(lines_r))
-    return "\n".join(f"{a:<{col}} | {b}" for a, b in zip(lines_l, lines_r))
+    return "\n".join(f"{a:<{col}} | {b}" for a, b in zip(lines_l, lines_r, strict=True))
 
 
 def print_side_by_side(samples: list[dict[str, str]], base: list[str], tuned: list[str]) -> None:
     width = min(shutil.get_terminal_size((120, 40)).columns, 160)
-    for i, (sample, b, t) in enumerate(zip(samples, base, tuned), 1):
+    for i, (sample, b, t) in enumerate(zip(samples, base, tuned, strict=True), 1):
         print("=" * width)
         print(f"[{i}] ({sample.get('category', '')}) {sample['instruction']}")
         if sample.get("context"):

@@ -222,7 +222,7 @@ def plot_losses(history: list[dict[str, Any]], path: str) -> None:
     for key, label in (("loss", "train"), ("eval_loss", "validation")):
         points = [(h["step"], h[key]) for h in history if key in h]
         if points:
-            ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
+            ax.plot(*zip(*points, strict=True), marker="o" if key == "eval_loss" else None, label=label)
     ax.set(xlabel="optimizer step", ylabel="cross-entropy loss (response tokens)", title="Training and validation loss")
     ax.grid(alpha=0.3)
     ax.legend()

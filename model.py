@@ -20,14 +20,15 @@ import json
 import os
 import socket
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from config import LLAMA_LINEAR_LAYERS, TrainConfig, load_train_config
+from config import TrainConfig, load_train_config
 from dataset import set_pad_token
 
 TINY_MODEL = "tiny-random-llama"  # built in code (smoke preset, tests): 2 layers, hidden 64, a BPE trained on the sample
@@ -289,7 +290,7 @@ class Llama:
         quantization: str | None = None,
         gguf_file: str | None = None,
         trust_remote_code: bool = False,
-    ) -> "Llama":
+    ) -> Llama:
         """An adapter directory written by main.py (base read from its config), or a bare base model."""
         if os.path.isfile(os.path.join(path_or_name, "adapter_config.json")):
             return cls._load_adapter(path_or_name, base_model, quantization, gguf_file, trust_remote_code)
@@ -300,7 +301,7 @@ class Llama:
         return cls(load_base_model(name, quantization or "4bit", gguf_file, trust_remote_code), tokenizer)
 
     @classmethod
-    def _load_adapter(cls, path: str, base_model: str | None, quantization: str | None, gguf_file: str | None, trust_remote_code: bool) -> "Llama":
+    def _load_adapter(cls, path: str, base_model: str | None, quantization: str | None, gguf_file: str | None, trust_remote_code: bool) -> Llama:
         from peft import PeftModel
 
         cfg = load_train_config(os.path.join(path, CONFIG_NAME)) if os.path.isfile(os.path.join(path, CONFIG_NAME)) else None

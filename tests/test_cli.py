@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import ROOT
 
 FAKE_TOKEN = "hf_FAKEtokenThatMustNeverAppear1234567890"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datasets
 import pytest
-from conftest import record, write_jsonl
 
+from conftest import record, write_jsonl
 from dataset import (
     CATEGORIES,
     IGNORE_INDEX,
