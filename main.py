@@ -68,7 +68,7 @@ def fall_back_if_needed(cfg: TrainConfig, argv: list[str]) -> TrainConfig:
         return cfg
     reason = None
     if not torch.cuda.is_available():
-        reason = "no CUDA GPU found (Llama-2-7B QLoRA needs one with >= 16 GB)"
+        reason = "no CUDA GPU found (Llama-2-7B QLoRA needs one)"
     elif not base_model_available(cfg.base_model):
         reason = f"the Hugging Face hub is unreachable and {cfg.base_model} is not in the local cache"
     if reason is None:
