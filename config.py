@@ -123,11 +123,20 @@ class EvalConfig:
     batch_size: int = doc(8, "Questions generated together (left-padded).")
     temperature: float = doc(0.0, "0 = greedy (reproducible); above 0 samples.")
     top_p: float = doc(1.0, "Nucleus sampling threshold when temperature > 0.")
-    seed: int = doc(42, "Seed for sampling.")
+    seed: int = doc(42, "Seed for sampling and the bootstrap.")
+    split: Literal["validation", "all"] | None = doc(None, "Score answers on a dataset: validation = the held-out split main.py made (seed and fraction from the adapter's config); all = every record.")
+    dataset: str | None = doc(None, "Dataset to score on (hub id or local file); default: the one the adapter was trained on. Implies --split all unless --split is given.")
+    limit: int | None = doc(None, "Score at most N records (after --categories).")
+    categories: list[str] | None = doc(None, "Only these dolly categories, e.g. closed_qa open_qa.")
+    out: str | None = doc(None, "Where report.json/.md/.html and metrics.png go; default ADAPTER/eval.")
+    bootstrap_samples: int = doc(2000, "Paired bootstrap resamples for the 95% confidence intervals.")
+    interactive: bool = doc(False, "A small REPL: type a question (and optional context), see both answers side by side.")
 
     def __post_init__(self) -> None:
         _check_literals(self)
         checks = [
+            (self.limit is None or self.limit > 0, "limit must be positive"),
+            (self.bootstrap_samples > 0, "bootstrap_samples must be positive"),
             (self.max_new_tokens > 0, "max_new_tokens must be positive"),
             (self.batch_size > 0, "batch_size must be positive"),
             (self.temperature >= 0, "temperature must be >= 0"),
@@ -164,6 +173,11 @@ def _choices(annotation: Any) -> tuple | None:
     return None
 
 
+def _is_list(annotation: Any) -> bool:
+    tp = _resolve_type(annotation)
+    return any(typing.get_origin(a) is list for a in (tp, *typing.get_args(tp)))
+
+
 def _scalar_type(annotation: Any) -> type:
     tp = _resolve_type(annotation)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -186,7 +200,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
-        if typing.get_origin(_resolve_type(f.type)) is list:
+        if _is_list(f.type):
             kwargs["nargs"] = "+"
         parser.add_argument(flag, type=kind, choices=_choices(f.type), metavar=f.name.upper(), **kwargs)
 

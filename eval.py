@@ -4,6 +4,9 @@
     python eval.py --adapter outputs/demo            # another adapter
     python eval.py --preset smoke                    # the adapter `python main.py --preset smoke` wrote
     python eval.py --question "Who wrote Hamlet?"    # your own question (and --context "...")
+    python eval.py --adapter outputs/demo --split validation   # scores on the held-out split -> outputs/demo/eval/
+    python eval.py --dataset my.jsonl --limit 200 --categories closed_qa open_qa
+    python eval.py --interactive                     # type questions, see both answers
 
 Both answers come from ONE loaded model: the base answer is generated with the adapter
 switched off (PEFT's disable_adapter), so the 7B base is never loaded twice.
@@ -19,8 +22,9 @@ from typing import Any
 
 from transformers import set_seed
 
+import scores
 from config import ConfigError, EvalConfig, die, parse_config
-from dataset import DataError, create_question
+from dataset import DataError, create_question, load_records, split_records, tokenize_record
 from model import Llama, ModelError
 
 # A few dolly-style questions, one per kind of task, one with context.
@@ -54,9 +58,116 @@ def run(argv: list[str]) -> None:
         raise ConfigError(f"no adapter directory {cfg.adapter}: train one with `python main.py` (or --preset demo/smoke), or pass --adapter DIR")
     set_seed(cfg.seed)
     llama = Llama.load_pretrained_model(cfg.adapter, base_model=cfg.base_model, quantization=cfg.quantization)
+    if cfg.interactive:
+        return interactive(llama, cfg)
+    if cfg.split or cfg.dataset:
+        return evaluate(llama, cfg)
     samples = [{"category": "your question", "instruction": cfg.question, "context": cfg.context}] if cfg.question else PREDEFINED
     base, tuned = compare(llama, samples, cfg)
     print_side_by_side(samples, base, tuned)
+
+
+# --- the quantitative evaluation ---------------------------------------------------------
+
+METRICS: dict[str, dict[str, Any]] = {
+    "rougeL": {"label": "ROUGE-L F", "higher_is_better": True},
+    "f1": {"label": "token F1", "higher_is_better": True},
+    "em": {"label": "exact match", "higher_is_better": True},
+    "nll": {"label": "reference NLL", "higher_is_better": False},
+    "answer_tokens": {"label": "answer tokens", "higher_is_better": None},
+    "eos_rate": {"label": "ended with EOS", "higher_is_better": None},
+}
+# SQuAD-style F1 is the primary score where answers are short spans; ROUGE-L elsewhere.
+PRIMARY = {"closed_qa": "f1", "information_extraction": "f1", "classification": "f1", "default": "rougeL"}
+
+
+def select_records(llama: Llama, cfg: EvalConfig) -> tuple[list[dict[str, Any]], str]:
+    """The records to score: the adapter's own held-out split (same data, fraction and seed), or --dataset."""
+    train = llama.config
+    dataset = cfg.dataset or (train.dataset if train else None)
+    if dataset is None:
+        raise ConfigError("this adapter has no train_config.yaml naming its dataset; pass --dataset")
+    same = train is not None and dataset == train.dataset
+    records = load_records(dataset, train.max_records if same else None)
+    split = cfg.split or "all"
+    if split == "validation":
+        if train is None:
+            raise ConfigError("--split validation needs the adapter's train_config.yaml (its split seed and fraction)")
+        _, records = split_records(records, train.val_fraction, train.seed)
+    rows = [dict(r, id=i) for i, r in enumerate(records) if not cfg.categories or r["category"] in cfg.categories]
+    if not rows:
+        raise DataError(f"{dataset}: no records to evaluate in split {split!r} for categories {cfg.categories}")
+    return rows[: cfg.limit] if cfg.limit else rows, dataset
+
+
+def score_items(llama: Llama, rows: list[dict[str, Any]], cfg: EvalConfig) -> list[dict[str, Any]]:
+    """Generate with the adapter off and on, score each answer, and the reference NLL under each."""
+    prompts = [create_question(r) for r in rows]
+    max_length = llama.config.max_length if llama.config else 1024
+    examples = [tokenize_record(r, llama.tokenizer, max_length)[0] for r in rows]
+    kept = [e for e in examples if e is not None]
+    items = [{k: r[k] for k in ("id", "category", "instruction", "context")} | {"reference": r["response"].strip()} for r in rows]
+    for side, use_adapter in (("base", False), ("tuned", True)):
+        generated = llama.generate(prompts, cfg.batch_size, use_adapter, progress=True, **generation(cfg))
+        nll = iter(llama.nll(kept, use_adapter, cfg.batch_size))
+        for item, gen, example in zip(items, generated, examples, strict=True):
+            ref, answer = item["reference"], gen["answer"]
+            item[side] = {
+                "answer": answer, "rougeL": scores.rouge_l(answer, ref), "f1": scores.token_f1(answer, ref),
+                "em": scores.exact_match(answer, ref), "nll": next(nll) if example is not None else float("nan"),
+                "answer_tokens": gen["answer_tokens"], "eos_rate": float(gen["ended_with_eos"]),
+            }
+    return items
+
+
+def aggregate(items: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
+    """Per metric: base and tuned means, the paired-bootstrap 95% CI of the difference, a verdict."""
+    out: dict[str, Any] = {"n": len(items), "scores": {}}
+    for metric, meta in METRICS.items():
+        pairs = [(i["base"][metric], i["tuned"][metric]) for i in items]
+        pairs = [(b, t) for b, t in pairs if b == b and t == t]  # NLL is NaN for records the length policy drops
+        ci = scores.paired_bootstrap([b for b, _ in pairs], [t for _, t in pairs], cfg.bootstrap_samples, cfg.seed)
+        higher = meta["higher_is_better"]
+        out["scores"][metric] = ci | {"verdict": scores.verdict(ci, higher) if higher is not None else None}
+    return out
+
+
+def evaluate(llama: Llama, cfg: EvalConfig) -> None:
+    import report as report_lib
+
+    rows, dataset = select_records(llama, cfg)
+    print(f"[eval] scoring {len(rows)} records of {dataset} ({cfg.split or 'all'}), base and fine-tuned")
+    items = score_items(llama, rows, cfg)
+    categories = sorted({i["category"] for i in items})
+    report = {
+        "title": f"base vs fine-tuned: {cfg.adapter} on {dataset} ({cfg.split or 'all'})",
+        "adapter": cfg.adapter, "base_model": llama.config.base_model if llama.config else cfg.base_model,
+        "dataset": dataset, "split": cfg.split or "all", "generation": generation(cfg), "seed": cfg.seed,
+        "metrics": METRICS, "primary": PRIMARY, "items": items,
+        "aggregates": {
+            "overall": aggregate(items, cfg),
+            "by_category": {c: aggregate([i for i in items if i["category"] == c], cfg) for c in categories},
+        },
+    }
+    paths = report_lib.write_all(report, cfg.out or os.path.join(cfg.adapter, "eval"))
+    print(report_lib.to_markdown(report))
+    print("[eval] wrote " + ", ".join(paths.values()))
+
+
+def interactive(llama: Llama, cfg: EvalConfig) -> None:
+    """Read a question (and optional context) per turn; print both answers side by side. Empty question quits."""
+    print("Type a question (empty line to quit); then an optional context (empty line for none).")
+    while True:
+        try:
+            question = input("question> ").strip()
+            context = input("context>  ").strip() if question else ""
+        except EOFError:
+            question = ""
+        if not question:
+            return
+        sample = {"category": "your question", "instruction": question, "context": context}
+        base, tuned = compare(llama, [sample], cfg)
+        print_side_by_side([sample], base, tuned)
 
 
 def generation(cfg: EvalConfig) -> dict[str, Any]:

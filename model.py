@@ -334,13 +334,40 @@ class Llama:
 
     def ask_many(self, questions: list[str], batch_size: int = 8, use_adapter: bool = True, progress: bool = False, **generation: Any) -> list[str]:
         """Answers to many prompts, generated `batch_size` at a time with left padding, in input order."""
+        return [g["answer"] for g in self.generate(questions, batch_size, use_adapter, progress, **generation)]
+
+    def generate(self, questions: list[str], batch_size: int = 8, use_adapter: bool = True, progress: bool = False, **generation: Any) -> list[dict[str, Any]]:
+        """Like ask_many, with each answer's token count and whether it ended with EOS before the limit."""
         from tqdm.auto import tqdm
 
-        answers: list[str] = []
-        batches = range(0, len(questions), batch_size)
-        for start in tqdm(batches, desc="generating", unit="batch", disable=not progress):
-            answers.extend(self._generate(questions[start : start + batch_size], use_adapter, **generation))
-        return answers
+        results: list[dict[str, Any]] = []
+        label = "fine-tuned" if use_adapter and self.has_adapter else "base"
+        for start in tqdm(range(0, len(questions), batch_size), desc=f"generating ({label})", unit="batch", disable=not progress):
+            results.extend(self._generate(questions[start : start + batch_size], use_adapter, **generation))
+        return results
+
+    @torch.inference_mode()
+    def nll(self, examples: list[dict[str, list[int]]], use_adapter: bool = True, batch_size: int = 8) -> list[float]:
+        """Mean negative log-likelihood per supervised token of each tokenized example, teacher-forced.
+
+        The same quantity as the training loss on that example (labels -100 are ignored), so it
+        needs no generation: cheap and exact.
+        """
+        from torch.nn.utils.rnn import pad_sequence
+
+        out: list[float] = []
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            ids = pad_sequence([torch.tensor(e["input_ids"]) for e in chunk], batch_first=True, padding_value=self.tokenizer.pad_token_id)
+            labels = pad_sequence([torch.tensor(e["labels"]) for e in chunk], batch_first=True, padding_value=-100)
+            mask = pad_sequence([torch.ones(len(e["input_ids"]), dtype=torch.long) for e in chunk], batch_first=True)
+            with self.adapter(use_adapter):
+                logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits.float()
+            targets = labels[:, 1:].to(logits.device)
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
+            counts = (targets != -100).sum(dim=1).clamp(min=1)
+            out.extend((losses.sum(dim=1) / counts).tolist())
+        return out
 
     def generation_kwargs(self, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, **extra: Any) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -356,12 +383,18 @@ class Llama:
         return kwargs | extra
 
     @torch.inference_mode()
-    def _generate(self, prompts: list[str], use_adapter: bool, **generation: Any) -> list[str]:
+    def _generate(self, prompts: list[str], use_adapter: bool, **generation: Any) -> list[dict[str, Any]]:
         self.tokenizer.padding_side = "left"  # generation continues from the last position of every row
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
         with self.adapter(use_adapter):
             out = self.model.generate(**batch, **self.generation_kwargs(**generation))
-        new_tokens = out[:, batch["input_ids"].shape[1] :]
-        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
+        eos = self.tokenizer.eos_token_id
+        results = []
+        for row in new_tokens:
+            length = row.index(eos) if eos in row else len(row)
+            answer = self.tokenizer.decode(row[:length], skip_special_tokens=True).strip()
+            results.append({"answer": answer, "answer_tokens": length, "ended_with_eos": eos in row})
+        return results
 
 
