@@ -87,3 +87,19 @@ def test_overall_is_the_weighted_mean_of_the_categories(smoke_report):
         s = overall["scores"][metric]
         assert s["diff"] == pytest.approx(s["tuned"] - s["base"])
         assert s["ci_low"] <= s["diff"] <= s["ci_high"] or math.isclose(s["ci_low"], s["ci_high"])
+
+
+def test_interactive_repl_answers_side_by_side(smoke_report):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "eval.py"), "--preset", "smoke", "--adapter", smoke_report[0], "--interactive"],
+        input="Who wrote Hamlet?\nA play by an English writer.\n\n", capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "question> " in proc.stdout and "context>  " in proc.stdout
+    assert proc.stdout.count("BASE MODEL") == 1 and "Who wrote Hamlet?" in proc.stdout
+    assert "context: A play by an English writer." in proc.stdout
