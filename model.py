@@ -254,8 +254,9 @@ def build_tiny_llama(path: str, seed: int = 0) -> str:
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG (LoRA init, data order) untouched
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=os.path.dirname(path) or ".")
     model.save_pretrained(tmp)
