@@ -78,6 +78,7 @@ METRICS: dict[str, dict[str, Any]] = {
     "eos_rate": {"label": "ended with EOS", "higher_is_better": None},
 }
 # SQuAD-style F1 is the primary score where answers are short spans; ROUGE-L elsewhere.
+MIN_ITEMS_FOR_VERDICT = 10  # a bootstrap over fewer paired items says little; report the numbers, judge nothing
 PRIMARY = {"closed_qa": "f1", "information_extraction": "f1", "classification": "f1", "default": "rougeL"}
 
 
@@ -128,7 +129,8 @@ def aggregate(items: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
         pairs = [(b, t) for b, t in pairs if b == b and t == t]  # NLL is NaN for records the length policy drops
         ci = scores.paired_bootstrap([b for b, _ in pairs], [t for _, t in pairs], cfg.bootstrap_samples, cfg.seed)
         higher = meta["higher_is_better"]
-        out["scores"][metric] = ci | {"verdict": scores.verdict(ci, higher) if higher is not None else None}
+        verdict = scores.verdict(ci, higher) if len(pairs) >= MIN_ITEMS_FOR_VERDICT else f"too few items (n<{MIN_ITEMS_FOR_VERDICT})"
+        out["scores"][metric] = ci | {"verdict": verdict if higher is not None else None}
     return out
 
 
