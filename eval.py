@@ -14,6 +14,7 @@ switched off (PEFT's disable_adapter), so the 7B base is never loaded twice.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -131,6 +132,8 @@ def aggregate(items: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
         higher = meta["higher_is_better"]
         verdict = scores.verdict(ci, higher) if len(pairs) >= MIN_ITEMS_FOR_VERDICT else f"too few items (n<{MIN_ITEMS_FOR_VERDICT})"
         out["scores"][metric] = ci | {"verdict": verdict if higher is not None else None}
+    nll = out["scores"]["nll"]
+    out["perplexity"] = {side: math.exp(nll[side]) if nll[side] == nll[side] else float("nan") for side in ("base", "tuned")}
     return out
 
 

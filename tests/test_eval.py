@@ -78,6 +78,7 @@ def test_overall_is_the_weighted_mean_of_the_categories(smoke_report):
     overall = report["aggregates"]["overall"]
     cats = report["aggregates"]["by_category"]
     assert sum(c["n"] for c in cats.values()) == overall["n"] == len(report["items"])
+    assert overall["perplexity"]["tuned"] == pytest.approx(math.exp(overall["scores"]["nll"]["tuned"]))
     for metric in ("rougeL", "f1", "em", "nll", "answer_tokens", "eos_rate"):
         for side in ("base", "tuned"):
             weighted = sum(c["n"] * c["scores"][metric][side] for c in cats.values()) / overall["n"]
