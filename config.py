@@ -52,6 +52,7 @@ class TrainConfig:
     max_length: int = doc(1024, "Longest tokenized record (prompt + response + EOS); longer ones lose context first, then the response's end (dolly: 2% of records exceed 1024).")
     val_fraction: float = doc(0.05, "Share of records held out for validation, stratified by category and seeded.")
     max_records: int | None = doc(None, "Use only the first N records of the dataset (before the split); for quick runs.")
+    skip_bad_records: bool = doc(False, "Skip and count bad records (malformed JSON, not UTF-8, a missing column, a number/list/object in a text column) instead of stopping at the first with its file and line.")
     # --- model / LoRA ---------------------------------------------------------------------
     quantization: Literal["4bit", "8bit", "none"] = doc("4bit", "Base weights: 4bit = NF4 + double quantization (QLoRA paper), 8bit = LLM.int8, none = bf16/fp16 on GPU, fp32 on CPU.")
     lora_r: int = doc(16, "LoRA rank (QLoRA paper uses 64 for 7B; 16 is the common PEFT recipe and 4x fewer adapter parameters).")
@@ -62,8 +63,11 @@ class TrainConfig:
     # --- optimisation ------------------------------------------------------------------
     epochs: float = doc(3.0, "Passes over the training split (alpaca-lora and the dolly fine-tunes use 3).")
     max_steps: int = doc(-1, "Stop after this many optimizer steps; -1 means run --epochs.")
-    batch_size: int = doc(4, "Records per device per micro-batch.")
-    gradient_accumulation_steps: int = doc(4, "Micro-batches per optimizer step: effective batch = batch_size x this x GPUs (QLoRA paper: 16).")
+    packing: bool = doc(True, "Padding-free batches: records packed into rows of --pack-tokens tokens, attention kept within each record (position_ids). Off: padded batches of --batch-size records.")
+    pack_tokens: int = doc(4096, "Tokens per packed micro-batch on each device (about 17 dolly records, close to the QLoRA paper's batch of 16); must be >= --max-length.")
+    liger: bool = doc(True, "Liger Triton kernels on CUDA: fused RMSNorm, RoPE, SwiGLU and a linear cross-entropy that never materializes the 32k-vocab logits. Ignored on the CPU.")
+    batch_size: int = doc(4, "Records per device per micro-batch when --no-packing (with packing, one packed row per micro-batch).")
+    gradient_accumulation_steps: int = doc(1, "Micro-batches per optimizer step. Packed: one 4096-token row is ~17 records, close to the QLoRA paper's 16; with --no-packing use 4 with --batch-size 4.")
     learning_rate: float = doc(2e-4, "Peak learning rate (QLoRA paper: 2e-4 for 7B).")
     lr_scheduler: str = doc("cosine", "transformers scheduler name: cosine, linear, constant_with_warmup, ...")
     warmup_ratio: float = doc(0.03, "Share of steps spent warming the learning rate up from 0 (QLoRA paper: 0.03).")
@@ -93,6 +97,7 @@ class TrainConfig:
             (self.epochs > 0, "epochs must be positive"),
             (self.max_steps == -1 or self.max_steps > 0, "max_steps must be -1 or positive"),
             (self.batch_size > 0, "batch_size must be positive"),
+            (self.pack_tokens >= self.max_length, "pack_tokens must be >= max_length, so that every record fits a packed row"),
             (self.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be positive"),
             (self.learning_rate > 0, "learning_rate must be positive"),
             (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
@@ -126,6 +131,7 @@ class EvalConfig:
     seed: int = doc(42, "Seed for sampling and the bootstrap.")
     split: Literal["validation", "all"] | None = doc(None, "Score answers on a dataset: validation = the held-out split main.py made (seed and fraction from the adapter's config); all = every record.")
     dataset: str | None = doc(None, "Dataset to score on (hub id or local file); default: the one the adapter was trained on. Implies --split all unless --split is given.")
+    skip_bad_records: bool = doc(False, "Skip and count bad records in --dataset instead of stopping at the first (on by itself when scoring the adapter's own dataset and main.py skipped them).")
     limit: int | None = doc(None, "Score at most N records (after --categories).")
     categories: list[str] | None = doc(None, "Only these dolly categories, e.g. closed_qa open_qa.")
     out: str | None = doc(None, "Where report.json/.md/.html and metrics.png go; default ADAPTER/eval.")

@@ -19,6 +19,7 @@ import math
 import os
 import random
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import datasets
@@ -62,30 +63,161 @@ def create_question(sample: dict[str, Any], template: dict[str, str] = TEMPLATE)
 # --- loading -------------------------------------------------------------------------
 
 
-def load_records(name_or_path: str, max_records: int | None = None) -> datasets.Dataset:
-    """A hub dataset id or a local .jsonl/.json/.parquet/.csv file, checked for the dolly columns."""
+class BadRecord(DataError):
+    """One record's problem; the caller names the file and line (or record), then raises it or skips the record."""
+
+
+def load_records(name_or_path: str, max_records: int | None = None, skip_bad_records: bool = False) -> datasets.Dataset:
+    """A hub dataset id or a local .jsonl/.json/.parquet/.csv file, as checked dolly records (see load_records_with_summary)."""
+    return load_records_with_summary(name_or_path, max_records, skip_bad_records)[0]
+
+
+def load_records_with_summary(name_or_path: str, max_records: int | None = None, skip_bad_records: bool = False) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """The records (the four dolly columns, as text) and what loading did: bad records skipped, duplicates dropped, unknown categories.
+
+    A bad record (malformed JSON, bytes that are not UTF-8, a missing column, a number, list or
+    object in a text column) is an error naming the file and line (record for non-JSONL data);
+    with skip_bad_records it is skipped and counted instead. Nulls are empty text (a null category
+    is "unknown"). Records repeating an earlier one's stripped instruction, context and response
+    are dropped before the split, so one record cannot land in both training and validation.
+    """
     ext = os.path.splitext(name_or_path)[1].lower()
     if not os.path.exists(name_or_path) and os.path.exists(os.path.join(ROOT, name_or_path)):
         name_or_path = os.path.join(ROOT, name_or_path)  # presets name the shipped sample relative to the repo
     if os.path.exists(name_or_path) or ext in LOCAL_FORMATS:
-        ds = _load_local(name_or_path, ext)
+        rows, bad = _load_local(name_or_path, ext, skip_bad_records)
     else:
-        ds = _load_hub(name_or_path)
-    check_columns(ds, name_or_path)
-    if max_records is not None:
-        ds = ds.select(range(min(max_records, len(ds))))
-    return ds
+        rows, bad = check_rows(name_or_path, "record", _table_rows(_load_hub(name_or_path), name_or_path), dict, skip_bad_records)
+    if not rows and bad:
+        raise DataError(f"{name_or_path}: no records left after skipping {len(bad)} bad record(s) (first: {bad[0]}); fix the file")
+    if not rows:
+        raise DataError(f"{name_or_path}: no records (the file is empty); expected records with columns {', '.join(REQUIRED_COLUMNS)}")
+    unique = drop_duplicates(rows)
+    used = unique[:max_records] if max_records is not None else unique
+    summary = {
+        "records": len(used),
+        "read": len(rows) + len(bad),
+        "skipped_bad_records": len(bad),
+        "bad_records": bad[:20],  # the first few, with their line and reason
+        "duplicates_dropped": len(rows) - len(unique),
+        "beyond_max_records": len(unique) - len(used),
+        "unknown_categories": dict(sorted(Counter(r["category"] for r in used if r["category"] not in CATEGORIES).items())),
+    }
+    return datasets.Dataset.from_list(used), summary
 
 
-def _load_local(path: str, ext: str) -> datasets.Dataset:
+def _load_local(path: str, ext: str, skip_bad_records: bool) -> tuple[list[dict[str, str]], list[str]]:
     if not os.path.isfile(path):
         raise DataError(f"dataset file not found: {path}")
     if ext not in LOCAL_FORMATS:
         raise DataError(f"{path}: unsupported file type {ext!r}; use one of {', '.join(LOCAL_FORMATS)}")
+    if ext == ".jsonl":
+        return check_rows(path, "line", _jsonl_lines(path), parse_jsonl_line, skip_bad_records)
+    if os.path.getsize(path) == 0:
+        return [], []
     try:
-        return datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, split="train")
+        ds = datasets.load_dataset(LOCAL_FORMATS[ext], data_files=path, split="train")
     except Exception as err:  # datasets wraps parser errors in many types
         raise DataError(f"{path}: could not be read as {ext[1:]}: {_first_line(err)}") from err
+    return check_rows(path, "record", _table_rows(ds, path), dict, skip_bad_records)
+
+
+def _jsonl_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes): our own reader, so that every error can name its line."""
+    with open(path, "rb") as fh:  # bytes: each line is decoded alone, so a bad byte names its line
+        yield from enumerate(fh, 1)
+
+
+def _table_rows(ds: datasets.Dataset, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(record number from 1, record) for a table that datasets read; the table must have the dolly columns."""
+    check_columns(ds, source)
+    yield from enumerate(ds.select_columns(list(REQUIRED_COLUMNS)).to_list(), 1)
+
+
+def parse_jsonl_line(raw: bytes) -> dict[str, Any] | None:
+    """One JSON Lines line as a dict, None for a blank line; a BOM (Windows editors write one) is ignored."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise BadRecord(f"not valid UTF-8 (byte 0x{err.object[err.start]:02x} at byte {err.start + 1} of the line; save the file as UTF-8)") from None
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadRecord(f"malformed JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise BadRecord(f"expected a JSON object, got {_kind(value)}")
+    return value
+
+
+def check_rows(source: str, unit: str, items: Iterable[tuple[int, Any]], parse: Callable[[Any], dict[str, Any] | None], skip_bad_records: bool) -> tuple[list[dict[str, str]], list[str]]:
+    """(clean records, skipped ones as "line N: reason"); a bad record raises a DataError naming the file and line, unless skipped."""
+    clean, bad = [], []
+    for number, item in items:
+        try:
+            row = parse(item)
+            if row is not None:
+                clean.append(clean_record(row))
+        except BadRecord as err:
+            if not skip_bad_records:
+                where = f"{source}:{number}" if unit == "line" else f"{source}: record {number}"
+                raise DataError(f"{where}: {err}; fix the {unit}, or pass --skip-bad-records to skip bad {unit}s and count them") from None
+            bad.append(f"{unit} {number}: {err}")
+    return clean, bad
+
+
+def clean_record(row: dict[str, Any]) -> dict[str, str]:
+    """The four dolly columns as text: null (or an empty CSV cell) is "", a null or blank category is "unknown"."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in row]
+    if missing:
+        raise BadRecord(f"missing column(s) {', '.join(missing)}; found {', '.join(row) or 'none'} (expected {', '.join(REQUIRED_COLUMNS)})")
+    clean = {}
+    for column in REQUIRED_COLUMNS:
+        value = row[column]
+        if value is None or isinstance(value, float) and math.isnan(value):
+            value = ""
+        if not isinstance(value, str):
+            raise BadRecord(f"column {column!r} must be text, got {_kind(value)} ({_preview(value)})")
+        clean[column] = value
+    clean["category"] = clean["category"].strip() or "unknown"
+    return clean
+
+
+def _kind(value: Any) -> str:
+    kinds = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object", str: "a string"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
+def _preview(value: Any, width: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def drop_duplicates(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The first of each group of records with the same stripped instruction, context and response (category aside)."""
+    seen: set[tuple[str, str, str]] = set()
+    unique = []
+    for row in rows:
+        key = (row["instruction"].strip(), row["context"].strip(), row["response"].strip())
+        if key not in seen:
+            seen.add(key)
+            unique.append(row)
+    return unique
+
+
+def format_load_summary(source: str, summary: dict[str, Any]) -> str:
+    """One line: how many records were read and used, what was skipped or dropped, which categories are unknown."""
+    changes = []
+    if summary["skipped_bad_records"]:
+        changes.append(f"skipped bad records {summary['skipped_bad_records']} (first: {summary['bad_records'][0]})")
+    if summary["duplicates_dropped"]:
+        changes.append(f"duplicates dropped {summary['duplicates_dropped']}")
+    if summary["beyond_max_records"]:
+        changes.append(f"{summary['beyond_max_records']} beyond --max-records unused")
+    line = f"{source}: {summary['records']}/{summary['read']} records used ({', '.join(changes) or 'no bad records or duplicates'})"
+    unknown = ", ".join(f"{name} ({n})" for name, n in summary["unknown_categories"].items())
+    return line + (f"; unknown categories: {unknown}" if unknown else "")
 
 
 def _load_hub(name: str) -> datasets.Dataset:
@@ -186,9 +318,11 @@ def tokenize_record(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, 
     if not response:
         return None, "dropped_empty_response"
     sample, status = dict(record), "kept"
-    prompt_ids, response_ids = encode_pair(tokenizer, create_question(sample), response)
     context = _ids(tokenizer, (sample.get("context") or "").strip(), False)
-    keep, floor = len(context), min(len(context), CONTEXT_FLOOR)
+    if len(context) > max_length:  # cannot fit whole: render its first max_length tokens, so a 1 MB context is tokenized once
+        sample["context"], status = tokenizer.decode(context[:max_length]), "truncated_context"
+    prompt_ids, response_ids = encode_pair(tokenizer, create_question(sample), response)
+    keep, floor = min(len(context), max_length), min(len(context), CONTEXT_FLOOR)
 
     def overflow() -> int:
         return len(prompt_ids) + len(response_ids) + 1 - max_length
@@ -254,3 +388,45 @@ def format_summary(name: str, summary: dict[str, Any]) -> str:
 def make_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
     """Pads input_ids with the pad token (never EOS) and labels with -100, to the batch's longest record."""
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+
+
+# --- padding-free batches ----------------------------------------------------------------
+
+
+def pack_examples(ds: datasets.Dataset, max_tokens: int, seed: int) -> datasets.Dataset:
+    """Tokenized examples packed greedily, in a seeded random order, into rows of at most max_tokens tokens.
+
+    Records stay apart: position_ids restart at 0 for each record, from which transformers builds a
+    block-diagonal causal mask (SDPA, flex attention), so no token attends across records. Every
+    record starts with prompt tokens labelled -100, so no token learns to predict across a boundary.
+    """
+    input_ids, labels = ds["input_ids"], ds["labels"]  # whole columns once: row access is slow
+    lengths = [len(ids) for ids in input_ids]
+    order = list(range(len(ds)))
+    random.Random(seed).shuffle(order)
+    packs: list[list[int]] = [[]]
+    used = 0
+    for i in order:
+        if packs[-1] and used + lengths[i] > max_tokens:
+            packs.append([])
+            used = 0
+        packs[-1].append(i)
+        used += lengths[i]
+    rows = [
+        {
+            "input_ids": [t for i in pack for t in input_ids[i]],
+            "labels": [t for i in pack for t in labels[i]],
+            "position_ids": [p for i in pack for p in range(lengths[i])],
+        }
+        for pack in packs
+        if pack
+    ]
+    empty = {"input_ids": [], "labels": [], "position_ids": []}
+    return datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(empty)
+
+
+def collate_packed(features: list[dict[str, list[int]]]) -> dict[str, Any]:
+    """A batch of packed rows as ONE row of shape [1, tokens]: no padding, no attention mask."""
+    import torch
+
+    return {key: torch.tensor([[v for f in features for v in f[key]]]) for key in ("input_ids", "labels", "position_ids")}

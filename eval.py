@@ -90,7 +90,7 @@ def select_records(llama: Llama, cfg: EvalConfig) -> tuple[list[dict[str, Any]],
     if dataset is None:
         raise ConfigError("this adapter has no train_config.yaml naming its dataset; pass --dataset")
     same = train is not None and dataset == train.dataset
-    records = load_records(dataset, train.max_records if same else None)
+    records = load_records(dataset, train.max_records if same else None, cfg.skip_bad_records or (same and train.skip_bad_records))
     split = cfg.split or "all"
     if split == "validation":
         if train is None:

@@ -26,7 +26,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from config import ConfigError, TrainConfig, die, parse_config, save_config
-from dataset import DataError, format_summary, load_records, make_collator, split_records, tokenize_records
+from dataset import DataError, collate_packed, format_summary, load_records, make_collator, pack_examples, split_records, tokenize_records
 from model import CONFIG_NAME, TINY_MODEL, ModelError, base_model_available, load_for_training, runtime
 
 DEFAULT_BASE = TrainConfig.__dataclass_fields__["base_model"].default
@@ -114,6 +114,11 @@ def prepare_data(cfg: TrainConfig, records, tokenizer) -> tuple[Any, Any, dict[s
         print("[data] " + format_summary("validation", val_summary))
     if len(train_ds) == 0:
         raise DataError(f"{cfg.dataset}: no training record left after the length policy; raise --max-length")
+    if cfg.packing:
+        records = len(train_ds)
+        train_ds, val_ds = pack_examples(train_ds, cfg.pack_tokens, cfg.seed), pack_examples(val_ds, cfg.pack_tokens, cfg.seed)
+        fill = train_summary["tokens"] / (len(train_ds) * cfg.pack_tokens)
+        print(f"[data] packed {records} training records into {len(train_ds)} rows of <= {cfg.pack_tokens} tokens ({fill:.0%} full, no padding)")
     return train_ds, val_ds, {"train": train_summary, "validation": val_summary}
 
 
@@ -142,8 +147,8 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
         output_dir=os.path.join(cfg.output_dir, "checkpoints"),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
+        per_device_train_batch_size=1 if cfg.packing else cfg.batch_size,
+        per_device_eval_batch_size=1 if cfg.packing else cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
@@ -168,12 +173,13 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
         include_num_input_tokens_seen="non_padding",
         label_names=["labels"],
         ddp_find_unused_parameters=False,
+        use_liger_kernel=cfg.liger and rt.cuda,
         dataloader_pin_memory=rt.cuda,
     )
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
     return DollyTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
-        data_collator=make_collator(tokenizer), processing_class=tokenizer,
+        data_collator=collate_packed if cfg.packing else make_collator(tokenizer), processing_class=tokenizer,
     )
 
 

@@ -194,8 +194,9 @@ def add_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    if cfg.gradient_checkpointing:
-        model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    # No KV cache in training: it is useless there, conflicts with checkpointing, and (transformers 5)
+    # its presence turns off the per-record attention mask that packed rows rely on.
+    model.config.use_cache = False
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
