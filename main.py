@@ -26,7 +26,17 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from config import ConfigError, TrainConfig, die, parse_config, save_config
-from dataset import DataError, collate_packed, format_summary, load_records, make_collator, pack_examples, split_records, tokenize_records
+from dataset import (
+    DataError,
+    collate_packed,
+    format_load_summary,
+    format_summary,
+    load_records_with_summary,
+    make_collator,
+    pack_examples,
+    split_records,
+    tokenize_records,
+)
 from model import CONFIG_NAME, TINY_MODEL, ModelError, base_model_available, load_for_training, runtime
 
 DEFAULT_BASE = TrainConfig.__dataclass_fields__["base_model"].default
@@ -47,7 +57,8 @@ def run(argv: list[str]) -> None:
     cfg, args = parse_config(TrainConfig, argv, __doc__, extra=_extra_flags)
     cfg = fall_back_if_needed(cfg, argv)
     check_output_dir(cfg, args.overwrite)
-    records = load_records(cfg.dataset, cfg.max_records)  # bad data fails here, before minutes of model loading
+    records, load_summary = load_records_with_summary(cfg.dataset, cfg.max_records, cfg.skip_bad_records)  # bad data fails here, before minutes of model loading
+    print("[data] " + format_load_summary(cfg.dataset, load_summary))
     set_seed(cfg.seed)
     model, tokenizer, base_path, gguf_file = load_for_training(cfg)
     print_trainable(model)
@@ -55,7 +66,7 @@ def run(argv: list[str]) -> None:
     trainer = build_trainer(cfg, model, tokenizer, train_ds, val_ds)
     metrics = train(trainer, cfg, has_val=len(val_ds) > 0)
     saved_cfg = cfg if cfg.base_model == TINY_MODEL else dataclasses.replace(cfg, base_model=base_path, gguf_file=gguf_file)
-    save_outputs(trainer, tokenizer, saved_cfg, metrics | {"data": data_summary})
+    save_outputs(trainer, tokenizer, saved_cfg, metrics | {"data": {"load": load_summary} | data_summary})
 
 
 def _extra_flags(parser) -> None:

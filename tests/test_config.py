@@ -23,7 +23,8 @@ def test_help_lists_every_field_with_its_default(capsys):
 def test_defaults_are_the_qlora_recipe():
     cfg, _ = parse_config(TrainConfig, [], "train")
     assert (cfg.base_model, cfg.dataset, cfg.output_dir) == ("meta-llama/Llama-2-7b-hf", "databricks/databricks-dolly-15k", "llama_adapter")
-    assert (cfg.quantization, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == ("4bit", 16, 32, 0.05)
+    assert (cfg.quantization, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == ("4bit", 16, 32, 0.0)
+    assert (cfg.packing, cfg.pack_tokens, cfg.liger) == (True, 4096, True)
     assert cfg.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert (cfg.lr_scheduler, cfg.gradient_checkpointing, cfg.max_length) == ("cosine", True, 1024)
 
