@@ -158,9 +158,11 @@ def load_tokenizer(name: str, gguf_file: str | None = None, trust_remote_code: b
     return tokenizer
 
 
-def load_base_model(name: str, quantization: str = "4bit", gguf_file: str | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+def load_base_model(
+    name: str, quantization: str = "4bit", gguf_file: str | None = None, trust_remote_code: bool = False, attention: str = "sdpa"
+) -> torch.nn.Module:
     rt = runtime()
-    kwargs: dict[str, Any] = {"dtype": rt.dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": rt.dtype, "trust_remote_code": trust_remote_code, "attn_implementation": attention}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     qconfig = quantization_config(quantization, rt)
@@ -212,7 +214,7 @@ def load_for_training(cfg: TrainConfig) -> tuple[torch.nn.Module, PreTrainedToke
     """(LoRA-wrapped model, tokenizer, resolved base path, gguf file) for main.py."""
     name, gguf_file = resolve_base_model(cfg.base_model, cfg.gguf_file)
     tokenizer = load_tokenizer(name, gguf_file, cfg.trust_remote_code)
-    model = load_base_model(name, cfg.quantization, gguf_file, cfg.trust_remote_code)
+    model = load_base_model(name, cfg.quantization, gguf_file, cfg.trust_remote_code, cfg.attention)
     return add_lora(model, cfg), tokenizer, name, gguf_file
 
 

@@ -50,9 +50,11 @@ WORDS = ("the of and to in is was for on that with as by at from his an were are
 VARIANTS = {
     "baseline": None,
     "default": [],
-    "lowmem": ["--pack-tokens", "2048"],
+    "default_flex": ["--attention", "flex_attention"],
     "default_dropout005": ["--lora-dropout", "0.05"],
+    "lowmem": ["--pack-tokens", "2048"],
     "fast80": ["--no-gradient-checkpointing", "--pack-tokens", "8192"],
+    "fast80_flex": ["--no-gradient-checkpointing", "--pack-tokens", "8192", "--attention", "flex_attention"],
 }
 
 
