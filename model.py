@@ -64,6 +64,13 @@ def runtime() -> Runtime:
     return Runtime("cpu", torch.float32)
 
 
+def attention_kernel(choice: str, packing: bool, rt: Runtime) -> str:
+    """auto: flex attention where packed rows need a block-diagonal mask on CUDA, SDPA elsewhere."""
+    if choice != "auto":
+        return choice
+    return "flex_attention" if packing and rt.cuda else "sdpa"
+
+
 def quantization_config(quantization: str, rt: Runtime) -> BitsAndBytesConfig | None:
     if quantization == "4bit":
         return BitsAndBytesConfig(
@@ -214,7 +221,8 @@ def load_for_training(cfg: TrainConfig) -> tuple[torch.nn.Module, PreTrainedToke
     """(LoRA-wrapped model, tokenizer, resolved base path, gguf file) for main.py."""
     name, gguf_file = resolve_base_model(cfg.base_model, cfg.gguf_file)
     tokenizer = load_tokenizer(name, gguf_file, cfg.trust_remote_code)
-    model = load_base_model(name, cfg.quantization, gguf_file, cfg.trust_remote_code, cfg.attention)
+    attention = attention_kernel(cfg.attention, cfg.packing, runtime())
+    model = load_base_model(name, cfg.quantization, gguf_file, cfg.trust_remote_code, attention)
     return add_lora(model, cfg), tokenizer, name, gguf_file
 
 

@@ -49,12 +49,12 @@ WORDS = ("the of and to in is was for on that with as by at from his an were are
          "state known team american such then national both well many team game season river music").split()
 VARIANTS = {
     "baseline": None,
-    "default": [],
-    "default_flex": ["--attention", "flex_attention"],
     "default_dropout005": ["--lora-dropout", "0.05"],
+    "default": [],
+    "default_sdpa": ["--attention", "sdpa"],
     "lowmem": ["--pack-tokens", "2048"],
     "fast80": ["--no-gradient-checkpointing", "--pack-tokens", "8192"],
-    "fast80_flex": ["--no-gradient-checkpointing", "--pack-tokens", "8192", "--attention", "flex_attention"],
+    "baseline_again": None,  # run twice: the spread between the two is the noise floor of this machine
 }
 
 
@@ -157,6 +157,21 @@ def project_trainer(args, flags, data_path):
     return trainer, cfg
 
 
+def profile_steps(trainer, steps: int = 2) -> None:
+    """Where the time goes: the top CUDA kernels over a few more training steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = iter(trainer.get_train_dataloader())
+    model = trainer.model
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            batch = {k: v.to(model.device) for k, v in next(batches).items()}
+            trainer.training_step(model, batch)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
+
+
 def run_variant(args) -> dict:
     import torch
     from transformers import set_seed
@@ -168,6 +183,7 @@ def run_variant(args) -> dict:
     data_path = args.data
     tokenizer = load_tokenizer(args.model)
     flags = VARIANTS[args.variant]
+    args.profile = bool(args.profile)
     torch.cuda.reset_peak_memory_stats()
     if flags is None:
         train_ds, _ = tokenize_records(load_records(data_path), tokenizer, 1024)
@@ -179,6 +195,8 @@ def run_variant(args) -> dict:
     timer = StepTimer()
     trainer.add_callback(timer.callback)
     trainer.train()
+    if args.profile:
+        profile_steps(trainer)
     (t0, tok0, s0), (t1, tok1, s1) = timer.marks[args.warmup - 1], timer.marks[-1]
     tokens_per_s = (tok1 - tok0) / (t1 - t0)
     n_params = 6.74e9
@@ -207,6 +225,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="Steps excluded from timing.")
     parser.add_argument("--records", type=int, default=3000, help="Synthetic records.")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--profile", default="fast80", help="Variant to profile (top CUDA kernels, printed); '' for none.")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--mean-context", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -231,8 +250,10 @@ def main() -> None:
     for name in args.variants.split(","):
         cmd = [sys.executable, __file__, "--model", args.model, "--variant", name, "--data", data, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--seed", str(args.seed), "--mean-context", str(mean_context),
-               "--mean-record", str(stats["mean"])]
+               "--mean-record", str(stats["mean"]), "--profile", "1" if name == args.profile else ""]
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        if name == args.profile:
+            print(proc.stdout[proc.stdout.find("----"):proc.stdout.find("RESULT ")], flush=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             print(f"[bench] {name} failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}", flush=True)
