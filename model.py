@@ -195,8 +195,8 @@ def add_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     """Wrap the base with a fresh LoRA adapter; the base stays frozen (and 4-bit when quantized)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if cfg.quantization != "none":
-        # Casts norms to fp32, enables input grads (needed with checkpointing), turns checkpointing on.
+    if cfg.quantization != "none" and cfg.fp32_upcast:
+        # Casts norms, embeddings and lm_head to fp32, enables input grads (needed with checkpointing), turns checkpointing on.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
