@@ -59,7 +59,7 @@ class TrainConfig:
     lora_alpha: int = doc(32, "LoRA scaling numerator: the update is scaled by alpha / r (alpha = 2r is the PEFT convention).")
     lora_dropout: float = doc(0.0, "Dropout on the LoRA input. 0: the QLoRA paper's 0.05 cost about a quarter of the training speed and gave no better held-out loss on the demo preset (2.139 with, 2.137 without; BENCHMARKS.md).")
     lora_target_modules: list[str] = doc(LLAMA_LINEAR_LAYERS, "Linear layers that get LoRA (QLoRA paper: all linear layers of the decoder).")
-    fp32_upcast: bool = doc(True, "With a quantized base, keep norms, embeddings and lm_head in fp32 (peft's prepare_model_for_kbit_training); off keeps them in the compute dtype: less casting, a bf16 lm_head.")
+    fp32_upcast: bool = doc(False, "With a quantized base, cast norms, embeddings and lm_head to fp32 (peft's prepare_model_for_kbit_training). Off: they stay bf16 (norms still compute in fp32 inside); same speed at the default, 2 GiB less memory, +32% speed without checkpointing (BENCHMARKS.md).")
     trust_remote_code: bool = doc(False, "Run model code shipped with a hub repo. Off: Llama needs none; turn on only for a repo you trust.")
     # --- optimisation ------------------------------------------------------------------
     epochs: float = doc(3.0, "Passes over the training split (alpaca-lora and the dolly fine-tunes use 3).")

@@ -4,7 +4,10 @@
     python main.py --preset smoke         # tiny random Llama + the shipped sample: seconds on a CPU
     python main.py --preset demo          # SmolLM2-135M-Instruct + the shipped sample: minutes on a CPU
     python main.py --max-steps 100 --lora-r 8 --config configs/my.yaml
-    python main.py --resume               # continue from the newest checkpoint in OUTPUT_DIR/checkpoints
+    python main.py --resume               # continue from the newest complete checkpoint in OUTPUT_DIR/checkpoints
+
+Ctrl-C or SIGTERM saves a checkpoint at the end of the current step and exits 130 / 143; kill -9 loses
+at most the steps since the last checkpoint. Either way `--resume` continues (resilience.py).
 
 Without a CUDA GPU (or without the hub and no cached copy of the base) the default run says
 so and runs the demo preset instead; --no-fallback stops instead.
@@ -18,12 +21,12 @@ import dataclasses
 import json
 import os
 import resource
+import signal
 import sys
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from config import ConfigError, TrainConfig, die, parse_config, save_config
 from dataset import (
@@ -38,6 +41,22 @@ from dataset import (
     tokenize_records,
 )
 from model import CONFIG_NAME, TINY_MODEL, ModelError, base_model_available, load_for_training, runtime
+from resilience import (
+    EXIT_CODES,
+    EXIT_TRAINING_FAILED,
+    CheckpointMarker,
+    StopOnNonFiniteLoss,
+    StopOnSignal,
+    TestHooks,
+    TrainingStopped,
+    checkpoints,
+    newest_complete,
+    out_of_memory_message,
+    pick_checkpoint,
+    raise_if_stopped_early,
+    remove_previous_run,
+    staged,
+)
 
 DEFAULT_BASE = TrainConfig.__dataclass_fields__["base_model"].default
 
@@ -50,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         if "--debug" in argv:
             raise
         die(str(err))
+    except TrainingStopped as stop:  # Ctrl-C / SIGTERM (checkpoint saved), a NaN loss, CUDA out of memory
+        print(stop.message, file=sys.stderr)
+        return stop.code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, final save): nothing half-written is kept
+        print("[main] interrupted (Ctrl-C); complete checkpoints stay valid for --resume", file=sys.stderr)
+        return EXIT_CODES[signal.SIGINT]
     return 0
 
 
@@ -63,6 +88,8 @@ def run(argv: list[str]) -> None:
     model, tokenizer, base_path, gguf_file = load_for_training(cfg)
     print_trainable(model)
     train_ds, val_ds, data_summary = prepare_data(cfg, records, tokenizer)
+    if args.overwrite:
+        clear_output_dir(cfg)  # only now: a typo in a flag or a bad data file must not cost the previous run
     trainer = build_trainer(cfg, model, tokenizer, train_ds, val_ds)
     metrics = train(trainer, cfg, has_val=len(val_ds) > 0)
     saved_cfg = cfg if cfg.base_model == TINY_MODEL else dataclasses.replace(cfg, base_model=base_path, gguf_file=gguf_file)
@@ -96,18 +123,28 @@ def check_output_dir(cfg: TrainConfig, overwrite: bool) -> None:
     """Never silently overwrite a finished adapter or mix two runs in one directory."""
     if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
         raise ConfigError(f"--output-dir {cfg.output_dir} is a file; choose a directory")
+    if cfg.resume and overwrite:
+        raise ConfigError("--resume continues the run in OUTPUT_DIR and --overwrite deletes it: pass one of them")
     finished = os.path.isfile(os.path.join(cfg.output_dir, "adapter_config.json"))
-    started = last_checkpoint(cfg) is not None
-    if cfg.resume and not started:
-        raise ConfigError(f"--resume: no checkpoint in {os.path.join(cfg.output_dir, 'checkpoints')}; start without --resume")
+    started = bool(checkpoints(checkpoint_dir(cfg)))  # complete or not
+    if cfg.resume and newest_complete(checkpoint_dir(cfg)) is None:
+        if started:
+            raise ConfigError(f"--resume: no checkpoint in {checkpoint_dir(cfg)} was completed (every save was cut short); start again with --overwrite")
+        raise ConfigError(f"--resume: no checkpoint in {checkpoint_dir(cfg)}; start without --resume")
     if (finished or started) and not (cfg.resume or overwrite):
         what = "a finished adapter" if finished else "checkpoints of an unfinished run"
         raise ConfigError(f"{cfg.output_dir} already holds {what}; pass --resume to continue it, --overwrite to replace it, or another --output-dir")
 
 
-def last_checkpoint(cfg: TrainConfig) -> str | None:
-    folder = os.path.join(cfg.output_dir, "checkpoints")
-    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
+def checkpoint_dir(cfg: TrainConfig) -> str:
+    return os.path.join(cfg.output_dir, "checkpoints")
+
+
+def clear_output_dir(cfg: TrainConfig) -> None:
+    """--overwrite: remove the previous run's adapter, checkpoints, logs and reports, so two runs never mix."""
+    removed = remove_previous_run(cfg.output_dir) if os.path.isdir(cfg.output_dir) else []
+    if removed:
+        print(f"[main] --overwrite: removed the previous run from {cfg.output_dir}/ ({', '.join(removed)})")
 
 
 def print_trainable(model: torch.nn.Module) -> None:
@@ -124,6 +161,9 @@ def prepare_data(cfg: TrainConfig, records, tokenizer) -> tuple[Any, Any, dict[s
     if len(val_raw):
         print("[data] " + format_summary("validation", val_summary))
     if len(train_ds) == 0:
+        if train_summary["dropped_prompt_too_long"] == train_summary["records"]:
+            raise DataError(f"{cfg.dataset}: every training record's prompt (template + instruction + context) is longer than "
+                            f"--max-length {cfg.max_length}, so none is left to train on; raise --max-length")
         raise DataError(f"{cfg.dataset}: no training record left after the length policy; raise --max-length")
     if cfg.packing:
         records = len(train_ds)
@@ -136,7 +176,8 @@ def prepare_data(cfg: TrainConfig, records, tokenizer) -> tuple[Any, Any, dict[s
 class DollyTrainer(Trainer):
     """transformers' Trainer, plus peak memory in every log line (console and TensorBoard).
 
-    Trainer itself logs train_tokens_per_second (non-padding tokens, this session).
+    Trainer itself logs train_tokens_per_second (non-padding tokens, this session). Its checkpoints are
+    marked complete, and rotated, by resilience.CheckpointMarker.
     """
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -175,8 +216,9 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
         eval_steps=cfg.eval_steps if evaluate else None,
         save_strategy="steps",
         save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
+        save_total_limit=None,  # CheckpointMarker rotates, counting only complete checkpoints
         logging_steps=cfg.logging_steps,
+        logging_nan_inf_filter=False,  # log a NaN loss as NaN, so that StopOnNonFiniteLoss sees it
         report_to=["tensorboard"],
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -191,14 +233,23 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
     return DollyTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
         data_collator=collate_packed if cfg.packing else make_collator(tokenizer), processing_class=tokenizer,
+        callbacks=[CheckpointMarker(keep=cfg.save_total_limit), *TestHooks.if_requested()],
     )
 
 
 def train(trainer: Trainer, cfg: TrainConfig, has_val: bool) -> dict[str, Any]:
-    checkpoint = last_checkpoint(cfg) if cfg.resume else None
+    checkpoint = pick_checkpoint(checkpoint_dir(cfg)) if cfg.resume else None  # the newest complete one
     if checkpoint:
         print(f"[main] resuming from {checkpoint}")
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    signals, losses = StopOnSignal(), StopOnNonFiniteLoss()
+    trainer.add_callback(signals)
+    trainer.add_callback(losses)
+    try:
+        with signals.handling_signals():  # Ctrl-C / SIGTERM: a checkpoint at the end of the step, then stop
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingStopped(out_of_memory_message(cfg), EXIT_TRAINING_FAILED) from None
+    raise_if_stopped_early(signals, losses, checkpoint_dir(cfg), cfg.learning_rate)  # exits 130 / 143 / 1, naming the checkpoint
     tokens = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
     metrics = dict(result.metrics) | peak_memory()
     metrics["train_tokens_per_second"] = round(tokens / metrics["train_runtime"], 1)
@@ -211,12 +262,13 @@ def train(trainer: Trainer, cfg: TrainConfig, has_val: bool) -> dict[str, Any]:
 
 def save_outputs(trainer: Trainer, tokenizer, cfg: TrainConfig, metrics: dict[str, Any]) -> None:
     out = cfg.output_dir
-    trainer.model.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors (PEFT format)
-    tokenizer.save_pretrained(out)
-    save_config(cfg, os.path.join(out, CONFIG_NAME))
-    with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as fh:
-        json.dump(metrics | {"versions": versions()}, fh, indent=2)
-    plot_losses(trainer.state.log_history, os.path.join(out, "loss_curve.png"))
+    with staged(out) as tmp:  # written to OUTPUT_DIR/.saving, then moved in place file by file (os.replace)
+        trainer.model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors (PEFT format)
+        tokenizer.save_pretrained(tmp)
+        save_config(cfg, os.path.join(tmp, CONFIG_NAME))
+        with open(os.path.join(tmp, "metrics.json"), "w", encoding="utf-8") as fh:
+            json.dump(metrics | {"versions": versions()}, fh, indent=2)
+        plot_losses(trainer.state.log_history, os.path.join(tmp, "loss_curve.png"))
     print(f"[main] adapter, tokenizer, {CONFIG_NAME}, metrics.json and loss_curve.png written to {out}/")
     print(f"[main] compare it with the base model: python eval.py --adapter {out}")
 

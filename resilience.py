@@ -1,0 +1,280 @@
+"""What keeps a training run safe to interrupt: complete-or-ignored checkpoints, signals, NaN losses, OOM.
+
+- **Checkpoints**: Trainer writes `checkpoint-N/`; `CheckpointMarker` then fsyncs its files and writes
+  `COMPLETE` as the very last step (only if the LoRA weights are finite). `--resume` takes the newest
+  checkpoint with the marker (`pick_checkpoint`); a folder without it (a save cut short by a crash,
+  kill -9 or power loss) is skipped, said so, and removed. Rotation (`--save-total-limit`) is done here,
+  after the marker, and counts only complete checkpoints, so a crash mid-save never costs the last good one.
+- **Signals**: `StopOnSignal` turns Ctrl-C (SIGINT) and SIGTERM (pre-emption, `kill`) into "finish this
+  optimizer step, save a checkpoint, stop"; main.py then exits 130 (SIGINT) or 143 (SIGTERM). A second
+  signal stops at once (the last complete checkpoint stays valid).
+- **Non-finite loss**: `StopOnNonFiniteLoss` stops at the first logged NaN/inf loss without saving
+  that step; the last good checkpoint is kept. Exit code 1.
+- **Final outputs**: `staged(out)` writes into `OUTPUT_DIR/.saving/` and moves each file in place with
+  os.replace, adapter_config.json (what marks a finished run) last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from config import TrainConfig
+
+COMPLETE = "COMPLETE"  # the last file written into a checkpoint: without it, --resume ignores the folder
+STAGING = ".saving"  # final outputs are written here first, then moved into OUTPUT_DIR
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + signal number, as shells report them
+EXIT_TRAINING_FAILED = 1  # a NaN/inf loss, CUDA out of memory
+# What a run writes into OUTPUT_DIR; --overwrite removes exactly these (and nothing else a user keeps there).
+RUN_OUTPUTS = (
+    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md", "tokenizer.json", "tokenizer.model",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
+    "train_config.yaml", "metrics.json", "loss_curve.png", "checkpoints", "tensorboard", "eval", STAGING,
+)
+
+
+class TrainingStopped(Exception):
+    """Training ended early: a message for stderr and the process exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+# --- checkpoints: complete (marked) or ignored ---------------------------------------------
+
+
+def checkpoints(folder: str) -> list[str]:
+    """The `checkpoint-N` folders in `folder`, oldest (lowest N) first."""
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := re.fullmatch(r"checkpoint-(\d+)", name))]
+    return [os.path.join(folder, name) for _, name in sorted(found) if os.path.isdir(os.path.join(folder, name))]
+
+
+def is_complete(checkpoint: str) -> bool:
+    return os.path.isfile(os.path.join(checkpoint, COMPLETE))
+
+
+def mark_complete(checkpoint: str) -> None:
+    """Flush every file of the checkpoint to disk, then write the marker atomically (tmp, fsync, rename)."""
+    for folder, _, files in os.walk(checkpoint):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as fh:
+                os.fsync(fh.fileno())
+    tmp = os.path.join(checkpoint, COMPLETE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("every file of this checkpoint was written and flushed before this one\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, os.path.join(checkpoint, COMPLETE))
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every OS)
+        fd = os.open(checkpoint, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def newest_complete(folder: str) -> str | None:
+    complete = [c for c in checkpoints(folder) if is_complete(c)]
+    return complete[-1] if complete else None
+
+
+def pick_checkpoint(folder: str) -> str | None:
+    """--resume: the newest complete checkpoint; newer incomplete ones are reported and removed (training redoes them)."""
+    chosen = newest_complete(folder)
+    for c in checkpoints(folder):
+        if not is_complete(c) and (chosen is None or _step(c) > _step(chosen)):
+            print(f"[main] skipping {c}: incomplete (its save was interrupted before the {COMPLETE} marker); removed it")
+            shutil.rmtree(c, ignore_errors=True)
+    return chosen
+
+
+def rotate_checkpoints(folder: str, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; drop older ones and any incomplete one older than the newest."""
+    found = checkpoints(folder)
+    complete = [c for c in found if is_complete(c)]
+    stale = complete[:-keep] + [c for c in found if not is_complete(c) and complete and _step(c) < _step(complete[-1])]
+    for c in stale:
+        shutil.rmtree(c, ignore_errors=True)
+
+
+def _step(checkpoint: str) -> int:
+    return int(checkpoint.rsplit("-", 1)[1])
+
+
+def lora_weights_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+
+
+class CheckpointMarker(TrainerCallback):
+    """After Trainer saved checkpoint-N: mark it complete (if its weights are finite), then rotate."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+
+    def on_save(self, args, state, control, model=None, **kwargs: Any) -> None:
+        if not args.should_save:  # only the main process writes (multi-GPU)
+            return
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        pause_for_tests("LLAMA_DOLLY_TEST_SAVE_SLEEP")
+        if model is not None and not lora_weights_finite(model):
+            print(f"[main] {checkpoint} has NaN/inf LoRA weights: not marked complete, --resume will skip it", file=sys.stderr)
+            return
+        mark_complete(checkpoint)
+        rotate_checkpoints(args.output_dir, self.keep)
+
+
+# --- stopping early: signals, non-finite losses -----------------------------------------------
+
+
+class StopOnSignal(TrainerCallback):
+    """Ctrl-C / SIGTERM while training: finish the optimizer step, save a checkpoint, stop.
+
+    Use `with stop.handling_signals(): trainer.train()`; afterwards `stop.signum` says which signal came.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @contextlib.contextmanager
+    def handling_signals(self) -> Iterator[StopOnSignal]:
+        previous = {s: signal.signal(s, self._handle) for s in EXIT_CODES}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:  # asked twice: stop now; the last complete checkpoint stays valid
+            raise TrainingStopped(f"[main] {name} again: stopped at once without saving; --resume continues from the last complete checkpoint",
+                                  EXIT_CODES[signum])
+        self.signum = signum
+        print(f"\n[main] {name}: saving a checkpoint at the end of this optimizer step, then stopping (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs: Any) -> None:
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop at the first logged NaN/inf training loss, without saving that step. Needs logging_nan_inf_filter=False."""
+
+    def __init__(self) -> None:
+        self.bad: tuple[int, float] | None = None  # (step, loss)
+
+    def on_log(self, args, state, control, logs=None, **kwargs: Any) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss) and self.bad is None:
+            self.bad = (state.global_step, loss)
+            control.should_save = False
+            control.should_training_stop = True
+
+
+def raise_if_stopped_early(signals: StopOnSignal, losses: StopOnNonFiniteLoss, checkpoint_folder: str, learning_rate: float) -> None:
+    """After trainer.train(): a signal or a NaN loss ends the run here, naming the checkpoint to resume from."""
+    last = newest_complete(checkpoint_folder)
+    resume = f"the last good checkpoint is {last}; rerun the same command with --resume to continue from it" if last else "no checkpoint was completed yet"
+    if losses.bad is not None:
+        step, loss = losses.bad
+        raise TrainingStopped(f"error: the training loss became {loss} at step {step}, so training stopped without saving it; {resume}. "
+                              f"A diverging run usually needs a lower --learning-rate (now {learning_rate:g}) or --max-grad-norm.",
+                              EXIT_TRAINING_FAILED)
+    if signals.signum is not None:
+        name = signal.Signals(signals.signum).name
+        saved = f"checkpoint saved: {last}; rerun the same command with --resume to continue" if last else "no checkpoint was completed"
+        raise TrainingStopped(f"[main] stopped by {name}: {saved} (exit code {EXIT_CODES[signals.signum]})", EXIT_CODES[signals.signum])
+
+
+def out_of_memory_message(cfg: TrainConfig) -> str:
+    """One line: what ran out, and which settings to lower (with their current values)."""
+    if cfg.packing:
+        size = f"--pack-tokens {cfg.pack_tokens} (tokens per micro-batch; e.g. {max(cfg.max_length, cfg.pack_tokens // 2)})"
+    else:
+        size = f"--batch-size {cfg.batch_size} (raise --gradient-accumulation-steps to keep the effective batch)"
+    checkpointing = "keep --gradient-checkpointing on" if cfg.gradient_checkpointing else "turn --gradient-checkpointing on (it is off)"
+    return (f"error: CUDA out of memory while training: lower {size} or --max-length {cfg.max_length}, and {checkpointing}; "
+            "then rerun with --resume (or --overwrite if no checkpoint was completed)")
+
+
+# --- outputs -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def staged(out: str) -> Iterator[str]:
+    """Yield a fresh OUTPUT_DIR/.saving; on success move its files into `out` (os.replace, adapter_config.json last)."""
+    tmp = os.path.join(out, STAGING)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        names = sorted(os.listdir(tmp), key=lambda n: n == "adapter_config.json")  # the "finished" marker goes last
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_previous_run(out: str) -> list[str]:
+    """--overwrite: delete what an earlier run wrote into `out` (adapter, tokenizer, metrics, checkpoints, ...)."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+# --- test-only hooks (environment variables the tests set; nothing else should) ----------------------
+
+
+def pause_for_tests(variable: str) -> None:
+    """Sleep for the seconds in $variable, if set: lets a test's kill land at a chosen point. Test-only."""
+    seconds = float(os.environ.get(variable) or 0)
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+class TestHooks(TrainerCallback):
+    """Test-only: LLAMA_DOLLY_TEST_STEP_SLEEP=S sleeps S seconds after every optimizer step (so a test's
+    SIGKILL/SIGTERM lands mid-training); LLAMA_DOLLY_TEST_NAN_STEP=K sets the LoRA weights to NaN before
+    step K (a diverged run, on demand). Added to the Trainer only when one of them is set."""
+
+    __test__ = False  # not a pytest test class
+
+    VARIABLES = ("LLAMA_DOLLY_TEST_STEP_SLEEP", "LLAMA_DOLLY_TEST_NAN_STEP")
+
+    @classmethod
+    def if_requested(cls) -> list[TrainerCallback]:
+        return [cls()] if any(os.environ.get(v) for v in cls.VARIABLES) else []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs: Any) -> None:
+        if model is not None and state.global_step + 1 == int(os.environ.get("LLAMA_DOLLY_TEST_NAN_STEP") or 0):
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.fill_(float("nan"))
+
+    def on_step_end(self, args, state, control, **kwargs: Any) -> None:
+        pause_for_tests("LLAMA_DOLLY_TEST_STEP_SLEEP")
