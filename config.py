@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import sys
 import types
@@ -197,6 +198,18 @@ def _scalar_type(annotation: Any) -> type:
     return tp
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage lists every field): what was wrong, a close flag, --help."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("unrecognized arguments"):
+            flags = [a.split("=")[0] for a in message.split(": ", 1)[1].split() if a.startswith("--")]
+            known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            close = [m for f in flags for m in difflib.get_close_matches(f, known, n=1, cutoff=0.6)]
+            message += f" (did you mean {', '.join(close)}?)" if close else ""
+        die(f"{message}; `python {self.prog} --help` lists every flag")
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field: `--lora-r 8`, `--no-gradient-checkpointing`, `--lora-target-modules q_proj v_proj`."""
     for f in dataclasses.fields(cls):
@@ -257,7 +270,7 @@ def split_preset(data: dict[str, Any], section: str | None) -> dict[str, Any]:
 
 def parse_config(cls: type, argv: list[str] | None, description: str, extra: Any = None) -> tuple[Any, argparse.Namespace]:
     """Parse flags for `cls`. Returns (config, namespace with the non-config flags: preset, config, debug...)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default=None, help="Named preset from configs/: smoke = tiny random Llama, seconds on a CPU; demo = SmolLM2-135M-Instruct, minutes on a CPU.")
     parser.add_argument("--config", default=None, help="YAML file of config fields (see configs/); flags given on the command line win.")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")

@@ -283,6 +283,55 @@ def ensure_tiny_llama() -> str:
     return path if os.path.isfile(os.path.join(path, "config.json")) else build_tiny_llama(path)
 
 
+# --- checking an adapter against its base -------------------------------------------------------
+
+
+def check_adapter_fits(path: str, base: torch.nn.Module, base_name: str, vocab_size: int, trained_on: str | None) -> None:
+    """A one-line ModelError unless the adapter's weights (read as safetensors only, never pickle) fit `base`.
+
+    Another hidden size or layer count then fails here with what to do, not as PEFT's size-mismatch
+    traceback or, worse, as an adapter silently applied to only some layers.
+    """
+    weights = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        pickled = os.path.isfile(os.path.join(path, "adapter_model.bin"))
+        raise ModelError(f"{path}: no adapter_model.safetensors" + (" (adapter_model.bin is a pickle file and is not loaded; save the adapter as safetensors)" if pickled else ""))
+    problem = adapter_mismatch(path, base, vocab_size)
+    if problem:
+        cfg = base.config
+        advice = f"it was trained on {trained_on}: leave out --base-model" if trained_on and trained_on != base_name else "pass the base it was trained on with --base-model"
+        raise ModelError(f"the adapter in {path} does not fit the base {base_name} (hidden size {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+                         f"vocabulary {cfg.vocab_size}): {problem}; {advice}")
+
+
+def adapter_mismatch(path: str, base: torch.nn.Module, vocab_size: int) -> str | None:
+    """What does not fit: a LoRA pair whose sizes differ from its base layer, a targeted base layer without one, the vocabulary."""
+    from safetensors import safe_open
+
+    shapes: dict[str, dict[str, list[int]]] = {}  # base module name -> {"A": [r, in], "B": [out, r]}
+    with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as fh:
+        for key in fh.keys():
+            if ".lora_A." in key or ".lora_B." in key:
+                module, part = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+                shapes.setdefault(module, {})[part[0]] = fh.get_slice(key).get_shape()
+    modules = dict(base.named_modules())
+    for module, pair in sorted(shapes.items()):
+        layer = modules.get(module)
+        if not hasattr(layer, "in_features"):
+            return f"the base has no linear layer {module}"
+        if (pair["A"][1], pair["B"][0]) != (layer.in_features, layer.out_features):
+            return f"{module} is {layer.in_features}->{layer.out_features} in the base, {pair['A'][1]}->{pair['B'][0]} in the adapter"
+    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as fh:
+        targets = json.load(fh).get("target_modules")
+    if isinstance(targets, list):  # (a regex string would need PEFT's matching; the shapes above still apply)
+        missing = sorted(n for n, m in modules.items() if n.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features") and n not in shapes)
+        if missing:
+            return f"the adapter has no weights for {len(missing)} of the base's layers (e.g. {missing[0]}): the base has more layers"
+    if vocab_size > base.get_input_embeddings().num_embeddings:
+        return f"the adapter's tokenizer has {vocab_size} tokens, the base's embeddings only {base.get_input_embeddings().num_embeddings}"
+    return None
+
+
 # --- inference ------------------------------------------------------------------------------
 
 
@@ -328,6 +377,7 @@ class Llama:
         has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
         tokenizer = load_tokenizer(path if has_tokenizer else name, None if has_tokenizer else gguf_file, trust_remote_code)
         base = load_base_model(name, quantization, gguf_file, trust_remote_code)
+        check_adapter_fits(path, base, name, len(tokenizer), cfg.base_model if cfg else None)
         return cls(PeftModel.from_pretrained(base, path), tokenizer, cfg)
 
     @property
