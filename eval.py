@@ -57,6 +57,8 @@ def run(argv: list[str]) -> None:
     cfg, _ = parse_config(EvalConfig, argv, __doc__)
     if not os.path.isdir(cfg.adapter):
         raise ConfigError(f"no adapter directory {cfg.adapter}: train one with `python main.py` (or --preset demo/smoke), or pass --adapter DIR")
+    if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ConfigError(f"--out {cfg.out} is a file; choose a directory for the report")
     set_seed(cfg.seed)
     llama = Llama.load_pretrained_model(cfg.adapter, base_model=cfg.base_model, quantization=cfg.quantization)
     if cfg.interactive:

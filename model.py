@@ -299,7 +299,7 @@ def check_adapter_fits(path: str, base: torch.nn.Module, base_name: str, vocab_s
     problem = adapter_mismatch(path, base, vocab_size)
     if problem:
         cfg = base.config
-        advice = f"it was trained on {trained_on}: leave out --base-model" if trained_on and trained_on != base_name else "pass the base it was trained on with --base-model"
+        advice = f"it was trained on {trained_on}: leave --base-model out (or pass that one)" if trained_on else "pass the base it was trained on with --base-model"
         raise ModelError(f"the adapter in {path} does not fit the base {base_name} (hidden size {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
                          f"vocabulary {cfg.vocab_size}): {problem}; {advice}")
 
