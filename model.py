@@ -402,10 +402,15 @@ class Llama:
         """Like ask_many, with each answer's token count and whether it ended with EOS before the limit."""
         from tqdm.auto import tqdm
 
-        results: list[dict[str, Any]] = []
+        # Longest prompts first, batched by similar length: less left padding, and an OOM shows up at once.
+        lengths = [len(ids) for ids in self.tokenizer(questions)["input_ids"]] if questions else []
+        order = sorted(range(len(questions)), key=lambda i: -lengths[i])
+        results: list[dict[str, Any]] = [{}] * len(questions)
         label = "fine-tuned" if use_adapter and self.has_adapter else "base"
         for start in tqdm(range(0, len(questions), batch_size), desc=f"generating ({label})", unit="batch", disable=not progress):
-            results.extend(self._generate(questions[start : start + batch_size], use_adapter, **generation))
+            chunk = order[start : start + batch_size]
+            for i, result in zip(chunk, self._generate([questions[i] for i in chunk], use_adapter, **generation), strict=True):
+                results[i] = result
         return results
 
     @torch.inference_mode()

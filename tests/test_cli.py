@@ -91,6 +91,16 @@ def test_token_never_printed_or_saved(smoke_run):
                 assert FAKE_TOKEN.encode() not in fh.read(), name
 
 
+def test_adapter_is_written_as_safetensors_only(smoke_run):
+    out = smoke_run[0]
+    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+    pickles = [f for f in os.listdir(out) if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    assert pickles == []  # (Trainer's optimizer/scheduler/RNG state in checkpoints/ is torch.save'd, read back weights_only)
+    for name in os.listdir(os.path.join(out, "checkpoints")):
+        assert os.path.isfile(os.path.join(out, "checkpoints", name, "adapter_model.safetensors"))
+        assert os.path.isfile(os.path.join(out, "checkpoints", name, "COMPLETE"))
+
+
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
     # Evaluation only at the end: on the CPU, bitsandbytes repacks 4-bit weights the first time
     # they run in eval mode, which moves later losses by ~1e-6; without a mid-run eval, bitwise.

@@ -72,6 +72,16 @@ def test_report_files_are_written_and_parse(smoke_report):
     assert "| overall |" in proc.stdout.lower() or "overall" in proc.stdout.lower()
 
 
+def test_token_never_in_eval_output_or_reports(smoke_report):
+    from test_cli import FAKE_TOKEN
+
+    out, proc = smoke_report  # eval.py ran with HF_TOKEN set to FAKE_TOKEN
+    assert FAKE_TOKEN not in proc.stdout + proc.stderr
+    for name in os.listdir(os.path.join(out, "eval")):
+        with open(os.path.join(out, "eval", name), "rb") as fh:
+            assert FAKE_TOKEN.encode() not in fh.read(), name
+
+
 def test_overall_is_the_weighted_mean_of_the_categories(smoke_report):
     with open(os.path.join(smoke_report[0], "eval", "report.json")) as fh:
         report = json.load(fh)

@@ -135,3 +135,12 @@ def test_missing_model_directory_is_a_model_error(tmp_path):
 def test_cuda_runtime_uses_bf16_or_fp16():
     rt = runtime()
     assert rt.cuda and rt.dtype in (torch.bfloat16, torch.float16)
+
+
+def test_batched_answers_come_back_in_input_order(trained):
+    model, tokenizer, _, _ = trained
+    llama = Llama(model, tokenizer)
+    one_by_one = [llama.ask_model(q, max_new_tokens=10) for q in QUESTIONS]
+    # ask_many sorts by prompt length internally (longest first) and must restore the input order.
+    assert llama.ask_many(QUESTIONS, batch_size=2, max_new_tokens=10) == one_by_one
+    assert llama.ask_many(QUESTIONS[::-1], batch_size=3, max_new_tokens=10) == one_by_one[::-1]
