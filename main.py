@@ -228,6 +228,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
         ddp_find_unused_parameters=False,
         use_liger_kernel=cfg.liger and rt.cuda,
         dataloader_pin_memory=rt.cuda,
+        use_cpu=not rt.cuda,  # on a CPU, several processes (torchrun / accelerate launch --cpu) then train with DDP over gloo
     )
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
     return DollyTrainer(
@@ -262,6 +263,8 @@ def train(trainer: Trainer, cfg: TrainConfig, has_val: bool) -> dict[str, Any]:
 
 def save_outputs(trainer: Trainer, tokenizer, cfg: TrainConfig, metrics: dict[str, Any]) -> None:
     out = cfg.output_dir
+    if not trainer.is_world_process_zero():  # several processes (DDP/FSDP): only the main one writes and reports
+        return
     with staged(out) as tmp:  # written to OUTPUT_DIR/.saving, then moved in place file by file (os.replace)
         trainer.model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors (PEFT format)
         tokenizer.save_pretrained(tmp)
