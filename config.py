@@ -56,6 +56,7 @@ class TrainConfig:
     skip_bad_records: bool = doc(False, "Skip and count bad records (malformed JSON, not UTF-8, a missing column, a number/list/object in a text column) instead of stopping at the first with its file and line.")
     # --- model / LoRA ---------------------------------------------------------------------
     quantization: Literal["4bit", "8bit", "none"] = doc("4bit", "Base weights: 4bit = NF4 + double quantization (QLoRA paper), 8bit = LLM.int8, none = bf16/fp16 on GPU, fp32 on CPU.")
+    quant_storage: Literal["uint8", "bfloat16"] = doc("uint8", "dtype the packed 4-bit weights are stored in: bfloat16 for FSDP (configs/accelerate/fsdp_qlora.yaml), so the 4-bit weights shard with the bf16 params; uint8 otherwise.")
     lora_r: int = doc(16, "LoRA rank (QLoRA paper uses 64 for 7B; 16 is the common PEFT recipe and 4x fewer adapter parameters).")
     lora_alpha: int = doc(32, "LoRA scaling numerator: the update is scaled by alpha / r (alpha = 2r is the PEFT convention).")
     lora_dropout: float = doc(0.0, "Dropout on the LoRA input. 0: the QLoRA paper's 0.05 cost about a quarter of the training speed and gave no better held-out loss on the demo preset (2.139 with, 2.137 without; BENCHMARKS.md).")

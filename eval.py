@@ -59,12 +59,17 @@ def run(argv: list[str]) -> None:
         raise ConfigError(f"no adapter directory {cfg.adapter}: train one with `python main.py` (or --preset demo/smoke), or pass --adapter DIR")
     if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ConfigError(f"--out {cfg.out} is a file; choose a directory for the report")
+    state = distributed_state()  # None in one process (python eval.py)
+    if state is not None and cfg.interactive:
+        raise ConfigError("--interactive reads the keyboard: run it in one process (python eval.py --interactive)")
     set_seed(cfg.seed)
     llama = Llama.load_pretrained_model(cfg.adapter, base_model=cfg.base_model, quantization=cfg.quantization)
     if cfg.interactive:
         return interactive(llama, cfg)
     if cfg.split or cfg.dataset:
-        return evaluate(llama, cfg)
+        return evaluate(llama, cfg, state)
+    if state is not None and not state.is_main_process:
+        return  # a few side-by-side questions: the main process answers them alone
     samples = [{"category": "your question", "instruction": cfg.question, "context": cfg.context}] if cfg.question else PREDEFINED
     base, tuned = compare(llama, samples, cfg)
     print_side_by_side(samples, base, tuned)
@@ -139,12 +144,37 @@ def aggregate(items: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
     return out
 
 
-def evaluate(llama: Llama, cfg: EvalConfig) -> None:
+def distributed_state() -> Any:
+    """accelerate's PartialState when launched as several processes (`accelerate launch eval.py`, torchrun), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # one process per GPU (LOCAL_RANK); gloo on a CPU
+    return state if state.num_processes > 1 else None
+
+
+def score_across_processes(llama: Llama, rows: list[dict[str, Any]], cfg: EvalConfig, state: Any) -> list[dict[str, Any]]:
+    """Each process scores its contiguous share of the rows; every process gets back all items, in the rows' order."""
+    from accelerate.utils import gather_object
+
+    with state.split_between_processes(rows) as mine:
+        items = score_items(llama, mine, cfg)
+    return sorted(gather_object(items), key=lambda item: item["id"])
+
+
+def evaluate(llama: Llama, cfg: EvalConfig, state: Any = None) -> None:
     import report as report_lib
 
     rows, dataset = select_records(llama, cfg)
-    print(f"[eval] scoring {len(rows)} records of {dataset} ({cfg.split or 'all'}), base and fine-tuned")
-    items = score_items(llama, rows, cfg)
+    main = state is None or state.is_main_process
+    if main:
+        across = f", split across {state.num_processes} processes" if state is not None else ""
+        print(f"[eval] scoring {len(rows)} records of {dataset} ({cfg.split or 'all'}), base and fine-tuned{across}")
+    items = score_items(llama, rows, cfg) if state is None else score_across_processes(llama, rows, cfg, state)
+    if not main:
+        return  # the main process aggregates and writes the report
     categories = sorted({i["category"] for i in items})
     report = {
         "title": f"base vs fine-tuned: {cfg.adapter} on {dataset} ({cfg.split or 'all'})",

@@ -97,7 +97,7 @@ def run(argv: list[str]) -> None:
 
 
 def _extra_flags(parser) -> None:
-    parser.add_argument("--overwrite", action="store_true", help="Replace a finished run in OUTPUT_DIR instead of refusing.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace the run in OUTPUT_DIR instead of refusing: its adapter, checkpoints, logs and reports are deleted just before training.")
 
 
 def fall_back_if_needed(cfg: TrainConfig, argv: list[str]) -> TrainConfig:
@@ -142,6 +142,8 @@ def checkpoint_dir(cfg: TrainConfig) -> str:
 
 def clear_output_dir(cfg: TrainConfig) -> None:
     """--overwrite: remove the previous run's adapter, checkpoints, logs and reports, so two runs never mix."""
+    if int(os.environ.get("RANK", "0")) != 0:  # several processes (torchrun / accelerate launch): rank 0 removes it, once
+        return
     removed = remove_previous_run(cfg.output_dir) if os.path.isdir(cfg.output_dir) else []
     if removed:
         print(f"[main] --overwrite: removed the previous run from {cfg.output_dir}/ ({', '.join(removed)})")
@@ -228,7 +230,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
         ddp_find_unused_parameters=False,
         use_liger_kernel=cfg.liger and rt.cuda,
         dataloader_pin_memory=rt.cuda,
-        use_cpu=not rt.cuda,  # on a CPU, several processes (torchrun / accelerate launch --cpu) then train with DDP over gloo
+        use_cpu=not rt.cuda,  # on a CPU, several processes (torchrun, accelerate launch with ddp.yaml) then train with DDP over gloo
     )
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
     return DollyTrainer(
@@ -242,6 +244,9 @@ def train(trainer: Trainer, cfg: TrainConfig, has_val: bool) -> dict[str, Any]:
     checkpoint = pick_checkpoint(checkpoint_dir(cfg)) if cfg.resume else None  # the newest complete one
     if checkpoint:
         print(f"[main] resuming from {checkpoint}")
+    if trainer.is_world_process_zero():
+        print("[main] " + describe_batch(trainer.args, cfg))
+        warn_if_other_process_count(checkpoint, trainer.args.world_size)
     signals, losses = StopOnSignal(), StopOnNonFiniteLoss()
     trainer.add_callback(signals)
     trainer.add_callback(losses)
@@ -257,16 +262,36 @@ def train(trainer: Trainer, cfg: TrainConfig, has_val: bool) -> dict[str, Any]:
     if has_val:
         metrics |= trainer.evaluate()
         metrics["eval_perplexity"] = float(torch.exp(torch.tensor(metrics["eval_loss"])))
-    print("[main] " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    if trainer.is_world_process_zero():
+        print("[main] " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return metrics
+
+
+def describe_batch(args: TrainingArguments, cfg: TrainConfig) -> str:
+    """The global batch of one optimizer step: processes x micro-batch per process x accumulation steps."""
+    per_process = f"1 packed row of <= {cfg.pack_tokens} tokens" if cfg.packing else f"{args.per_device_train_batch_size} records"
+    total = args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    return (f"global batch per optimizer step: {args.world_size} process(es) x {per_process} x {args.gradient_accumulation_steps} "
+            f"accumulation step(s) = {total} {'packed rows' if cfg.packing else 'records'}; learning rate {cfg.learning_rate:g} (not scaled)")
+
+
+def warn_if_other_process_count(checkpoint: str | None, world_size: int) -> None:
+    """--resume continues exactly only with the number of processes that wrote the checkpoint (one RNG state each)."""
+    saved = len([f for f in os.listdir(checkpoint) if f.startswith("rng_state")]) if checkpoint else 0
+    if saved and saved != world_size:
+        print(f"[main] warning: {checkpoint} was written by {saved} process(es), this run has {world_size}: training continues, "
+              "but the data order and the RNG streams differ from an uninterrupted run; relaunch with the same number for an exact resume")
 
 
 def save_outputs(trainer: Trainer, tokenizer, cfg: TrainConfig, metrics: dict[str, Any]) -> None:
     out = cfg.output_dir
+    # FSDP: every process hands in its shards (a collective), rank 0 gets the full state dict (on the CPU); else None
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if not trainer.is_world_process_zero():  # several processes (DDP/FSDP): only the main one writes and reports
         return
     with staged(out) as tmp:  # written to OUTPUT_DIR/.saving, then moved in place file by file (os.replace)
-        trainer.model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors (PEFT format)
+        # adapter_config.json + adapter_model.safetensors (PEFT format); PEFT keeps only the LoRA weights of state_dict
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         save_config(cfg, os.path.join(tmp, CONFIG_NAME))
         with open(os.path.join(tmp, "metrics.json"), "w", encoding="utf-8") as fh:

@@ -71,13 +71,14 @@ def attention_kernel(choice: str, packing: bool, rt: Runtime) -> str:
     return "flex_attention" if packing and rt.cuda else "sdpa"
 
 
-def quantization_config(quantization: str, rt: Runtime) -> BitsAndBytesConfig | None:
+def quantization_config(quantization: str, rt: Runtime, quant_storage: str = "uint8") -> BitsAndBytesConfig | None:
     if quantization == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",  # NormalFloat4: information-theoretically optimal for normal weights (QLoRA)
             bnb_4bit_use_double_quant=True,  # quantize the quantization constants too: ~0.4 bit/param saved
             bnb_4bit_compute_dtype=rt.dtype,
+            bnb_4bit_quant_storage=quant_storage,  # bfloat16 for FSDP: it shards float tensors only (TrainConfig.quant_storage)
         )
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -165,17 +166,31 @@ def load_tokenizer(name: str, gguf_file: str | None = None, trust_remote_code: b
     return tokenizer
 
 
+def fsdp_active() -> bool:
+    """Launched by `accelerate launch` with an FSDP config (configs/accelerate/fsdp_qlora.yaml)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
 def load_base_model(
-    name: str, quantization: str = "4bit", gguf_file: str | None = None, trust_remote_code: bool = False, attention: str = "sdpa"
+    name: str, quantization: str = "4bit", gguf_file: str | None = None, trust_remote_code: bool = False, attention: str = "sdpa",
+    quant_storage: str = "uint8",
 ) -> torch.nn.Module:
     rt = runtime()
     kwargs: dict[str, Any] = {"dtype": rt.dtype, "trust_remote_code": trust_remote_code, "attn_implementation": attention}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    qconfig = quantization_config(quantization, rt)
+    qconfig = quantization_config(quantization, rt, quant_storage)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     kwargs["device_map"] = {"": rt.device}
+    if fsdp_active():
+        # FSDP places the shards itself: no device_map. The process group must exist and this process's GPU be
+        # selected before loading: transformers then loads FSDP-aware (cpu_ram_efficient_loading), and bitsandbytes
+        # quantizes on this process's GPU (its default is the current device), not on GPU 0 in every process.
+        from accelerate import PartialState
+
+        PartialState(cpu=not rt.cuda)
+        kwargs["device_map"] = None
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
@@ -222,7 +237,7 @@ def load_for_training(cfg: TrainConfig) -> tuple[torch.nn.Module, PreTrainedToke
     name, gguf_file = resolve_base_model(cfg.base_model, cfg.gguf_file)
     tokenizer = load_tokenizer(name, gguf_file, cfg.trust_remote_code)
     attention = attention_kernel(cfg.attention, cfg.packing, runtime())
-    model = load_base_model(name, cfg.quantization, gguf_file, cfg.trust_remote_code, attention)
+    model = load_base_model(name, cfg.quantization, gguf_file, cfg.trust_remote_code, attention, cfg.quant_storage)
     return add_lora(model, cfg), tokenizer, name, gguf_file
 
 

@@ -95,7 +95,7 @@ def newest_complete(folder: str) -> str | None:
 def pick_checkpoint(folder: str) -> str | None:
     """--resume: the newest complete checkpoint; newer incomplete ones are reported and removed (training redoes them)."""
     chosen = newest_complete(folder)
-    for c in checkpoints(folder):
+    for c in checkpoints(folder) if main_process() else []:
         if not is_complete(c) and (chosen is None or _step(c) > _step(chosen)):
             print(f"[main] skipping {c}: incomplete (its save was interrupted before the {COMPLETE} marker); removed it")
             shutil.rmtree(c, ignore_errors=True)
@@ -109,6 +109,11 @@ def rotate_checkpoints(folder: str, keep: int) -> None:
     stale = complete[:-keep] + [c for c in found if not is_complete(c) and complete and _step(c) < _step(complete[-1])]
     for c in stale:
         shutil.rmtree(c, ignore_errors=True)
+
+
+def main_process() -> bool:
+    """False in the other processes of a multi-process run (torchrun / accelerate launch): they leave files alone."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _step(checkpoint: str) -> int:
@@ -126,6 +131,8 @@ class CheckpointMarker(TrainerCallback):
         self.keep = keep
 
     def on_save(self, args, state, control, model=None, **kwargs: Any) -> None:
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every process has written its part (rng_state_K.pth, FSDP shards) before the marker
         if not args.should_save:  # only the main process writes (multi-GPU)
             return
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -168,9 +175,18 @@ class StopOnSignal(TrainerCallback):
               file=sys.stderr, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs: Any) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.signum = self.signum or _largest_across_processes(self.signum or 0) or None  # every process stops at the same step
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True
+
+
+def _largest_across_processes(value: int) -> int:
+    on_gpu = torch.distributed.get_backend() == "nccl"
+    tensor = torch.tensor([value], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 class StopOnNonFiniteLoss(TrainerCallback):

@@ -239,23 +239,19 @@ def test_out_of_memory_message_names_the_settings_to_lower(packing):
 
 
 def test_out_of_memory_in_training_is_one_line_and_exit_code_1(monkeypatch, capsys):
+    from unittest import mock
+
     import torch
 
     import main
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    class FakeTrainer:
-        train = staticmethod(out_of_memory)
-        add_callback = staticmethod(lambda callback: None)
-
     from config import TrainConfig
 
+    trainer = mock.MagicMock()  # a Trainer whose train() runs out of GPU memory
+    trainer.train.side_effect = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     with pytest.raises(main.TrainingStopped) as stopped:
-        main.train(FakeTrainer(), TrainConfig(), has_val=False)
+        main.train(trainer, TrainConfig(), has_val=False)
     assert stopped.value.code == 1 and "lower --pack-tokens 4096" in stopped.value.message
-    monkeypatch.setattr(main, "run", lambda argv: main.train(FakeTrainer(), TrainConfig(), has_val=False))
+    monkeypatch.setattr(main, "run", lambda argv: main.train(trainer, TrainConfig(), has_val=False))
     assert main.main([]) == 1
     assert capsys.readouterr().err.startswith("error: CUDA out of memory while training: lower --pack-tokens")
 
