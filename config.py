@@ -29,7 +29,22 @@ PRESETS = ("smoke", "demo")
 LLAMA_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake the user can fix (flags, data, model choice): one line on stderr, exit code 2."""
+
+
+def run_cli(run: typing.Callable[[list[str]], object], argv: list[str]) -> int:
+    """Run an entry point; a UserError becomes one `error: ...` line and exit 2 (a traceback with --debug)."""
+    try:
+        run(argv)
+    except UserError as err:
+        if "--debug" in argv:
+            raise
+        die(str(err))
+    return 0
+
+
+class ConfigError(UserError, ValueError):
     """A user error in flags or config files: reported as one line, exit code 2."""
 
 

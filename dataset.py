@@ -26,6 +26,8 @@ import datasets
 import numpy as np
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+from config import UserError
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEMPLATE_PATH = os.path.join(ROOT, "templates", "dolly.json")
 SAMPLE_PATH = os.path.join(ROOT, "data", "dolly_sample.jsonl")
@@ -39,7 +41,7 @@ STATUSES = ("kept", "truncated_context", "truncated_response", "dropped_empty_in
             "dropped_empty_response", "dropped_prompt_too_long")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the user's data, reported as one line naming the file."""
 
 

@@ -24,9 +24,9 @@ from typing import Any
 from transformers import set_seed
 
 import scores
-from config import ConfigError, EvalConfig, die, parse_config
+from config import ConfigError, EvalConfig, parse_config, run_cli
 from dataset import DataError, create_question, load_records, split_records, tokenize_record
-from model import Llama, ModelError
+from model import Llama
 
 # A few dolly-style questions, one per kind of task, one with context.
 PREDEFINED: list[dict[str, str]] = [
@@ -43,14 +43,7 @@ PREDEFINED: list[dict[str, str]] = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        run(argv)
-    except (ConfigError, DataError, ModelError) as err:
-        if "--debug" in argv:
-            raise
-        die(str(err))
-    return 0
+    return run_cli(run, sys.argv[1:] if argv is None else argv)
 
 
 def run(argv: list[str]) -> None:

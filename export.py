@@ -18,8 +18,8 @@ import argparse
 import os
 import sys
 
-from config import ConfigError, die
-from model import Llama, ModelError
+from config import ConfigError, run_cli
+from model import Llama
 
 
 def export(adapter: str, out: str, base_model: str | None = None) -> str:
@@ -37,20 +37,18 @@ def export(adapter: str, out: str, base_model: str | None = None) -> str:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", default="llama_adapter", help="Adapter directory written by main.py (default: llama_adapter).")
     parser.add_argument("--out", required=True, help="New directory for the merged model.")
     parser.add_argument("--base-model", default=None, help="Override the base recorded in the adapter's train_config.yaml.")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
     args = parser.parse_args(argv)
-    try:
-        print(f"[export] merged model written to {export(args.adapter, args.out, args.base_model)}/")
-    except (ConfigError, ModelError) as err:
-        if args.debug:
-            raise
-        die(str(err))
-    return 0
+    print(f"[export] merged model written to {export(args.adapter, args.out, args.base_model)}/")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-from config import ConfigError, TrainConfig, die, parse_config, save_config
+from config import ConfigError, TrainConfig, parse_config, run_cli, save_config
 from dataset import (
     DataError,
     collate_packed,
@@ -64,18 +64,13 @@ DEFAULT_BASE = TrainConfig.__dataclass_fields__["base_model"].default
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        run(argv)
-    except (ConfigError, DataError, ModelError) as err:
-        if "--debug" in argv:
-            raise
-        die(str(err))
+        return run_cli(run, argv)
     except TrainingStopped as stop:  # Ctrl-C / SIGTERM (checkpoint saved), a NaN loss, CUDA out of memory
         print(stop.message, file=sys.stderr)
         return stop.code
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, final save): nothing half-written is kept
         print("[main] interrupted (Ctrl-C); complete checkpoints stay valid for --resume", file=sys.stderr)
         return EXIT_CODES[signal.SIGINT]
-    return 0
 
 
 def run(argv: list[str]) -> None:

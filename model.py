@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from config import TrainConfig, load_train_config
+from config import TrainConfig, UserError, load_train_config
 from dataset import set_pad_token
 
 TINY_MODEL = "tiny-random-llama"  # built in code (smoke preset, tests): 2 layers, hidden 64, a BPE trained on the sample
@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIG_NAME = "train_config.yaml"
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A model that cannot be loaded, with what to do about it, in one line."""
 
 
