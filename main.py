@@ -50,6 +50,7 @@ from resilience import (
     TestHooks,
     TrainingStopped,
     checkpoints,
+    main_process,
     newest_complete,
     out_of_memory_message,
     pick_checkpoint,
@@ -137,7 +138,7 @@ def checkpoint_dir(cfg: TrainConfig) -> str:
 
 def clear_output_dir(cfg: TrainConfig) -> None:
     """--overwrite: remove the previous run's adapter, checkpoints, logs and reports, so two runs never mix."""
-    if int(os.environ.get("RANK", "0")) != 0:  # several processes (torchrun / accelerate launch): rank 0 removes it, once
+    if not main_process():  # several processes (torchrun / accelerate launch): rank 0 removes it, once
         return
     removed = remove_previous_run(cfg.output_dir) if os.path.isdir(cfg.output_dir) else []
     if removed:
@@ -193,7 +194,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
     rt = runtime()
     evaluate = len(val_ds) > 0 and cfg.eval_steps > 0
     args = TrainingArguments(
-        output_dir=os.path.join(cfg.output_dir, "checkpoints"),
+        output_dir=checkpoint_dir(cfg),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=1 if cfg.packing else cfg.batch_size,

@@ -274,13 +274,11 @@ def print_row(r: dict, base: dict | None) -> None:
 
 
 def versions() -> dict[str, str]:
-    import bitsandbytes
-    import peft
     import torch
-    import transformers
 
-    out = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-           "bitsandbytes": bitsandbytes.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    from main import versions as library_versions  # the same record main.py writes into metrics.json
+
+    out = library_versions() | {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
     try:
         from importlib.metadata import version
 
