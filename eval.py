@@ -56,7 +56,7 @@ def run(argv: list[str]) -> None:
     if state is not None and cfg.interactive:
         raise ConfigError("--interactive reads the keyboard: run it in one process (python eval.py --interactive)")
     set_seed(cfg.seed)
-    llama = Llama.load_pretrained_model(cfg.adapter, base_model=cfg.base_model, quantization=cfg.quantization)
+    llama = Llama.load_pretrained_model(cfg.adapter, base_model=cfg.base_model, quantization=cfg.quantization, dequantize=cfg.dequantize)
     if cfg.interactive:
         return interactive(llama, cfg)
     if cfg.split or cfg.dataset:
@@ -79,6 +79,7 @@ METRICS: dict[str, dict[str, Any]] = {
     "eos_rate": {"label": "ended with EOS", "higher_is_better": None},
 }
 # SQuAD-style F1 is the primary score where answers are short spans; ROUGE-L elsewhere.
+NLL_BATCH = 8  # teacher-forced rows of up to max_length tokens: full-vocabulary float logits, so fewer than generation's
 MIN_ITEMS_FOR_VERDICT = 10  # a bootstrap over fewer paired items says little; report the numbers, judge nothing
 PRIMARY = {"closed_qa": "f1", "information_extraction": "f1", "classification": "f1", "default": "rougeL"}
 
@@ -111,7 +112,7 @@ def score_items(llama: Llama, rows: list[dict[str, Any]], cfg: EvalConfig) -> li
     items = [{k: r[k] for k in ("id", "category", "instruction", "context")} | {"reference": r["response"].strip()} for r in rows]
     for side, use_adapter in (("base", False), ("tuned", True)):
         generated = llama.generate(prompts, cfg.batch_size, use_adapter, progress=True, **generation(cfg))
-        nll = iter(llama.nll(kept, use_adapter, cfg.batch_size))
+        nll = iter(llama.nll(kept, use_adapter, NLL_BATCH))
         for item, gen, example in zip(items, generated, examples, strict=True):
             ref, answer = item["reference"], gen["answer"]
             item[side] = {

@@ -23,10 +23,11 @@ import os
 import resource
 import signal
 import sys
+import time
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from config import ConfigError, TrainConfig, parse_config, run_cli, save_config
 from dataset import (
@@ -243,9 +244,9 @@ def train(trainer: Trainer, cfg: TrainConfig, has_val: bool) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         print("[main] " + describe_batch(trainer.args, cfg))
         warn_if_other_process_count(checkpoint, trainer.args.world_size)
-    signals, losses = StopOnSignal(), StopOnNonFiniteLoss()
-    trainer.add_callback(signals)
-    trainer.add_callback(losses)
+    signals, losses, speed = StopOnSignal(), StopOnNonFiniteLoss(), SteadyThroughput()
+    for callback in (signals, losses, speed):
+        trainer.add_callback(callback)
     try:
         with signals.handling_signals():  # Ctrl-C / SIGTERM: a checkpoint at the end of the step, then stop
             result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -255,12 +256,36 @@ def train(trainer: Trainer, cfg: TrainConfig, has_val: bool) -> dict[str, Any]:
     tokens = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
     metrics = dict(result.metrics) | peak_memory()
     metrics["train_tokens_per_second"] = round(tokens / metrics["train_runtime"], 1)
+    if speed.tokens_per_second() is not None:
+        metrics["train_tokens_per_second_steady"] = round(speed.tokens_per_second(), 1)
     if has_val:
         metrics |= trainer.evaluate()
         metrics["eval_perplexity"] = float(torch.exp(torch.tensor(metrics["eval_loss"])))
     if trainer.is_world_process_zero():
         print("[main] " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return metrics
+
+
+class SteadyThroughput(TrainerCallback):
+    """Training tokens/s (all processes) from the end of step `skip` to the last step.
+
+    The first steps carry one-time costs (flex_attention and Triton compilation, allocator warm-up) that
+    train_tokens_per_second averages in; this is the rate the rest of a long run goes at. Evaluations and
+    checkpoint saves between those steps are included.
+    """
+
+    def __init__(self, skip: int = 3):
+        self.skip = skip
+        self.marks: list[tuple[float, int]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.marks.append((time.perf_counter(), state.num_input_tokens_seen))  # the count is summed over processes
+
+    def tokens_per_second(self) -> float | None:
+        if len(self.marks) < self.skip + 2:
+            return None
+        (t0, n0), (t1, n1) = self.marks[self.skip], self.marks[-1]
+        return (n1 - n0) / (t1 - t0)
 
 
 def describe_batch(args: TrainingArguments, cfg: TrainConfig) -> str:

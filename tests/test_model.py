@@ -144,3 +144,50 @@ def test_batched_answers_come_back_in_input_order(trained):
     # ask_many sorts by prompt length internally (longest first) and must restore the input order.
     assert llama.ask_many(QUESTIONS, batch_size=2, max_new_tokens=10) == one_by_one
     assert llama.ask_many(QUESTIONS[::-1], batch_size=3, max_new_tokens=10) == one_by_one[::-1]
+
+
+def test_dequantized_base_gives_the_4bit_logits_and_answers(trained):
+    """dequantize="yes": the 4-bit layers become dense layers with the same values; the adapter stays switchable."""
+    import bitsandbytes as bnb
+
+    _, _, out, _ = trained
+    plain = Llama.load_pretrained_model(out, dequantize="no")
+    fast = Llama.load_pretrained_model(out, dequantize="yes")
+    with torch.no_grad():
+        fast.model(**plain.tokenizer(QUESTIONS[:1], return_tensors="pt"))  # on some CPUs bitsandbytes repacks the weights here
+    fast.prepare()
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in fast.model.modules())
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in plain.model.modules())
+    q_proj = fast.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer) is torch.nn.Linear and q_proj.base_layer.weight.shape == (64, 64)
+    batch = plain.tokenizer(QUESTIONS[1:2], return_tensors="pt")
+    for use_adapter in (True, False):
+        with torch.no_grad(), plain.adapter(use_adapter), fast.adapter(use_adapter):
+            expected, actual = plain.model(**batch).logits, fast.model(**batch).logits
+        # Same weight values, another kernel (a dense matmul instead of bitsandbytes' fused 4-bit one): rounding only.
+        torch.testing.assert_close(actual, expected, rtol=0, atol=5e-3)
+        kwargs = {"batch_size": 3, "use_adapter": use_adapter, "max_new_tokens": 10}
+        assert fast.ask_many(QUESTIONS, **kwargs) == plain.ask_many(QUESTIONS, **kwargs)
+    with torch.no_grad():
+        tuned, base = fast.model(**batch).logits, None
+        with fast.adapter(False):
+            base = fast.model(**batch).logits
+    assert (tuned - base).abs().max() > 1e-3  # the adapter still changes the outputs: it was not lost or merged
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_order(trained, monkeypatch, capsys):
+    model, tokenizer, _, _ = trained
+    llama = Llama(model, tokenizer, dequantize="no")
+    expected = llama.ask_many(QUESTIONS, batch_size=1, max_new_tokens=6)
+    real, sizes = llama._generate, []
+
+    def generate_at_most_one(prompts, use_adapter, **generation):
+        sizes.append(len(prompts))
+        if len(prompts) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(prompts, use_adapter, **generation)
+
+    monkeypatch.setattr(llama, "_generate", generate_at_most_one)
+    assert llama.ask_many(QUESTIONS, batch_size=4, max_new_tokens=6) == expected
+    assert sizes == [3, 2, 1, 1, 1]  # 4 -> 2 -> 1, then the rest at 1
+    assert capsys.readouterr().out.count("retrying with batch size") == 2
