@@ -51,6 +51,7 @@ def test_smoke_training_writes_every_output(smoke_run):
     with open(os.path.join(out, "metrics.json")) as fh:
         metrics = json.load(fh)
     assert metrics["eval_loss"] > 0 and metrics["train_tokens_per_second"] > 0 and "peak_rss_gib" in metrics
+    assert metrics["train_tokens_per_second_steady"] > 0  # 8 steps: measured over steps 4-8
     assert metrics["data"]["train"]["records"] == 72 and metrics["data"]["validation"]["records"] == 8
     assert "[data] train: " in proc.stdout and "tokens per record mean" in proc.stdout
     assert "trainable LoRA parameters: 40,960" in proc.stdout

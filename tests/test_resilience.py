@@ -267,3 +267,16 @@ def test_signal_handlers_are_restored_after_training():
     assert stop.signum == signal.SIGTERM
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
+
+
+def test_steady_throughput_skips_the_first_steps():
+    from types import SimpleNamespace
+
+    from main import SteadyThroughput
+
+    speed = SteadyThroughput(skip=1)
+    assert speed.tokens_per_second() is None
+    for t, tokens in ((0.0, 100), (10.0, 1100), (12.0, 2100), (14.0, 3100)):  # a slow first step, then 500 tokens/s
+        speed.on_step_end(None, SimpleNamespace(num_input_tokens_seen=tokens), None)
+        speed.marks[-1] = (t, tokens)  # the callback's own clock replaced by a scripted one
+    assert speed.tokens_per_second() == pytest.approx(500.0)
