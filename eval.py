@@ -78,9 +78,9 @@ METRICS: dict[str, dict[str, Any]] = {
     "answer_tokens": {"label": "answer tokens", "higher_is_better": None},
     "eos_rate": {"label": "ended with EOS", "higher_is_better": None},
 }
-# SQuAD-style F1 is the primary score where answers are short spans; ROUGE-L elsewhere.
 NLL_BATCH = 8  # teacher-forced rows of up to max_length tokens: full-vocabulary float logits, so fewer than generation's
 MIN_ITEMS_FOR_VERDICT = 10  # a bootstrap over fewer paired items says little; report the numbers, judge nothing
+# SQuAD-style F1 is the primary score where answers are short spans; ROUGE-L elsewhere.
 PRIMARY = {"closed_qa": "f1", "information_extraction": "f1", "classification": "f1", "default": "rougeL"}
 
 

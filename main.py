@@ -256,8 +256,9 @@ def train(trainer: Trainer, cfg: TrainConfig, has_val: bool) -> dict[str, Any]:
     tokens = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
     metrics = dict(result.metrics) | peak_memory()
     metrics["train_tokens_per_second"] = round(tokens / metrics["train_runtime"], 1)
-    if speed.tokens_per_second() is not None:
-        metrics["train_tokens_per_second_steady"] = round(speed.tokens_per_second(), 1)
+    steady = speed.tokens_per_second()
+    if steady is not None:
+        metrics["train_tokens_per_second_steady"] = round(steady, 1)
     if has_val:
         metrics |= trainer.evaluate()
         metrics["eval_perplexity"] = float(torch.exp(torch.tensor(metrics["eval_loss"])))

@@ -347,9 +347,6 @@ def adapter_mismatch(path: str, base: torch.nn.Module, vocab_size: int) -> str |
     return None
 
 
-# --- inference ------------------------------------------------------------------------------
-
-
 # --- fast generation: the 4-bit base dequantized once -------------------------------------
 
 
@@ -379,7 +376,9 @@ def dequantize_4bit(model: torch.nn.Module) -> int:
     import bitsandbytes as bnb
 
     layers = linear4bit_modules(model)
-    for parent, name, q in layers:
+    count = len(layers)
+    while layers:  # popped: each 4-bit layer is freed once replaced, so the two copies never coexist in full
+        parent, name, q = layers.pop()
         dtype = q.compute_dtype or torch.bfloat16
         if getattr(q.weight.quant_state, "packing_format_for_cpu", False):
             # bitsandbytes repacked this weight for its CPU kernel at the first forward pass; read the values
@@ -394,18 +393,20 @@ def dequantize_4bit(model: torch.nn.Module) -> int:
         if q.bias is not None:
             dense.bias = torch.nn.Parameter(q.bias.data.to(dtype), requires_grad=False)
         setattr(parent, name, dense)
-        del q
-    if layers and torch.cuda.is_available():
+    if count and torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return len(layers)
+    return count
 
 
-def dequantize_fits(model: torch.nn.Module, headroom: float = 0.5) -> bool:
-    """Whether the 16-bit copy takes at most `headroom` of the free GPU memory (the rest is left for the KV cache)."""
+def dequantize_fits(extra_bytes: int, headroom: float = 0.5) -> bool:
+    """Whether `extra_bytes` (see dequantized_bytes) is at most `headroom` of the free GPU memory (the rest is left for the KV cache)."""
     if not torch.cuda.is_available():
         return False  # on the CPU the 4-bit path is the documented low-memory fallback; opt in with dequantize="yes"
     free, _ = torch.cuda.mem_get_info()
-    return dequantized_bytes(model) <= headroom * free
+    return extra_bytes <= headroom * free
+
+
+# --- inference ------------------------------------------------------------------------------
 
 
 class Llama:
@@ -430,11 +431,11 @@ class Llama:
         if self._prepared:
             return
         self._prepared = True
-        if not linear4bit_modules(self.model) or self.dequantize == "no":
+        if self.dequantize == "no" or not linear4bit_modules(self.model):
             return
-        if self.dequantize == "yes" or dequantize_fits(self.model):
-            extra = dequantized_bytes(self.model) / 2**30
-            print(f"[model] dequantizing the 4-bit base to a 16-bit copy for generation (+{extra:.1f} GiB; same weight values, faster)", flush=True)
+        extra = dequantized_bytes(self.model)
+        if self.dequantize == "yes" or dequantize_fits(extra):
+            print(f"[model] dequantizing the 4-bit base to a 16-bit copy for generation (+{extra / 2**30:.1f} GiB; same weight values, faster)", flush=True)
             dequantize_4bit(self.model)
 
     @classmethod
@@ -449,9 +450,7 @@ class Llama:
     ) -> Llama:
         """An adapter directory written by main.py (base read from its config), or a bare base model."""
         if os.path.isfile(os.path.join(path_or_name, "adapter_config.json")):
-            llama = cls._load_adapter(path_or_name, base_model, quantization, gguf_file, trust_remote_code)
-            llama.dequantize = dequantize
-            return llama
+            return cls._load_adapter(path_or_name, base_model, quantization, gguf_file, trust_remote_code, dequantize)
         if os.path.isdir(path_or_name) and not os.path.isfile(os.path.join(path_or_name, "config.json")) and base_model is None:
             raise ModelError(f"{path_or_name}: neither an adapter (no adapter_config.json) nor a model (no config.json)")
         name, gguf_file = resolve_base_model(base_model or path_or_name, gguf_file)
@@ -459,7 +458,9 @@ class Llama:
         return cls(load_base_model(name, quantization or "4bit", gguf_file, trust_remote_code), tokenizer, dequantize=dequantize)
 
     @classmethod
-    def _load_adapter(cls, path: str, base_model: str | None, quantization: str | None, gguf_file: str | None, trust_remote_code: bool) -> Llama:
+    def _load_adapter(
+        cls, path: str, base_model: str | None, quantization: str | None, gguf_file: str | None, trust_remote_code: bool, dequantize: str
+    ) -> Llama:
         from peft import PeftModel
 
         cfg = load_train_config(os.path.join(path, CONFIG_NAME)) if os.path.isfile(os.path.join(path, CONFIG_NAME)) else None
@@ -475,7 +476,7 @@ class Llama:
         tokenizer = load_tokenizer(path if has_tokenizer else name, None if has_tokenizer else gguf_file, trust_remote_code)
         base = load_base_model(name, quantization, gguf_file, trust_remote_code)
         check_adapter_fits(path, base, name, len(tokenizer), cfg.base_model if cfg else None)
-        return cls(PeftModel.from_pretrained(base, path), tokenizer, cfg)
+        return cls(PeftModel.from_pretrained(base, path), tokenizer, cfg, dequantize)
 
     @property
     def has_adapter(self) -> bool:

@@ -128,7 +128,7 @@ def main() -> None:
 
     from config import EvalConfig
     from dataset import create_question
-    from model import dequantized_bytes
+    from model import Llama, dequantized_bytes
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Local model directory (bench/make_random_llama.py for Llama-2-7B).")
@@ -160,7 +160,8 @@ def main() -> None:
     partial("one_at_a_time", timed(llama, prompts[: args.single_prompts], 1, False, args.new_tokens))
     partial("naive16", timed(llama, prompts[: args.naive_prompts], 16, False, args.new_tokens))
     extra_gib = dequantized_bytes(llama.model) / 2**30
-    llama.dequantize, llama._prepared = "auto" if torch.cuda.is_available() else "yes", False  # as eval.py loads it on a GPU
+    # The same weights, now as eval.py uses them on a GPU (dequantize="auto"; forced on a CPU, where auto never converts).
+    llama = Llama(llama.model, llama.tokenizer, dequantize="auto" if torch.cuda.is_available() else "yes")
     t0 = time.perf_counter()
     llama.prepare()
     gpu_sync()
