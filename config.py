@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
+import functools
 import os
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,38 +22,13 @@ from typing import Any, Literal
 
 import yaml
 
+from cli import OneLineErrorParser, UserError
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DIR = os.path.join(ROOT, "configs")
 PRESETS = ("smoke", "demo")
+CONFIG_NAME = "train_config.yaml"  # the resolved TrainConfig, saved beside every adapter
 LLAMA_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class UserError(Exception):
-    """A mistake the user can fix (flags, data, model choice): one line on stderr, exit code 2."""
-
-
-def run_cli(run: typing.Callable[[list[str]], object], argv: list[str]) -> int:
-    """Run an entry point; a UserError becomes one `error: ...` line and exit 2 (a traceback with --debug)."""
-    try:
-        run(argv)
-    except UserError as err:
-        if "--debug" in argv:
-            raise
-        die(str(err))
-    finally:
-        close_process_group()
-    return 0
-
-
-def close_process_group() -> None:
-    """Tear down torch.distributed before the interpreter exits (multi-process runs only).
-
-    Left to interpreter shutdown, gloo's worker threads can be destroyed while still joinable, and a process that
-    finished its work aborts with "terminate called without an active exception" (SIGABRT), failing the launch.
-    """
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 class ConfigError(UserError, ValueError):
@@ -73,33 +47,91 @@ class TrainConfig:
     """Everything `python main.py` needs. Defaults reproduce the QLoRA recipe on Llama-2-7B."""
 
     # --- what to train -------------------------------------------------------------
-    base_model: str = doc("meta-llama/Llama-2-7b-hf", "Hub id or local directory of the base model (gated: accept Meta's licence on the hub first).")
-    gguf_file: str | None = doc(None, "GGUF file name inside --base-model's directory (dequantized to float at load time); the demo preset's offline path.")
-    dataset: str = doc("databricks/databricks-dolly-15k", "Hub dataset id, or a local .jsonl/.json/.parquet/.csv with columns instruction, context, response, category.")
+    base_model: str = doc(
+        "meta-llama/Llama-2-7b-hf",
+        "Hub id or local directory of the base model (gated: accept Meta's licence on the hub first).",
+    )
+    gguf_file: str | None = doc(
+        None,
+        "GGUF file name inside --base-model's directory (dequantized to float at load time); the demo preset's offline path.",
+    )
+    dataset: str = doc(
+        "databricks/databricks-dolly-15k",
+        "Hub dataset id, or a local .jsonl/.json/.parquet/.csv with columns instruction, context, response, category.",
+    )
     output_dir: str = doc("llama_adapter", "Where the adapter, tokenizer, resolved config, metrics, loss curve and checkpoints go.")
     # --- data ---------------------------------------------------------------------------
-    max_length: int = doc(1024, "Longest tokenized record (prompt + response + EOS); longer ones lose context first, then the response's end (dolly: 2% of records exceed 1024).")
+    max_length: int = doc(
+        1024,
+        "Longest tokenized record (prompt + response + EOS); longer ones lose context first, then the response's end (dolly: 2%"
+        " of records exceed 1024).",
+    )
     val_fraction: float = doc(0.05, "Share of records held out for validation, stratified by category and seeded.")
     max_records: int | None = doc(None, "Use only the first N records of the dataset (before the split); for quick runs.")
-    skip_bad_records: bool = doc(False, "Skip and count bad records (malformed JSON, not UTF-8, a missing column, a number/list/object in a text column) instead of stopping at the first with its file and line.")
+    skip_bad_records: bool = doc(
+        False,
+        "Skip and count bad records (malformed JSON, not UTF-8, a missing column, a number/list/object in a text column) "
+        "instead of stopping at the first with its file and line.",
+    )
     # --- model / LoRA ---------------------------------------------------------------------
-    quantization: Literal["4bit", "8bit", "none"] = doc("4bit", "Base weights: 4bit = NF4 + double quantization (QLoRA paper), 8bit = LLM.int8, none = bf16/fp16 on GPU, fp32 on CPU.")
-    quant_storage: Literal["uint8", "bfloat16"] = doc("uint8", "dtype the packed 4-bit weights are stored in: bfloat16 for FSDP (configs/accelerate/fsdp_qlora.yaml), so the 4-bit weights shard with the bf16 params; uint8 otherwise.")
+    quantization: Literal["4bit", "8bit", "none"] = doc(
+        "4bit",
+        "Base weights: 4bit = NF4 + double quantization (QLoRA paper), 8bit = LLM.int8, none = bf16/fp16 on GPU, fp32 on CPU.",
+    )
+    quant_storage: Literal["uint8", "bfloat16"] = doc(
+        "uint8",
+        "dtype the packed 4-bit weights are stored in: bfloat16 for FSDP (configs/accelerate/fsdp_qlora.yaml), so the 4-bit "
+        "weights shard with the bf16 params; uint8 otherwise.",
+    )
     lora_r: int = doc(16, "LoRA rank (QLoRA paper uses 64 for 7B; 16 is the common PEFT recipe and 4x fewer adapter parameters).")
     lora_alpha: int = doc(32, "LoRA scaling numerator: the update is scaled by alpha / r (alpha = 2r is the PEFT convention).")
-    lora_dropout: float = doc(0.0, "Dropout on the LoRA input. 0: the QLoRA paper's 0.05 cost about a quarter of the training speed and gave no better held-out loss on the demo preset (2.139 with, 2.137 without; BENCHMARKS.md).")
-    lora_target_modules: list[str] = doc(LLAMA_LINEAR_LAYERS, "Linear layers that get LoRA (QLoRA paper: all linear layers of the decoder).")
-    fp32_upcast: bool = doc(False, "With a quantized base, cast norms, embeddings and lm_head to fp32 (peft's prepare_model_for_kbit_training). Off: they stay bf16 (norms still compute in fp32 inside); same speed at the default, 2 GiB less memory, +32% speed without checkpointing (BENCHMARKS.md).")
-    trust_remote_code: bool = doc(False, "Run model code shipped with a hub repo. Off: Llama needs none; turn on only for a repo you trust.")
+    lora_dropout: float = doc(
+        0.0,
+        "Dropout on the LoRA input. 0 (the QLoRA paper: 0.05): one element-wise pass less, and no worse held-out loss on the "
+        "demo preset (BENCHMARKS.md).",
+    )
+    lora_target_modules: list[str] = doc(
+        LLAMA_LINEAR_LAYERS,
+        "Linear layers that get LoRA (QLoRA paper: all linear layers of the decoder).",
+    )
+    fp32_upcast: bool = doc(
+        False,
+        "With a quantized base, cast norms, embeddings and lm_head to fp32 (peft's prepare_model_for_kbit_training). Off: they "
+        "stay bf16 (norms still compute in fp32 inside): less memory, faster (BENCHMARKS.md).",
+    )
+    trust_remote_code: bool = doc(
+        False,
+        "Run model code shipped with a hub repo. Off: Llama needs none; turn on only for a repo you trust.",
+    )
     # --- optimisation ------------------------------------------------------------------
     epochs: float = doc(3.0, "Passes over the training split (alpaca-lora and the dolly fine-tunes use 3).")
     max_steps: int = doc(-1, "Stop after this many optimizer steps; -1 means run --epochs.")
-    packing: bool = doc(True, "Padding-free batches: records packed into rows of --pack-tokens tokens, attention kept within each record (position_ids). Off: padded batches of --batch-size records.")
-    pack_tokens: int = doc(4096, "Tokens per packed micro-batch on each device (about 17 dolly records, close to the QLoRA paper's batch of 16); must be >= --max-length.")
-    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = doc("auto", "Attention kernel for training. auto: flex_attention on CUDA with packing (its block-sparse mask skips the other records: 1.5x SDPA's speed, BENCHMARKS.md), else sdpa.")
-    liger: bool = doc(True, "Liger Triton kernels on CUDA: fused RMSNorm, RoPE, SwiGLU and a linear cross-entropy that never materializes the 32k-vocab logits. Ignored on the CPU.")
+    packing: bool = doc(
+        True,
+        "Padding-free batches: records packed into rows of --pack-tokens tokens, attention kept within each record "
+        "(position_ids). Off: padded batches of --batch-size records.",
+    )
+    pack_tokens: int = doc(
+        4096,
+        "Tokens per packed micro-batch on each device (about 17 dolly records, close to the QLoRA paper's batch of 16); must be"
+        " >= --max-length.",
+    )
+    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = doc(
+        "auto",
+        "Attention kernel for training. auto: flex_attention on CUDA with packing (its block-sparse mask skips the other "
+        "records; BENCHMARKS.md), else sdpa.",
+    )
+    liger: bool = doc(
+        True,
+        "Liger Triton kernels on CUDA: fused RMSNorm, RoPE, SwiGLU and a linear cross-entropy that never materializes the "
+        "32k-vocab logits. Ignored on the CPU.",
+    )
     batch_size: int = doc(4, "Records per device per micro-batch when --no-packing (with packing, one packed row per micro-batch).")
-    gradient_accumulation_steps: int = doc(1, "Micro-batches per optimizer step. Packed: one 4096-token row is ~17 records, close to the QLoRA paper's 16; with --no-packing use 4 with --batch-size 4.")
+    gradient_accumulation_steps: int = doc(
+        1,
+        "Micro-batches per optimizer step. Packed: one 4096-token row is ~17 records, close to the QLoRA paper's 16; with --no-"
+        "packing use 4 with --batch-size 4.",
+    )
     learning_rate: float = doc(2e-4, "Peak learning rate (QLoRA paper: 2e-4 for 7B).")
     lr_scheduler: str = doc("cosine", "transformers scheduler name: cosine, linear, constant_with_warmup, ...")
     warmup_ratio: float = doc(0.03, "Share of steps spent warming the learning rate up from 0 (QLoRA paper: 0.03).")
@@ -115,36 +147,38 @@ class TrainConfig:
     logging_steps: int = doc(10, "Log loss, learning rate, tokens/s and peak memory every N steps.")
     dataloader_workers: int = doc(0, "Worker processes feeding batches (records are pre-tokenized, so 0 is rarely slower).")
     resume: bool = doc(False, "Continue from the newest checkpoint in OUTPUT_DIR/checkpoints.")
-    fallback: bool = doc(True, "When the default 7B base cannot run here (no CUDA GPU, or hub unreachable and not cached), run the demo preset instead of stopping.")
+    fallback: bool = doc(
+        True,
+        "When the default 7B base cannot run here (no CUDA GPU, or hub unreachable and not cached), run the demo preset instead"
+        " of stopping.",
+    )
 
     def __post_init__(self) -> None:
         checks = [
-            (self.max_length >= 16, "max_length must be at least 16"),
-            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
-            (self.max_records is None or self.max_records > 0, "max_records must be positive"),
-            (self.lora_r > 0, "lora_r must be positive"),
-            (self.lora_alpha > 0, "lora_alpha must be positive"),
-            (0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)"),
-            (len(self.lora_target_modules) > 0, "lora_target_modules must name at least one layer"),
-            (self.epochs > 0, "epochs must be positive"),
-            (self.max_steps == -1 or self.max_steps > 0, "max_steps must be -1 or positive"),
-            (self.batch_size > 0, "batch_size must be positive"),
-            (self.pack_tokens >= self.max_length, "pack_tokens must be >= max_length, so that every record fits a packed row"),
-            (self.gradient_accumulation_steps > 0, "gradient_accumulation_steps must be positive"),
-            (self.learning_rate > 0, "learning_rate must be positive"),
-            (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.max_grad_norm > 0, "max_grad_norm must be positive"),
-            (self.eval_steps >= 0, "eval_steps must be >= 0"),
-            (self.save_steps > 0, "save_steps must be positive"),
-            (self.save_total_limit > 0, "save_total_limit must be positive"),
-            (self.logging_steps > 0, "logging_steps must be positive"),
-            (self.dataloader_workers >= 0, "dataloader_workers must be >= 0"),
+            ("max_length", self.max_length >= 16, "must be at least 16"),
+            ("val_fraction", 0.0 <= self.val_fraction < 1.0, "must be in [0, 1)"),
+            ("max_records", self.max_records is None or self.max_records > 0, "must be positive"),
+            ("lora_r", self.lora_r > 0, "must be positive"),
+            ("lora_alpha", self.lora_alpha > 0, "must be positive"),
+            ("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "must be in [0, 1)"),
+            ("lora_target_modules", len(self.lora_target_modules) > 0, "must name at least one layer"),
+            ("epochs", self.epochs > 0, "must be positive"),
+            ("max_steps", self.max_steps == -1 or self.max_steps > 0, "must be -1 or positive"),
+            ("batch_size", self.batch_size > 0, "must be positive"),
+            ("pack_tokens", self.pack_tokens >= self.max_length, "must be >= max_length, so that every record fits a packed row"),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps > 0, "must be positive"),
+            ("learning_rate", self.learning_rate > 0, "must be positive"),
+            ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "must be in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("max_grad_norm", self.max_grad_norm > 0, "must be positive"),
+            ("eval_steps", self.eval_steps >= 0, "must be >= 0"),
+            ("save_steps", self.save_steps > 0, "must be positive"),
+            ("save_total_limit", self.save_total_limit > 0, "must be positive"),
+            ("logging_steps", self.logging_steps > 0, "must be positive"),
+            ("dataloader_workers", self.dataloader_workers >= 0, "must be >= 0"),
         ]
         _check_literals(self)
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"{message} (got {_value_named(self, message)})")
+        _raise_first_failed(self, checks)
 
 
 @dataclass
@@ -155,16 +189,35 @@ class EvalConfig:
     base_model: str | None = doc(None, "Override the base model recorded in the adapter (must be the same architecture).")
     question: str | None = doc(None, "Ask this instruction instead of the predefined questions.")
     context: str = doc("", "Optional context (input) for --question.")
-    quantization: Literal["4bit", "8bit", "none"] | None = doc(None, "Base weights at inference; default: what the adapter was trained with.")
+    quantization: Literal["4bit", "8bit", "none"] | None = doc(
+        None,
+        "Base weights at inference; default: what the adapter was trained with.",
+    )
     max_new_tokens: int = doc(256, "Longest answer, in tokens.")
     batch_size: int = doc(64, "Questions generated together (left-padded, longest first; halved automatically on out-of-memory).")
-    dequantize: Literal["auto", "yes", "no"] = doc("auto", "Generate from a 16-bit copy of the 4-bit base (the same weight values, dequantized once): several times faster, +13 GB for 7B. auto = on a GPU with room for it.")
+    dequantize: Literal["auto", "yes", "no"] = doc(
+        "auto",
+        "Generate from a 16-bit copy of the 4-bit base (the same weight values, dequantized once): faster, at the memory of a "
+        "16-bit copy (13 GB for 7B). auto = on a GPU with room for it.",
+    )
     temperature: float = doc(0.0, "0 = greedy (reproducible); above 0 samples.")
     top_p: float = doc(1.0, "Nucleus sampling threshold when temperature > 0.")
     seed: int = doc(42, "Seed for sampling and the bootstrap.")
-    split: Literal["validation", "all"] | None = doc(None, "Score answers on a dataset: validation = the held-out split main.py made (seed and fraction from the adapter's config); all = every record.")
-    dataset: str | None = doc(None, "Dataset to score on (hub id or local file); default: the one the adapter was trained on. Implies --split all unless --split is given.")
-    skip_bad_records: bool = doc(False, "Skip and count bad records in --dataset instead of stopping at the first (on by itself when scoring the adapter's own dataset and main.py skipped them).")
+    split: Literal["validation", "all"] | None = doc(
+        None,
+        "Score answers on a dataset: validation = the held-out split main.py made (seed and fraction from the adapter's "
+        "config); all = every record.",
+    )
+    dataset: str | None = doc(
+        None,
+        "Dataset to score on (hub id or local file); default: the one the adapter was trained on. Implies --split all unless "
+        "--split is given.",
+    )
+    skip_bad_records: bool = doc(
+        False,
+        "Skip and count bad records in --dataset instead of stopping at the first (on by itself when scoring the adapter's own "
+        "dataset and main.py skipped them).",
+    )
     limit: int | None = doc(None, "Score at most N records (after --categories).")
     categories: list[str] | None = doc(None, "Only these dolly categories, e.g. closed_qa open_qa.")
     out: str | None = doc(None, "Where report.json/.md/.html and metrics.png go; default ADAPTER/eval.")
@@ -174,38 +227,39 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check_literals(self)
         checks = [
-            (self.limit is None or self.limit > 0, "limit must be positive"),
-            (self.bootstrap_samples > 0, "bootstrap_samples must be positive"),
-            (self.max_new_tokens > 0, "max_new_tokens must be positive"),
-            (self.batch_size > 0, "batch_size must be positive"),
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            ("limit", self.limit is None or self.limit > 0, "must be positive"),
+            ("bootstrap_samples", self.bootstrap_samples > 0, "must be positive"),
+            ("max_new_tokens", self.max_new_tokens > 0, "must be positive"),
+            ("batch_size", self.batch_size > 0, "must be positive"),
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"{message} (got {_value_named(self, message)})")
+        _raise_first_failed(self, checks)
 
 
-def _value_named(cfg: Any, message: str) -> Any:
-    name = message.split()[0]
-    return getattr(cfg, name, "?")
+def _raise_first_failed(cfg: Any, checks: list[tuple[str, bool, str]]) -> None:
+    """checks: (field, holds, rule); the first that does not hold is a one-line ConfigError naming the field and its value."""
+    for name, holds, rule in checks:
+        if not holds:
+            raise ConfigError(f"{name} {rule} (got {getattr(cfg, name)})")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The fields' annotations as types (`from __future__ import annotations` stores them as strings)."""
+    return typing.get_type_hints(cls)
 
 
 def _check_literals(cfg: Any) -> None:
     for f in dataclasses.fields(cfg):
-        choices = _choices(f.type)
+        choices = _choices(_hints(type(cfg))[f.name])
         value = getattr(cfg, f.name)
         if choices and value is not None and value not in choices:
             raise ConfigError(f"{f.name} must be one of {', '.join(map(str, choices))} (got {value!r})")
 
 
-def _resolve_type(annotation: Any) -> Any:
-    # `from __future__ import annotations` stores annotations as strings.
-    return eval(annotation, vars(typing) | {"Literal": Literal}) if isinstance(annotation, str) else annotation
-
-
 def _choices(annotation: Any) -> tuple | None:
-    tp = _resolve_type(annotation)
+    tp = annotation
     for arg in (tp, *typing.get_args(tp)):
         if typing.get_origin(arg) is Literal:
             return typing.get_args(arg)
@@ -213,12 +267,12 @@ def _choices(annotation: Any) -> tuple | None:
 
 
 def _is_list(annotation: Any) -> bool:
-    tp = _resolve_type(annotation)
+    tp = annotation
     return any(typing.get_origin(a) is list for a in (tp, *typing.get_args(tp)))
 
 
 def _scalar_type(annotation: Any) -> type:
-    tp = _resolve_type(annotation)
+    tp = annotation
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
     if typing.get_origin(tp) is Literal:
@@ -228,32 +282,21 @@ def _scalar_type(annotation: Any) -> type:
     return tp
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the full usage lists every field): what was wrong, a close flag, --help."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        if message.startswith("unrecognized arguments"):
-            flags = [a.split("=")[0] for a in message.split(": ", 1)[1].split() if a.startswith("--")]
-            known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
-            close = [m for f in flags for m in difflib.get_close_matches(f, known, n=1, cutoff=0.6)]
-            message += f" (did you mean {', '.join(close)}?)" if close else ""
-        die(f"{message}; `python {self.prog} --help` lists every flag")
-
-
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field: `--lora-r 8`, `--no-gradient-checkpointing`, `--lora-target-modules q_proj v_proj`."""
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
-        kind = _scalar_type(f.type)
+        hint = _hints(cls)[f.name]
+        kind = _scalar_type(hint)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
-        if _is_list(f.type):
+        if _is_list(hint):
             kwargs["nargs"] = "+"
-        parser.add_argument(flag, type=kind, choices=_choices(f.type), metavar=f.name.upper(), **kwargs)
+        parser.add_argument(flag, type=kind, choices=_choices(hint), metavar=f.name.upper(), **kwargs)
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -301,7 +344,9 @@ def split_preset(data: dict[str, Any], section: str | None) -> dict[str, Any]:
 def parse_config(cls: type, argv: list[str] | None, description: str, extra: Any = None) -> tuple[Any, argparse.Namespace]:
     """Parse flags for `cls`. Returns (config, namespace with the non-config flags: preset, config, debug...)."""
     parser = OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default=None, help="Named preset from configs/: smoke = tiny random Llama, seconds on a CPU; demo = SmolLM2-135M-Instruct, minutes on a CPU.")
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help="Named preset from configs/: smoke = tiny random Llama, seconds on a CPU; "
+                             "demo = SmolLM2-135M-Instruct, minutes on a CPU.")
     parser.add_argument("--config", default=None, help="YAML file of config fields (see configs/); flags given on the command line win.")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
     if extra is not None:
@@ -326,9 +371,3 @@ def save_config(cfg: Any, path: str) -> None:
 
 def load_train_config(path: str) -> TrainConfig:
     return build_config(TrainConfig, [(path, read_yaml(path))])
-
-
-def die(message: str, code: int = 2) -> typing.NoReturn:
-    """Print a one-line user error and exit non-zero (no traceback)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)

@@ -26,7 +26,7 @@ import datasets
 import numpy as np
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
-from config import UserError
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEMPLATE_PATH = os.path.join(ROOT, "templates", "dolly.json")
@@ -74,7 +74,9 @@ def load_records(name_or_path: str, max_records: int | None = None, skip_bad_rec
     return load_records_with_summary(name_or_path, max_records, skip_bad_records)[0]
 
 
-def load_records_with_summary(name_or_path: str, max_records: int | None = None, skip_bad_records: bool = False) -> tuple[datasets.Dataset, dict[str, Any]]:
+def load_records_with_summary(
+    name_or_path: str, max_records: int | None = None, skip_bad_records: bool = False
+) -> tuple[datasets.Dataset, dict[str, Any]]:
     """The records (the four dolly columns, as text) and what loading did: bad records skipped, duplicates dropped, unknown categories.
 
     A bad record (malformed JSON, bytes that are not UTF-8, a missing column, a number, list or
@@ -93,7 +95,11 @@ def load_records_with_summary(name_or_path: str, max_records: int | None = None,
     if not rows and bad:
         raise DataError(f"{name_or_path}: no records left after skipping {len(bad)} bad record(s) (first: {bad[0]}); fix the file")
     if not rows:
-        raise DataError(f"{name_or_path}: no records (the file is empty); expected records with columns {', '.join(REQUIRED_COLUMNS)}")
+        if not os.path.isfile(name_or_path):
+            what = "the dataset is empty"
+        else:
+            what = "the file has only blank lines" if os.path.getsize(name_or_path) else "the file is empty"
+        raise DataError(f"{name_or_path}: no records ({what}); expected records with columns {', '.join(REQUIRED_COLUMNS)}")
     unique = drop_duplicates(rows)
     used = unique[:max_records] if max_records is not None else unique
     summary = {
@@ -139,9 +145,11 @@ def _table_rows(ds: datasets.Dataset, source: str) -> Iterator[tuple[int, dict[s
 def parse_jsonl_line(raw: bytes) -> dict[str, Any] | None:
     """One JSON Lines line as a dict, None for a blank line; a BOM (Windows editors write one) is ignored."""
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig").rstrip("\r\n")  # without its line break: an error at the line's end names its column
     except UnicodeDecodeError as err:
-        raise BadRecord(f"not valid UTF-8 (byte 0x{err.object[err.start]:02x} at byte {err.start + 1} of the line; save the file as UTF-8)") from None
+        raise BadRecord(
+            f"not valid UTF-8 (byte 0x{err.object[err.start]:02x} at byte {err.start + 1} of the line; save the file as UTF-8)"
+        ) from None
     if not text.strip():
         return None
     try:
@@ -153,7 +161,9 @@ def parse_jsonl_line(raw: bytes) -> dict[str, Any] | None:
     return value
 
 
-def check_rows(source: str, unit: str, items: Iterable[tuple[int, Any]], parse: Callable[[Any], dict[str, Any] | None], skip_bad_records: bool) -> tuple[list[dict[str, str]], list[str]]:
+def check_rows(
+    source: str, unit: str, items: Iterable[tuple[int, Any]], parse: Callable[[Any], dict[str, Any] | None], skip_bad_records: bool
+) -> tuple[list[dict[str, str]], list[str]]:
     """(clean records, skipped ones as "line N: reason"); a bad record raises a DataError naming the file and line, unless skipped."""
     clean, bad = [], []
     for number, item in items:
@@ -173,7 +183,9 @@ def clean_record(row: dict[str, Any]) -> dict[str, str]:
     """The four dolly columns as text: null (or an empty CSV cell) is "", a null or blank category is "unknown"."""
     missing = [c for c in REQUIRED_COLUMNS if c not in row]
     if missing:
-        raise BadRecord(f"missing column(s) {', '.join(missing)}; found {', '.join(row) or 'none'} (expected {', '.join(REQUIRED_COLUMNS)})")
+        raise BadRecord(
+            f"missing column(s) {', '.join(missing)}; found {', '.join(row) or 'none'} (expected {', '.join(REQUIRED_COLUMNS)})"
+        )
     clean = {}
     for column in REQUIRED_COLUMNS:
         value = row[column]
@@ -276,19 +288,6 @@ def split_records(ds: datasets.Dataset, val_fraction: float, seed: int) -> tuple
 # --- tokenization ---------------------------------------------------------------------
 
 
-def set_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Give the tokenizer a pad token that is not EOS (Llama 2: <unk>, id 0). Returns its id."""
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    if eos is None:
-        raise DataError("the tokenizer has no EOS token: the model could not learn to stop")
-    if pad is not None and pad != eos:
-        return pad
-    if tokenizer.unk_token_id is None or tokenizer.unk_token_id == eos:
-        raise DataError("the tokenizer has no pad or unk token distinct from EOS; add a pad token to it first")
-    tokenizer.pad_token = tokenizer.unk_token
-    return tokenizer.pad_token_id
-
-
 def _ids(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
@@ -348,7 +347,9 @@ def tokenize_record(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, 
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}, status
 
 
-def tokenize_records(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, source: str = "dataset") -> tuple[datasets.Dataset, dict[str, Any]]:
+def tokenize_records(
+    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int, source: str = "dataset"
+) -> tuple[datasets.Dataset, dict[str, Any]]:
     """Tokenize every record under the length policy; returns the examples and a summary of what happened."""
     examples, statuses, prompt_lens = [], Counter(), []
     for row, record in enumerate(ds):

@@ -24,9 +24,12 @@ from typing import Any
 from transformers import set_seed
 
 import scores
-from config import ConfigError, EvalConfig, parse_config, run_cli
+from cli import run_cli
+from config import ConfigError, EvalConfig, TrainConfig, parse_config
 from dataset import DataError, create_question, load_records, split_records, tokenize_record
+from loading import read_train_config
 from model import Llama
+from runtime import silence_harmless_logs
 
 # A few dolly-style questions, one per kind of task, one with context.
 PREDEFINED: list[dict[str, str]] = [
@@ -36,7 +39,8 @@ PREDEFINED: list[dict[str, str]] = [
                 "North Carolina, they made the first controlled, sustained flight of a powered, heavier-than-air "
                 "aircraft. Orville flew 120 feet in 12 seconds on the first of four flights that day."},
     {"category": "brainstorming", "instruction": "Give me five ideas for a rainy Sunday afternoon at home.", "context": ""},
-    {"category": "classification", "instruction": "Classify each as a fruit or a vegetable: apple, carrot, banana, broccoli, mango.", "context": ""},
+    {"category": "classification",
+     "instruction": "Classify each as a fruit or a vegetable: apple, carrot, banana, broccoli, mango.", "context": ""},
     {"category": "creative_writing", "instruction": "Write a short poem about the sea at night.", "context": ""},
     {"category": "general_qa", "instruction": "Why do leaves change colour in autumn?", "context": ""},
 ]
@@ -47,20 +51,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(argv: list[str]) -> None:
+    silence_harmless_logs()
     cfg, _ = parse_config(EvalConfig, argv, __doc__)
     if not os.path.isdir(cfg.adapter):
-        raise ConfigError(f"no adapter directory {cfg.adapter}: train one with `python main.py` (or --preset demo/smoke), or pass --adapter DIR")
+        raise ConfigError(
+            f"no adapter directory {cfg.adapter}: train one with `python main.py` (or --preset demo/smoke), or pass --adapter DIR"
+        )
     if cfg.out and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ConfigError(f"--out {cfg.out} is a file; choose a directory for the report")
     state = distributed_state()  # None in one process (python eval.py)
     if state is not None and cfg.interactive:
         raise ConfigError("--interactive reads the keyboard: run it in one process (python eval.py --interactive)")
     set_seed(cfg.seed)
+    train_cfg = read_train_config(cfg.adapter)  # None for an adapter trained elsewhere
     llama = Llama.load_pretrained_model(cfg.adapter, base_model=cfg.base_model, quantization=cfg.quantization, dequantize=cfg.dequantize)
+    if state is None or state.is_main_process:
+        print(f"[eval] base model {llama.base_model} (adapter off) vs the same base + adapter {cfg.adapter}", flush=True)
     if cfg.interactive:
         return interactive(llama, cfg)
     if cfg.split or cfg.dataset:
-        return evaluate(llama, cfg, state)
+        return evaluate(llama, train_cfg, cfg, state)
     if state is not None and not state.is_main_process:
         return  # a few side-by-side questions: the main process answers them alone
     samples = [{"category": "your question", "instruction": cfg.question, "context": cfg.context}] if cfg.question else PREDEFINED
@@ -84,9 +94,8 @@ MIN_ITEMS_FOR_VERDICT = 10  # a bootstrap over fewer paired items says little; r
 PRIMARY = {"closed_qa": "f1", "information_extraction": "f1", "classification": "f1", "default": "rougeL"}
 
 
-def select_records(llama: Llama, cfg: EvalConfig) -> tuple[list[dict[str, Any]], str]:
+def select_records(train: TrainConfig | None, cfg: EvalConfig) -> tuple[list[dict[str, Any]], str]:
     """The records to score: the adapter's own held-out split (same data, fraction and seed), or --dataset."""
-    train = llama.config
     dataset = cfg.dataset or (train.dataset if train else None)
     if dataset is None:
         raise ConfigError("this adapter has no train_config.yaml naming its dataset; pass --dataset")
@@ -103,10 +112,9 @@ def select_records(llama: Llama, cfg: EvalConfig) -> tuple[list[dict[str, Any]],
     return rows[: cfg.limit] if cfg.limit else rows, dataset
 
 
-def score_items(llama: Llama, rows: list[dict[str, Any]], cfg: EvalConfig) -> list[dict[str, Any]]:
+def score_items(llama: Llama, rows: list[dict[str, Any]], cfg: EvalConfig, max_length: int) -> list[dict[str, Any]]:
     """Generate with the adapter off and on, score each answer, and the reference NLL under each."""
     prompts = [create_question(r) for r in rows]
-    max_length = llama.config.max_length if llama.config else 1024
     examples = [tokenize_record(r, llama.tokenizer, max_length)[0] for r in rows]
     kept = [e for e in examples if e is not None]
     items = [{k: r[k] for k in ("id", "category", "instruction", "context")} | {"reference": r["response"].strip()} for r in rows]
@@ -149,30 +157,31 @@ def distributed_state() -> Any:
     return state if state.num_processes > 1 else None
 
 
-def score_across_processes(llama: Llama, rows: list[dict[str, Any]], cfg: EvalConfig, state: Any) -> list[dict[str, Any]]:
+def score_across_processes(llama: Llama, rows: list[dict[str, Any]], cfg: EvalConfig, max_length: int, state: Any) -> list[dict[str, Any]]:
     """Each process scores its contiguous share of the rows; every process gets back all items, in the rows' order."""
     from accelerate.utils import gather_object
 
     with state.split_between_processes(rows) as mine:
-        items = score_items(llama, mine, cfg)
+        items = score_items(llama, mine, cfg, max_length)
     return sorted(gather_object(items), key=lambda item: item["id"])
 
 
-def evaluate(llama: Llama, cfg: EvalConfig, state: Any = None) -> None:
+def evaluate(llama: Llama, train: TrainConfig | None, cfg: EvalConfig, state: Any = None) -> None:
     import report as report_lib
 
-    rows, dataset = select_records(llama, cfg)
-    main = state is None or state.is_main_process
-    if main:
+    rows, dataset = select_records(train, cfg)
+    is_main = state is None or state.is_main_process
+    max_length = train.max_length if train else 1024  # the adapter's length policy for the reference NLL
+    if is_main:
         across = f", split across {state.num_processes} processes" if state is not None else ""
         print(f"[eval] scoring {len(rows)} records of {dataset} ({cfg.split or 'all'}), base and fine-tuned{across}")
-    items = score_items(llama, rows, cfg) if state is None else score_across_processes(llama, rows, cfg, state)
-    if not main:
+    items = score_items(llama, rows, cfg, max_length) if state is None else score_across_processes(llama, rows, cfg, max_length, state)
+    if not is_main:
         return  # the main process aggregates and writes the report
     categories = sorted({i["category"] for i in items})
     report = {
         "title": f"base vs fine-tuned: {cfg.adapter} on {dataset} ({cfg.split or 'all'})",
-        "adapter": cfg.adapter, "base_model": llama.config.base_model if llama.config else cfg.base_model,
+        "adapter": cfg.adapter, "base_model": llama.base_model,
         "dataset": dataset, "split": cfg.split or "all", "generation": generation(cfg), "seed": cfg.seed,
         "metrics": METRICS, "primary": PRIMARY, "items": items,
         "aggregates": {
@@ -208,8 +217,8 @@ def generation(cfg: EvalConfig) -> dict[str, Any]:
 def compare(llama: Llama, samples: list[dict[str, str]], cfg: EvalConfig) -> tuple[list[str], list[str]]:
     """(base answers, fine-tuned answers) for the samples, from the same loaded weights."""
     prompts = [create_question(s) for s in samples]
-    base = llama.ask_many(prompts, cfg.batch_size, use_adapter=False, progress=True, **generation(cfg))
-    tuned = llama.ask_many(prompts, cfg.batch_size, use_adapter=True, progress=True, **generation(cfg))
+    base, tuned = ([g["answer"] for g in llama.generate(prompts, cfg.batch_size, use_adapter, progress=True, **generation(cfg))]
+                   for use_adapter in (False, True))
     return base, tuned
 
 

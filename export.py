@@ -18,7 +18,9 @@ import argparse
 import os
 import sys
 
-from config import ConfigError, run_cli
+import atomic
+from cli import run_cli
+from config import ConfigError
 from model import Llama
 
 
@@ -30,10 +32,9 @@ def export(adapter: str, out: str, base_model: str | None = None) -> str:
         raise ConfigError(f"{out} already exists; choose another --out or remove it")
     llama = Llama.load_pretrained_model(adapter, base_model=base_model, quantization="none")
     merged = llama.model.merge_and_unload()
-    tmp = f"{out}.tmp-{os.getpid()}"
-    merged.save_pretrained(tmp, safe_serialization=True)
-    llama.tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)
+    with atomic.folder(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        llama.tokenizer.save_pretrained(tmp)
     return out
 
 

@@ -22,23 +22,13 @@ import numbers
 import os
 from typing import Any
 
+import atomic
+
 NA = "n/a"
 NO_VERDICT = "—"  # descriptive metrics (higher_is_better null) get no verdict
 VERDICT_CLASS = {"better": "v-better", "worse": "v-worse", "no significant difference": "v-ns"}
 ITEM_SCORES = ("rougeL", "f1", "em", "nll")  # the per-item scores shown under each answer
 SHORT_LABEL = {"rougeL": "ROUGE-L", "f1": "F1", "em": "EM", "nll": "NLL"}
-
-
-def _atomic_write_text(text: str, path: str) -> None:
-    """Write text (UTF-8) to path + ".tmp", then move it over path."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _json_default(obj: Any) -> Any:
@@ -51,7 +41,7 @@ def _json_default(obj: Any) -> Any:
 
 def write_json(report: dict[str, Any], path: str) -> None:
     """Write the report as indented UTF-8 JSON (NaN kept as NaN), atomically."""
-    _atomic_write_text(json.dumps(report, indent=2, ensure_ascii=False, default=_json_default) + "\n", path)
+    atomic.write_text(path, json.dumps(report, indent=2, ensure_ascii=False, default=_json_default) + "\n")
 
 
 def _is_missing(x: Any) -> bool:
@@ -182,7 +172,7 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def write_markdown(report: dict[str, Any], path: str) -> None:
     """Write to_markdown(report) to path, atomically."""
-    _atomic_write_text(to_markdown(report), path)
+    atomic.write_text(path, to_markdown(report))
 
 
 CSS = """
@@ -251,8 +241,9 @@ def _verdict_html(score: dict[str, Any]) -> str:
 
 def _summary_table_html(report: dict[str, Any]) -> str:
     """table#summary: the primary score per category, overall first."""
-    out = ['<div class="table-wrap"><table id="summary">', ('<thead><tr><th>category</th><th class="num">n</th><th>primary score</th><th class="num">base</th>'
-           '<th class="num">fine-tuned</th><th class="num">difference [95% CI]</th><th>verdict</th></tr></thead>'), "<tbody>"]
+    out = ['<div class="table-wrap"><table id="summary">', ('<thead><tr><th>category</th><th class="num">n</th><th>primary score</th>'
+           '<th class="num">base</th><th class="num">fine-tuned</th><th class="num">difference [95% CI]</th>'
+           '<th>verdict</th></tr></thead>'), "<tbody>"]
     for r in summary_rows(report):
         s = r["score"]
         cls = ' class="overall"' if r["category"] == "overall" else ""
@@ -264,8 +255,8 @@ def _summary_table_html(report: dict[str, Any]) -> str:
 
 def _metrics_table_html(report: dict[str, Any]) -> str:
     """table#all-metrics: every metric of the overall aggregate."""
-    out = ['<div class="table-wrap"><table id="all-metrics">', ('<thead><tr><th>metric</th><th class="num">base</th><th class="num">fine-tuned</th>'
-           '<th class="num">difference [95% CI]</th><th>verdict</th></tr></thead>'), "<tbody>"]
+    out = ['<div class="table-wrap"><table id="all-metrics">', ('<thead><tr><th>metric</th><th class="num">base</th>'
+           '<th class="num">fine-tuned</th><th class="num">difference [95% CI]</th><th>verdict</th></tr></thead>'), "<tbody>"]
     for r in metric_rows(report):
         s = r["score"]
         arrow = {True: " ↑", False: " ↓"}.get(r["higher_is_better"], "")
@@ -283,7 +274,8 @@ def _answer_html(side: str, title: str, text: Any, scores: dict[str, Any] | None
         chips = []
         for metric in ITEM_SCORES:
             cls = "score primary" if metric == primary else "score"
-            chips.append(f'<span class="{cls}" title="{_esc(metric)}"><b>{SHORT_LABEL[metric]}</b> {fmt_item_score(scores.get(metric))}</span>')
+            chips.append(f'<span class="{cls}" title="{_esc(metric)}"><b>{SHORT_LABEL[metric]}</b> '
+                         f'{fmt_item_score(scores.get(metric))}</span>')
         parts.append(f'<div class="scores">{"".join(chips)}</div>')
     return "".join(parts) + "</div>"
 
@@ -332,7 +324,7 @@ def to_html(report: dict[str, Any], png_path: str | None = None) -> str:
 
 def write_html(report: dict[str, Any], path: str, png_path: str | None = None) -> None:
     """Write to_html(report, png_path) to path, atomically."""
-    _atomic_write_text(to_html(report, png_path), path)
+    atomic.write_text(path, to_html(report, png_path))
 
 
 def plot_metrics(report: dict[str, Any], path: str) -> None:
@@ -386,14 +378,8 @@ def plot_metrics(report: dict[str, Any], path: str) -> None:
     ax_diff.grid(axis="x", alpha=0.3)
     fig.suptitle(report.get("title", "base vs fine-tuned"), fontsize=11)
 
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext or '.png'}"  # same folder and extension (savefig picks the format from it), usual permissions
-    try:
+    with atomic.path(path) as tmp:  # same folder and extension (savefig picks the format from it)
         fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _float(x: Any) -> float:

@@ -23,13 +23,13 @@ import re
 import shutil
 import signal
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
+import atomic
 from config import TrainConfig
 
 COMPLETE = "COMPLETE"  # the last file written into a checkpoint: without it, --resume ignores the folder
@@ -73,12 +73,9 @@ def mark_complete(checkpoint: str) -> None:
         for name in files:
             with open(os.path.join(folder, name), "rb") as fh:
                 os.fsync(fh.fileno())
-    tmp = os.path.join(checkpoint, COMPLETE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("every file of this checkpoint was written and flushed before this one\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, os.path.join(checkpoint, COMPLETE))
+    atomic.write_text(
+        os.path.join(checkpoint, COMPLETE), "every file of this checkpoint was written and flushed before this one\n", fsync=True
+    )
     with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every OS)
         fd = os.open(checkpoint, os.O_RDONLY)
         try:
@@ -111,6 +108,10 @@ def rotate_checkpoints(folder: str, keep: int) -> None:
         shutil.rmtree(c, ignore_errors=True)
 
 
+def checkpoint_dir(cfg: TrainConfig) -> str:
+    return os.path.join(cfg.output_dir, "checkpoints")
+
+
 def main_process() -> bool:
     """False in the other processes of a multi-process run (torchrun / accelerate launch): they leave files alone."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -136,7 +137,6 @@ class CheckpointMarker(TrainerCallback):
         if not args.should_save:  # only the main process writes (multi-GPU)
             return
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        pause_for_tests("LLAMA_DOLLY_TEST_SAVE_SLEEP")
         if model is not None and not lora_weights_finite(model):
             print(f"[main] {checkpoint} has NaN/inf LoRA weights: not marked complete, --resume will skip it", file=sys.stderr)
             return
@@ -168,7 +168,8 @@ class StopOnSignal(TrainerCallback):
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.signum is not None:  # asked twice: stop now; the last complete checkpoint stays valid
-            raise TrainingStopped(f"[main] {name} again: stopped at once without saving; --resume continues from the last complete checkpoint",
+            raise TrainingStopped(f"[main] {name} again: stopped at once without saving; "
+                                  "--resume continues from the last complete checkpoint",
                                   EXIT_CODES[signum])
         self.signum = signum
         print(f"\n[main] {name}: saving a checkpoint at the end of this optimizer step, then stopping (send it again to stop at once)",
@@ -206,7 +207,10 @@ class StopOnNonFiniteLoss(TrainerCallback):
 def raise_if_stopped_early(signals: StopOnSignal, losses: StopOnNonFiniteLoss, checkpoint_folder: str, learning_rate: float) -> None:
     """After trainer.train(): a signal or a NaN loss ends the run here, naming the checkpoint to resume from."""
     last = newest_complete(checkpoint_folder)
-    resume = f"the last good checkpoint is {last}; rerun the same command with --resume to continue from it" if last else "no checkpoint was completed yet"
+    if last:
+        resume = f"the last good checkpoint is {last}; rerun the same command with --resume to continue from it"
+    else:
+        resume = "no checkpoint was completed yet"
     if losses.bad is not None:
         step, loss = losses.bad
         raise TrainingStopped(f"error: the training loss became {loss} at step {step}, so training stopped without saving it; {resume}. "
@@ -260,37 +264,3 @@ def remove_previous_run(out: str) -> list[str]:
             continue
         removed.append(name)
     return removed
-
-
-# --- test-only hooks (environment variables the tests set; nothing else should) ----------------------
-
-
-def pause_for_tests(variable: str) -> None:
-    """Sleep for the seconds in $variable, if set: lets a test's kill land at a chosen point. Test-only."""
-    seconds = float(os.environ.get(variable) or 0)
-    if seconds > 0:
-        time.sleep(seconds)
-
-
-class TestHooks(TrainerCallback):
-    """Test-only: LLAMA_DOLLY_TEST_STEP_SLEEP=S sleeps S seconds after every optimizer step (so a test's
-    SIGKILL/SIGTERM lands mid-training); LLAMA_DOLLY_TEST_NAN_STEP=K sets the LoRA weights to NaN before
-    step K (a diverged run, on demand). Added to the Trainer only when one of them is set."""
-
-    __test__ = False  # not a pytest test class
-
-    VARIABLES = ("LLAMA_DOLLY_TEST_STEP_SLEEP", "LLAMA_DOLLY_TEST_NAN_STEP")
-
-    @classmethod
-    def if_requested(cls) -> list[TrainerCallback]:
-        return [cls()] if any(os.environ.get(v) for v in cls.VARIABLES) else []
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs: Any) -> None:
-        if model is not None and state.global_step + 1 == int(os.environ.get("LLAMA_DOLLY_TEST_NAN_STEP") or 0):
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.requires_grad:
-                        p.fill_(float("nan"))
-
-    def on_step_end(self, args, state, control, **kwargs: Any) -> None:
-        pause_for_tests("LLAMA_DOLLY_TEST_STEP_SLEEP")

@@ -42,15 +42,18 @@ def build_llama(model_path: str, seed: int, gguf_file: str | None = None):
     from peft import LoraConfig, get_peft_model
 
     from config import LLAMA_LINEAR_LAYERS
-    from model import Llama, load_base_model, load_tokenizer
+    from hub import resolve_base_model
+    from loading import load_base_model, load_tokenizer
+    from model import Llama
 
     torch.manual_seed(seed)
-    base = load_base_model(model_path, "4bit", gguf_file)
+    model_path = resolve_base_model(model_path, gguf_file)
+    base = load_base_model(model_path, "4bit")
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_LINEAR_LAYERS, task_type="CAUSAL_LM"))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.01)
-    return Llama(model, load_tokenizer(model_path, gguf_file), dequantize="no")
+    return Llama(model, load_tokenizer(model_path), dequantize="no")
 
 
 def merge_lora(model) -> int:
@@ -80,7 +83,7 @@ def timed(llama, prompts: list[str], batch_size: int, sorted_path: bool, new_tok
     import torch
 
     gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
-    llama.prepare()  # a one-time conversion is not part of the timed generation (reported separately)
+    llama.dequantize_if_allowed()  # a one-time conversion is not part of the timed generation (reported separately)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     gpu_sync()
@@ -92,7 +95,11 @@ def timed(llama, prompts: list[str], batch_size: int, sorted_path: bool, new_tok
     if sorted_path:
         answers = [g["answer"] for g in llama.generate(prompts, batch_size, use_adapter, **gen)]
     else:
-        answers = [g["answer"] for s in range(0, len(prompts), batch_size) for g in llama._generate(prompts[s : s + batch_size], use_adapter, **gen)]
+        answers = [
+            g["answer"]
+            for s in range(0, len(prompts), batch_size)
+            for g in llama._generate(prompts[s : s + batch_size], use_adapter, **gen)
+        ]
     gpu_sync()
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
@@ -128,7 +135,8 @@ def main() -> None:
 
     from config import EvalConfig
     from dataset import create_question
-    from model import Llama, dequantized_bytes
+    from generation import dequantized_bytes
+    from model import Llama
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Local model directory (bench/make_random_llama.py for Llama-2-7B).")
@@ -139,7 +147,9 @@ def main() -> None:
     parser.add_argument("--single-prompts", type=int, default=4, help="Prompts timed one at a time (the first N).")
     parser.add_argument("--naive-prompts", type=int, default=64, help="Prompts timed in naive batches of 16 (the first N).")
     parser.add_argument("--logit-prompts", type=int, default=16, help="Prompts whose last-position logits are compared across paths.")
-    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model (e.g. the demo's SmolLM2 on a CPU: a real model, real answers).")
+    parser.add_argument(
+        "--gguf-file", default=None, help="GGUF file inside --model (e.g. the demo's SmolLM2 on a CPU: a real model, real answers)."
+    )
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -147,7 +157,8 @@ def main() -> None:
     rng.shuffle(prompts)
     llama = build_llama(args.model, args.seed, args.gguf_file)
     lengths = sorted(len(ids) for ids in llama.tokenizer(prompts)["input_ids"])
-    print(f"[bench] {len(prompts)} prompts, tokens p50 {lengths[len(lengths) // 2]} p90 {lengths[int(0.9 * len(lengths))]} max {lengths[-1]}", flush=True)
+    print(f"[bench] {len(prompts)} prompts, tokens p50 {lengths[len(lengths) // 2]} p90 {lengths[int(0.9 * len(lengths))]} "
+          f"max {lengths[-1]}", flush=True)
     probe = prompts[: args.logit_prompts]
     logits = {"4bit": last_logits(llama, probe)}
     results: dict[str, dict] = {}
@@ -155,7 +166,8 @@ def main() -> None:
     def partial(name: str, result: dict) -> None:  # written after every variant: a run cut short keeps what it measured
         results[name] = result
         with open(args.out, "w") as fh:
-            json.dump({"partial": True, "variants": {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in results.items()}}, fh, indent=2)
+            variants = {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in results.items()}
+            json.dump({"partial": True, "variants": variants}, fh, indent=2)
 
     partial("one_at_a_time", timed(llama, prompts[: args.single_prompts], 1, False, args.new_tokens))
     partial("naive16", timed(llama, prompts[: args.naive_prompts], 16, False, args.new_tokens))
@@ -163,7 +175,7 @@ def main() -> None:
     # The same weights, now as eval.py uses them on a GPU (dequantize="auto"; forced on a CPU, where auto never converts).
     llama = Llama(llama.model, llama.tokenizer, dequantize="auto" if torch.cuda.is_available() else "yes")
     t0 = time.perf_counter()
-    llama.prepare()
+    llama.dequantize_if_allowed()
     gpu_sync()
     dequantize_s = time.perf_counter() - t0
     logits["16bit"] = last_logits(llama, probe)
@@ -178,7 +190,10 @@ def main() -> None:
     one = results["one_at_a_time"]["answers"]
     base_rate = results["one_at_a_time"]["tokens_per_s"]
     for name, r in results.items():
-        r.update(speedup_vs_one_at_a_time=r["tokens_per_s"] / base_rate, speedup_vs_naive16=r["tokens_per_s"] / results["naive16"]["tokens_per_s"])
+        r.update(
+            speedup_vs_one_at_a_time=r["tokens_per_s"] / base_rate,
+            speedup_vs_naive16=r["tokens_per_s"] / results["naive16"]["tokens_per_s"],
+        )
         if name != "eval_base":
             r.update(same_as_naive16=same_share(r["answers"], plain), same_as_one_at_a_time=same_share(r["answers"], one))
     results["merged"]["same_as_eval_tuned"] = same_share(results["merged"]["answers"], results["eval_tuned"]["answers"])
@@ -187,7 +202,10 @@ def main() -> None:
         print(f"[bench] {name:<14} {r['tokens_per_s']:>9.1f} new tok/s  {r['speedup_vs_one_at_a_time']:>6.1f}x one-at-a-time  "
               f"{r['speedup_vs_naive16']:>5.2f}x naive16  wall {r['wall_s']:.1f} s  TTFT {r['ttft_s']:.2f} s  "
               f"peak {r['peak_gpu_mem_gib'] or 0:.1f} GiB  {same}", flush=True)
-    agreement = {"16bit_vs_4bit": logit_agreement(logits["16bit"], logits["4bit"]), "merged_vs_16bit": logit_agreement(logits["merged"], logits["16bit"])}
+    agreement = {
+        "16bit_vs_4bit": logit_agreement(logits["16bit"], logits["4bit"]),
+        "merged_vs_16bit": logit_agreement(logits["merged"], logits["16bit"]),
+    }
     print(f"[bench] logits: {json.dumps(agreement)}; dequantizing took {dequantize_s:.1f} s (+{extra_gib:.1f} GiB)", flush=True)
     with open(args.out, "w") as fh:
         json.dump({"args": vars(args), "versions": versions(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

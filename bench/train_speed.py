@@ -144,14 +144,15 @@ def project_trainer(args, flags, data_path):
 
     from config import TrainConfig, parse_config
     from dataset import load_records
-    from main import build_trainer, prepare_data
-    from model import load_for_training
+    from loading import load_for_training
+    from main import prepare_data
+    from training import build_trainer
 
     cfg, _ = parse_config(TrainConfig, ["--base-model", args.model, "--dataset", data_path, "--output-dir", "/tmp/bench-project",
                                         "--max-steps", str(args.steps), "--eval-steps", "0", "--save-steps", "100000",
                                         "--logging-steps", "1", "--val-fraction", "0", *flags], "bench")
     cfg = dataclasses.replace(cfg, seed=args.seed)
-    model, tokenizer, _, _ = load_for_training(cfg)
+    model, tokenizer, _ = load_for_training(cfg)
     train_ds, val_ds, _ = prepare_data(cfg, load_records(data_path), tokenizer)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, val_ds)
     trainer.args.report_to = []
@@ -179,7 +180,7 @@ def run_variant(args) -> dict:
     from transformers import set_seed
 
     from dataset import load_records, tokenize_records
-    from model import load_tokenizer
+    from loading import load_tokenizer
 
     set_seed(args.seed)
     data_path = args.data
@@ -237,7 +238,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return
     from dataset import load_records, tokenize_records
-    from model import load_tokenizer
+    from loading import load_tokenizer
 
     records = make_records(args.records, args.seed)
     data = "/tmp/bench-dolly-like.jsonl"
@@ -276,7 +277,7 @@ def print_row(r: dict, base: dict | None) -> None:
 def versions() -> dict[str, str]:
     import torch
 
-    from main import versions as library_versions  # the same record main.py writes into metrics.json
+    from training import versions as library_versions  # the same record main.py writes into metrics.json
 
     out = library_versions() | {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -16,9 +17,22 @@ os.environ.setdefault("LLAMA_DOLLY_CACHE", os.path.join(ROOT, ".pytest_cache", "
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where CUDA is; elsewhere they are skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu); this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from model import ensure_tiny_llama, load_tokenizer
+    from loading import load_tokenizer
+    from tiny_llama import ensure_tiny_llama
 
     return load_tokenizer(ensure_tiny_llama())
 
@@ -27,7 +41,7 @@ def tiny_tokenizer():
 def llama2_tokenizer():
     if not os.path.isfile(os.path.join(LLAMA2_TOKENIZER, "tokenizer.model")):
         pytest.skip("the real Llama 2 tokenizer (../shared/llama2-tokenizer) is not on this machine")
-    from model import load_tokenizer
+    from loading import load_tokenizer
 
     return load_tokenizer(LLAMA2_TOKENIZER)
 
@@ -41,3 +55,21 @@ def write_jsonl(path, records) -> str:
 
 def record(instruction="Who wrote Hamlet?", context="", response="William Shakespeare.", category="open_qa"):
     return {"instruction": instruction, "context": context, "response": response, "category": category}
+
+
+FAKE_TOKEN = "hf_FAKEtokenThatMustNeverAppear1234567890"
+# One CPU thread: bitsandbytes' multi-threaded CPU kernels sum in a varying order (~1e-3 run to run),
+# while one thread gives the same floats every run, which the resume test needs.
+THREADS = {"OMP_NUM_THREADS": "1"}
+
+
+def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "HF_TOKEN": FAKE_TOKEN, **THREADS, **(env or {})}, timeout=600,
+    )
+
+
+def answers(llama, questions, **kwargs) -> list[str]:
+    """The answer texts of Llama.generate, in input order."""
+    return [g["answer"] for g in llama.generate(questions, **kwargs)]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import datasets
 import pytest
-from test_cli import run
 
 from config import EvalConfig, TrainConfig, parse_config
-from conftest import record, write_jsonl
+from conftest import record, run, write_jsonl
 from dataset import (
     IGNORE_INDEX,
     SAMPLE_PATH,
@@ -41,9 +39,11 @@ def rows(n: int) -> list[dict[str, str]]:
 # --- malformed lines -------------------------------------------------------------------
 
 
-def test_malformed_json_names_the_file_and_the_line(tmp_path):
-    path = write_lines(tmp_path / "bad.jsonl", GOOD, json.dumps(record("Another?")), '{"instruction": "cut off", "context": ')
-    with pytest.raises(DataError, match=rf"^{path}:3: malformed JSON \(Expecting value at column \d+\); .*--skip-bad-records") as err:
+def test_malformed_json_names_the_file_the_line_and_the_column(tmp_path):
+    cut = '{"instruction": "cut off", "context": '
+    path = write_lines(tmp_path / "bad.jsonl", GOOD, json.dumps(record("Another?")), cut, json.dumps(record("After?")))
+    column = len(cut) + 1  # the error is at the end of the line, not at "column 1" of the next
+    with pytest.raises(DataError, match=rf"^{path}:3: malformed JSON \(Expecting value at column {column}\); .*--skip-bad-records") as err:
         load_records(path)
     assert "\n" not in str(err.value)
 
@@ -106,7 +106,9 @@ def test_missing_column_in_a_table_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("column", ["instruction", "context", "response", "category"])
-@pytest.mark.parametrize("value, kind", [(42, "a number"), (2.5, "a number"), (["a", "b"], "a list"), ({"a": 1}, "an object"), (True, "a boolean")])
+@pytest.mark.parametrize(
+    "value, kind", [(42, "a number"), (2.5, "a number"), (["a", "b"], "a list"), ({"a": 1}, "an object"), (True, "a boolean")]
+)
 def test_wrong_type_names_file_line_column_and_type(tmp_path, column, value, kind):
     path = write_jsonl(tmp_path / "bad.jsonl", [record(), record(**{column: value})])
     with pytest.raises(DataError, match=rf"^{path}:2: column '{column}' must be text, got {kind} \("):
@@ -165,7 +167,12 @@ def test_non_utf8_bytes_name_the_line(tmp_path):
 
 
 def test_bom_is_accepted(tmp_path):
-    path = write_lines(tmp_path / "bom.jsonl", b"\xef\xbb\xbf" + GOOD.encode(), json.dumps(record("Second?")), b"\xef\xbb\xbf" + json.dumps(record("Third?")).encode())
+    path = write_lines(
+        tmp_path / "bom.jsonl",
+        b"\xef\xbb\xbf" + GOOD.encode(),
+        json.dumps(record("Second?")),
+        b"\xef\xbb\xbf" + json.dumps(record("Third?")).encode(),
+    )
     ds = load_records(path)  # a BOM at the start of the file, or of a line (`cat` of two BOM files)
     assert ds["instruction"] == ["Who wrote Hamlet?", "Second?", "Third?"]
 
@@ -176,11 +183,12 @@ def test_crlf_line_endings_and_blank_lines_are_accepted(tmp_path):
     assert load_records(str(path))["instruction"] == ["Who wrote Hamlet?", "Second?"]
 
 
-@pytest.mark.parametrize("content", [b"", b"\n\n  \n", b"\xef\xbb\xbf"])
-def test_empty_file_says_no_records(tmp_path, content):
+@pytest.mark.parametrize(("content", "what"), [(b"", "the file is empty"), (b"\n\n  \n", "the file has only blank lines"),
+                                               (b"\xef\xbb\xbf\n", "the file has only blank lines")])
+def test_empty_file_says_no_records(tmp_path, content, what):
     path = tmp_path / "empty.jsonl"
     path.write_bytes(content)
-    with pytest.raises(DataError, match=rf"^{path}: no records \(the file is empty\); expected records with columns instruction, context"):
+    with pytest.raises(DataError, match=rf"^{path}: no records \({what}\); expected records with columns instruction, context"):
         load_records(str(path))
 
 
@@ -195,18 +203,24 @@ def test_empty_table_file_says_no_records(tmp_path, ext):
 # --- size, duplicates, categories ---------------------------------------------------------
 
 
-def test_a_1mb_context_is_loaded_and_truncated_quickly(tiny_tokenizer, tmp_path):
+def test_a_1mb_context_is_loaded_and_tokenized_once(tiny_tokenizer, tmp_path, monkeypatch):
+    """A 1 MB context is tokenized once, then cut to its first max_length tokens: no re-tokenizing of 1 MB per cut."""
     context = ("The quick brown fox jumps over the lazy dog. " * 25_000)[:1_000_000]
     path = write_jsonl(tmp_path / "big.jsonl", [record("Summarize the passage.", context, "A fox jumps.", "summarization")])
-    start = time.perf_counter()
     ds = load_records(path)
+    seen, real_call = [], type(tiny_tokenizer).__call__
+
+    def counting_call(self, text, *args, **kwargs):
+        seen.append(len(text))
+        return real_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_tokenizer), "__call__", counting_call)
     ex, status = tokenize_record(ds[0], tiny_tokenizer, 256)
-    elapsed = time.perf_counter() - start
+    assert sum(n > 500_000 for n in seen) == 1 and sum(seen) < 1_000_000 + 50_000, seen  # once, and then only short texts
     assert len(ds[0]["context"]) == 1_000_000
     assert status == "truncated_context" and len(ex["input_ids"]) <= 256
     supervised = [t for t in ex["labels"] if t != IGNORE_INDEX]
     assert tiny_tokenizer.decode(supervised) == "A fox jumps." + tiny_tokenizer.eos_token
-    assert elapsed < 5, f"{elapsed:.1f} s for a 1 MB context"
 
 
 def test_duplicates_are_dropped_before_the_split(tmp_path):

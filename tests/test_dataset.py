@@ -8,6 +8,7 @@ import pytest
 from conftest import record, write_jsonl
 from dataset import (
     CATEGORIES,
+    CONTEXT_FLOOR,
     IGNORE_INDEX,
     SAMPLE_PATH,
     DataError,
@@ -99,12 +100,25 @@ def test_long_context_is_shortened_first(llama2_tokenizer):
     assert prompt.startswith(create_question(sample)[:300]) and "### Response:" in prompt
 
 
-def test_context_goes_below_its_floor_only_to_leave_room_for_the_response(tiny_tokenizer):
-    sample = record(context="Some context. " * 100, response="Yes.", category="closed_qa")
-    ex, status = tokenize_record(sample, tiny_tokenizer, 100)
-    assert ex is not None and len(ex["input_ids"]) <= 100
-    assert status in ("truncated_context", "truncated_response")
-    assert any(t != IGNORE_INDEX for t in ex["labels"])
+def context_tokens_kept(example, tokenizer) -> int:
+    """How many tokens of context the prompt part of a tokenized example still holds."""
+    prompt = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label == IGNORE_INDEX],
+                              skip_special_tokens=True)
+    context = prompt.split("### Input:\n", 1)[1].split("\n\n### Response:", 1)[0]
+    return len(tokenizer(context, add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize(("response", "max_length", "status", "context", "supervised", "eos"), [
+    ("Yes.", 300, "truncated_context", 203, 4, True),  # the context loses only what does not fit; the answer stays whole
+    ("Yes, it is. " * 20, 200, "truncated_response", CONTEXT_FLOOR, 43, False),  # the floor holds: the answer's end goes
+    ("Yes.", 100, "truncated_response", 6, 1, False),  # below the floor only to leave room for one answer token
+])
+def test_context_is_cut_to_its_floor_before_the_response(tiny_tokenizer, response, max_length, status, context, supervised, eos):
+    sample = record(context="Some context. " * 100, response=response, category="closed_qa")
+    ex, got = tokenize_record(sample, tiny_tokenizer, max_length)
+    labels = [t for t in ex["labels"] if t != IGNORE_INDEX]
+    assert (got, len(ex["input_ids"]), context_tokens_kept(ex, tiny_tokenizer)) == (status, max_length, context)
+    assert len(labels) == supervised and (tiny_tokenizer.eos_token_id in labels) is eos
 
 
 def test_long_response_keeps_its_beginning_and_gets_no_eos(tiny_tokenizer):

@@ -85,7 +85,10 @@ def runs(tmp_path_factory):
 
 def test_two_processes_train_like_one_with_the_same_global_batch(runs):
     ddp, proc, single = runs
-    assert "global batch per optimizer step: 2 process(es) x 1 packed row of <= 1024 tokens x 1 accumulation step(s) = 2 packed rows" in proc.stdout
+    assert (
+        "global batch per optimizer step: 2 process(es) x 1 packed row of <= 1024 tokens x 1 accumulation step(s) = 2 packed rows"
+        in proc.stdout
+    )
     two, one = history(ddp), history(single)
     assert len(two) == len(one) == 8
     for key in ("loss", "grad_norm"):
@@ -171,7 +174,7 @@ def test_accelerate_configs_and_the_70b_preset_parse():
 def test_quant_storage_reaches_bitsandbytes():
     import torch
 
-    from model import Runtime, quantization_config
+    from runtime import Runtime, quantization_config
 
     rt = Runtime("cpu", torch.float32)
     assert quantization_config("4bit", rt).bnb_4bit_quant_storage == torch.uint8

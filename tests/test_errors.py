@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 
 import pytest
-from test_cli import FAKE_TOKEN, run
 
-from config import ConfigError, EvalConfig, TrainConfig, parse_config
+from config import CONFIG_NAME, ConfigError, EvalConfig, TrainConfig, parse_config
+from conftest import FAKE_TOKEN, record, run, write_jsonl
 from dataset import DataError, load_records
-from model import CONFIG_NAME, TINY_MODEL, Llama, ModelError, ensure_tiny_llama, load_for_training, load_tokenizer
+from hub import TINY_MODEL, ModelError
+from loading import load_for_training, load_tokenizer
+from model import Llama
+from tiny_llama import ensure_tiny_llama
 
 
 def one_line_error(proc) -> str:
@@ -81,8 +84,20 @@ def test_max_length_below_every_prompt_says_so(tiny_tokenizer):
     cfg = TrainConfig(base_model=TINY_MODEL, dataset="data/dolly_sample.jsonl", max_length=16)
     with pytest.raises(DataError) as err:
         prepare_data(cfg, load_records(cfg.dataset), tiny_tokenizer)
-    assert "every training record's prompt" in str(err.value) and "longer than --max-length 16" in str(err.value)
-    assert "raise --max-length" in str(err.value)
+    assert str(err.value) == ("data/dolly_sample.jsonl: no training record left: 76 of 76 records whose prompt "
+                              "(template + instruction + context) is longer than --max-length 16 (raise it)")
+
+
+def test_empty_responses_are_named_as_the_cause(tiny_tokenizer, tmp_path):
+    from main import prepare_data
+
+    path = write_jsonl(tmp_path / "blank.jsonl", [record(f"Question {i}?", "", "  ") for i in range(6)])
+    cfg = TrainConfig(base_model=TINY_MODEL, dataset=path, val_fraction=0)
+    with pytest.raises(DataError) as err:
+        prepare_data(cfg, load_records(cfg.dataset), tiny_tokenizer)
+    assert str(err.value) == (
+        f"{path}: no training record left: 6 of 6 records with an empty response (nothing to learn; fill the response column)"
+    )
 
 
 # --- eval.py: adapters ---------------------------------------------------------------------------
@@ -94,7 +109,7 @@ def adapter(tmp_path_factory) -> str:
     from config import save_config
 
     cfg = TrainConfig(base_model=TINY_MODEL)
-    model, tokenizer, _, _ = load_for_training(cfg)
+    model, tokenizer, _ = load_for_training(cfg)
     out = str(tmp_path_factory.mktemp("adapter"))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -5,21 +5,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
-from test_cli import run
 
+import report as rp
 from config import TrainConfig
-from conftest import record
+from conftest import record, run
 from dataset import tokenize_record
-from model import TINY_MODEL, Llama, load_for_training
+from hub import TINY_MODEL
+from loading import load_for_training
+from model import Llama
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():
     torch.manual_seed(0)
-    model, tokenizer, _, _ = load_for_training(TrainConfig(base_model=TINY_MODEL, quantization="4bit"))
+    model, tokenizer, _ = load_for_training(TrainConfig(base_model=TINY_MODEL, quantization="4bit"))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)  # a non-zero adapter, so adapter on != off
@@ -69,11 +72,12 @@ def test_report_files_are_written_and_parse(smoke_report):
         for side in ("base", "tuned"):
             assert set(item[side]) == {"answer", "rougeL", "f1", "em", "nll", "answer_tokens", "eos_rate"}
             assert 0 <= item[side]["rougeL"] <= 1 and item[side]["nll"] > 0
-    assert "| overall |" in proc.stdout.lower() or "overall" in proc.stdout.lower()
+    assert rp.to_markdown(report) in proc.stdout  # the console shows the report itself
+    assert re.search(r"^\| overall \| 8 \| ", proc.stdout, flags=re.M)
 
 
 def test_token_never_in_eval_output_or_reports(smoke_report):
-    from test_cli import FAKE_TOKEN
+    from conftest import FAKE_TOKEN
 
     out, proc = smoke_report  # eval.py ran with HF_TOKEN set to FAKE_TOKEN
     assert FAKE_TOKEN not in proc.stdout + proc.stderr

@@ -7,9 +7,12 @@ import os
 import pytest
 import torch
 
-from config import TrainConfig, save_config
+from config import CONFIG_NAME, TrainConfig, save_config
+from conftest import answers
 from dataset import create_question
-from model import CONFIG_NAME, TINY_MODEL, Llama, load_for_training
+from hub import TINY_MODEL
+from loading import load_for_training
+from model import Llama
 
 QUESTIONS = [create_question({"instruction": "Name three colours.", "context": ""}),
              create_question({"instruction": "When was it built?", "context": "The tower was built in 1889."})]
@@ -19,7 +22,7 @@ QUESTIONS = [create_question({"instruction": "Name three colours.", "context": "
 def adapter_dir(tmp_path_factory):
     torch.manual_seed(0)
     cfg = TrainConfig(base_model=TINY_MODEL, quantization="none")
-    model, tokenizer, _, _ = load_for_training(cfg)
+    model, tokenizer, _ = load_for_training(cfg)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)  # a non-zero adapter, so merging changes the weights
@@ -49,7 +52,7 @@ def test_merged_equals_unmerged(adapter_dir, tmp_path):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert (a - base).abs().max() > 1e-2  # the adapter really is inside the merged weights
     llama_merged = Llama(merged, unmerged.tokenizer)
-    assert llama_merged.ask_many(QUESTIONS, max_new_tokens=12) == unmerged.ask_many(QUESTIONS, max_new_tokens=12)
+    assert answers(llama_merged, QUESTIONS, max_new_tokens=12) == answers(unmerged, QUESTIONS, max_new_tokens=12)
 
 
 def test_export_refuses_to_overwrite_and_names_missing_adapters(adapter_dir, tmp_path):

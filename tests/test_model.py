@@ -8,9 +8,14 @@ import os
 import pytest
 import torch
 
-from config import TrainConfig, save_config
+import generation
+from config import CONFIG_NAME, TrainConfig, save_config
+from conftest import answers
 from dataset import create_question
-from model import CONFIG_NAME, TINY_MODEL, Llama, ModelError, explain_load_error, load_base_model, load_for_training, runtime
+from hub import TINY_MODEL, ModelError, explain_load_error
+from loading import load_base_model, load_for_training
+from model import Llama
+from runtime import runtime
 
 QUESTIONS = [
     create_question({"instruction": "What is the capital of France?", "context": ""}),
@@ -34,7 +39,7 @@ def trained(tmp_path_factory):
     """load (4-bit NF4) -> LoRA -> one training step -> save, as main.py does."""
     torch.manual_seed(0)
     cfg = TrainConfig(base_model=TINY_MODEL, quantization="4bit")
-    model, tokenizer, _, _ = load_for_training(cfg)
+    model, tokenizer, _ = load_for_training(cfg)
     loss = one_training_step(model, tokenizer)
     out = str(tmp_path_factory.mktemp("adapter"))
     model.save_pretrained(out)
@@ -68,20 +73,20 @@ def test_saved_adapter_is_peft_format(trained):
 
 def test_reloaded_adapter_answers_like_the_in_memory_model(trained):
     model, tokenizer, out, _ = trained
-    in_memory = Llama(model, tokenizer).ask_many(QUESTIONS, batch_size=2, max_new_tokens=12)
+    in_memory = answers(Llama(model, tokenizer), QUESTIONS, batch_size=2, max_new_tokens=12)
     loaded = Llama.load_pretrained_model(out)
-    assert loaded.has_adapter and loaded.config.base_model == TINY_MODEL
-    assert loaded.ask_many(QUESTIONS, batch_size=2, max_new_tokens=12) == in_memory
+    assert loaded.has_adapter and loaded.base_model == TINY_MODEL
+    assert answers(loaded, QUESTIONS, batch_size=2, max_new_tokens=12) == in_memory
     assert loaded.ask_model(QUESTIONS[0], max_new_tokens=12) == in_memory[0]  # batch of 1 == left-padded batch
 
 
 def test_adapter_off_is_exactly_the_base_model(trained):
     _, _, out, _ = trained
     llama = Llama.load_pretrained_model(out)
-    base = Llama(load_base_model(llama.config.base_model if os.path.isdir(llama.config.base_model) else _tiny_path()), llama.tokenizer)
-    with_adapter = llama.ask_many(QUESTIONS, max_new_tokens=12)
-    without = llama.ask_many(QUESTIONS, max_new_tokens=12, use_adapter=False)
-    assert without == base.ask_many(QUESTIONS, max_new_tokens=12)
+    base = Llama(load_base_model(_tiny_path()), llama.tokenizer)
+    with_adapter = answers(llama, QUESTIONS, max_new_tokens=12)
+    without = answers(llama, QUESTIONS, max_new_tokens=12, use_adapter=False)
+    assert without == answers(base, QUESTIONS, max_new_tokens=12)
     assert with_adapter != without  # the trained adapter really changes the answers
     batch = llama.tokenizer(QUESTIONS[:1], return_tensors="pt").to(llama.model.device)
     with torch.no_grad(), llama.adapter(False):
@@ -90,7 +95,7 @@ def test_adapter_off_is_exactly_the_base_model(trained):
 
 
 def _tiny_path() -> str:
-    from model import ensure_tiny_llama
+    from tiny_llama import ensure_tiny_llama
 
     return ensure_tiny_llama()
 
@@ -131,7 +136,7 @@ def test_missing_model_directory_is_a_model_error(tmp_path):
         Llama.load_pretrained_model(str(tmp_path))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: bf16 compute and GPU placement of the 4-bit base")
+@pytest.mark.gpu  # bf16 compute and GPU placement of the 4-bit base
 def test_cuda_runtime_uses_bf16_or_fp16():
     rt = runtime()
     assert rt.cuda and rt.dtype in (torch.bfloat16, torch.float16)
@@ -141,9 +146,9 @@ def test_batched_answers_come_back_in_input_order(trained):
     model, tokenizer, _, _ = trained
     llama = Llama(model, tokenizer)
     one_by_one = [llama.ask_model(q, max_new_tokens=10) for q in QUESTIONS]
-    # ask_many sorts by prompt length internally (longest first) and must restore the input order.
-    assert llama.ask_many(QUESTIONS, batch_size=2, max_new_tokens=10) == one_by_one
-    assert llama.ask_many(QUESTIONS[::-1], batch_size=3, max_new_tokens=10) == one_by_one[::-1]
+    # generate sorts by prompt length internally (longest first) and must restore the input order.
+    assert answers(llama, QUESTIONS, batch_size=2, max_new_tokens=10) == one_by_one
+    assert answers(llama, QUESTIONS[::-1], batch_size=3, max_new_tokens=10) == one_by_one[::-1]
 
 
 def test_dequantized_base_gives_the_4bit_logits_and_answers(trained):
@@ -155,7 +160,8 @@ def test_dequantized_base_gives_the_4bit_logits_and_answers(trained):
     fast = Llama.load_pretrained_model(out, dequantize="yes")
     with torch.no_grad():
         fast.model(**plain.tokenizer(QUESTIONS[:1], return_tensors="pt"))  # on some CPUs bitsandbytes repacks the weights here
-    fast.prepare()
+    example = {"input_ids": plain.tokenizer(QUESTIONS[0])["input_ids"], "labels": plain.tokenizer(QUESTIONS[0])["input_ids"]}
+    fast.nll([example])  # the first call converts, where eval.py's first call does: inside torch.inference_mode()
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in fast.model.modules())
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in plain.model.modules())
     q_proj = fast.model.base_model.model.model.layers[0].self_attn.q_proj
@@ -167,7 +173,7 @@ def test_dequantized_base_gives_the_4bit_logits_and_answers(trained):
         # Same weight values, another kernel (a dense matmul instead of bitsandbytes' fused 4-bit one): rounding only.
         torch.testing.assert_close(actual, expected, rtol=0, atol=5e-3)
         kwargs = {"batch_size": 3, "use_adapter": use_adapter, "max_new_tokens": 10}
-        assert fast.ask_many(QUESTIONS, **kwargs) == plain.ask_many(QUESTIONS, **kwargs)
+        assert answers(fast, QUESTIONS, **kwargs) == answers(plain, QUESTIONS, **kwargs)
     with torch.no_grad():
         tuned, base = fast.model(**batch).logits, None
         with fast.adapter(False):
@@ -178,16 +184,16 @@ def test_dequantized_base_gives_the_4bit_logits_and_answers(trained):
 def test_out_of_memory_halves_the_batch_and_keeps_the_order(trained, monkeypatch, capsys):
     model, tokenizer, _, _ = trained
     llama = Llama(model, tokenizer, dequantize="no")
-    expected = llama.ask_many(QUESTIONS, batch_size=1, max_new_tokens=6)
-    real, sizes = llama._generate, []
+    expected = answers(llama, QUESTIONS, batch_size=1, max_new_tokens=6)
+    real, sizes = generation.generate_batch, []
 
-    def generate_at_most_one(prompts, use_adapter, **generation):
+    def generate_at_most_one(model, tokenizer, prompts, **kwargs):
         sizes.append(len(prompts))
         if len(prompts) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(prompts, use_adapter, **generation)
+        return real(model, tokenizer, prompts, **kwargs)
 
-    monkeypatch.setattr(llama, "_generate", generate_at_most_one)
-    assert llama.ask_many(QUESTIONS, batch_size=4, max_new_tokens=6) == expected
+    monkeypatch.setattr(generation, "generate_batch", generate_at_most_one)
+    assert answers(llama, QUESTIONS, batch_size=4, max_new_tokens=6) == expected
     assert sizes == [3, 2, 1, 1, 1]  # 4 -> 2 -> 1, then the rest at 1
     assert capsys.readouterr().out.count("retrying with batch size") == 2

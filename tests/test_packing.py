@@ -14,7 +14,7 @@ from dataset import IGNORE_INDEX, collate_packed, pack_examples, tokenize_record
 def tiny_model():
     from transformers import AutoModelForCausalLM
 
-    from model import ensure_tiny_llama
+    from tiny_llama import ensure_tiny_llama
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(ensure_tiny_llama(), dtype=torch.float32, attn_implementation="sdpa")
@@ -89,9 +89,10 @@ def test_collate_packed_makes_one_unpadded_row():
 def test_the_training_model_keeps_packed_records_apart(tiny_tokenizer):
     """The real path: 4-bit base + LoRA from load_for_training, as main.py builds it."""
     from config import TrainConfig
-    from model import TINY_MODEL, load_for_training
+    from hub import TINY_MODEL
+    from loading import load_for_training
 
-    model, tokenizer, _, _ = load_for_training(TrainConfig(base_model=TINY_MODEL))
+    model, tokenizer, _ = load_for_training(TrainConfig(base_model=TINY_MODEL))
     assert model.config.use_cache is False
     exs = examples(tokenizer, 3)
     batch = {k: v.to(model.device) for k, v in collate_packed([pack_examples(datasets.Dataset.from_list(exs), 100_000, 0)[0]]).items()}
@@ -99,7 +100,8 @@ def test_the_training_model_keeps_packed_records_apart(tiny_tokenizer):
     as_batch = {"device": model.device}
     with torch.no_grad():
         packed = model(**batch).loss.item()
-        per_record = [(model(input_ids=torch.tensor([e["input_ids"]], **as_batch), labels=torch.tensor([e["labels"]], **as_batch)).loss.item(),
+        per_record = [(model(input_ids=torch.tensor([e["input_ids"]], **as_batch),
+                             labels=torch.tensor([e["labels"]], **as_batch)).loss.item(),
                        sum(t != IGNORE_INDEX for t in e["labels"][1:])) for e in exs]
     expected = sum(loss * n for loss, n in per_record) / sum(n for _, n in per_record)
     # fp32 compute on the CPU; bf16 on CUDA rounds differently for different sequence lengths.

@@ -1,7 +1,7 @@
 """Interruptions: kill -9 and --resume (bitwise), SIGTERM/Ctrl-C, a kill in the middle of a save, --overwrite, NaN losses.
 
 The kill tests run main.py as a real subprocess and send real signals. Test-only environment variables
-(read by resilience.TestHooks / CheckpointMarker) slow training down so a signal lands where intended:
+(read by tests/hooked_main.py, which runs main.py with test-only hooks patched in) slow training down so a signal lands where intended:
 LLAMA_DOLLY_TEST_STEP_SLEEP (after each step), LLAMA_DOLLY_TEST_SAVE_SLEEP (inside a save, before the
 COMPLETE marker), LLAMA_DOLLY_TEST_NAN_STEP (NaN LoRA weights before step K).
 """
@@ -16,12 +16,12 @@ import sys
 import time
 
 import pytest
-from test_cli import FAKE_TOKEN, THREADS, run
 
-from conftest import ROOT
+from conftest import FAKE_TOKEN, ROOT, THREADS, run
 
 # Checkpoints every 2 steps, evaluation only at the end (a mid-run eval moves later CPU losses by ~1e-6: test_cli.py).
-ARGS = ["--preset", "smoke", "--save-steps", "2", "--max-steps", "8", "--eval-steps", "8", "--lora-dropout", "0.1"]  # dropout: RNG state matters
+# dropout: RNG state matters
+ARGS = ["--preset", "smoke", "--save-steps", "2", "--max-steps", "8", "--eval-steps", "8", "--lora-dropout", "0.1"]
 
 
 def history(output_dir: str) -> list[tuple[float, float, float]]:
@@ -43,7 +43,8 @@ def start(out: str, tmp_path, **env: str) -> tuple[subprocess.Popen, str]:
     log = str(tmp_path / "log.txt")
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "main.py"), *ARGS, "--output-dir", out], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
+            [sys.executable, os.path.join(ROOT, "tests", "hooked_main.py"), *ARGS, "--output-dir", out],
+            cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
             env={**os.environ, "HF_TOKEN": FAKE_TOKEN, **THREADS, **env},
         )
     return proc, log
@@ -121,7 +122,7 @@ def test_resume_with_only_incomplete_checkpoints_says_so(tmp_path):
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     # NaN weights from step 4: the step-4 checkpoint is written but never marked complete; the loss logged at step 6 stops the run.
-    proc = run("main.py", *ARGS, "--output-dir", out, "--logging-steps", "3", env={"LLAMA_DOLLY_TEST_NAN_STEP": "4"})
+    proc = run("tests/hooked_main.py", *ARGS, "--output-dir", out, "--logging-steps", "3", env={"LLAMA_DOLLY_TEST_NAN_STEP": "4"})
     assert proc.returncode == 1, proc.stderr[-3000:]
     last_line = proc.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: the training loss became nan at step 6") and "Traceback" not in proc.stderr
@@ -135,8 +136,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 def fake_previous_run(out) -> None:
     for folder in ("checkpoints/checkpoint-2", "eval", "tensorboard"):
         os.makedirs(out / folder)
-    for name in ("checkpoints/checkpoint-2/COMPLETE", "adapter_config.json", "adapter_model.safetensors", "metrics.json", "eval/report.json",
-                 "tensorboard/events.out.tfevents.old", "notes.txt"):
+    for name in ("checkpoints/checkpoint-2/COMPLETE", "adapter_config.json", "adapter_model.safetensors", "metrics.json",
+                 "eval/report.json", "tensorboard/events.out.tfevents.old", "notes.txt"):
         (out / name).write_text("old run\n")
 
 
@@ -244,14 +245,15 @@ def test_out_of_memory_in_training_is_one_line_and_exit_code_1(monkeypatch, caps
     import torch
 
     import main
+    import training
     from config import TrainConfig
 
     trainer = mock.MagicMock()  # a Trainer whose train() runs out of GPU memory
     trainer.train.side_effect = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    with pytest.raises(main.TrainingStopped) as stopped:
-        main.train(trainer, TrainConfig(), has_val=False)
+    with pytest.raises(training.TrainingStopped) as stopped:
+        training.train(trainer, TrainConfig(), has_val=False)
     assert stopped.value.code == 1 and "lower --pack-tokens 4096" in stopped.value.message
-    monkeypatch.setattr(main, "run", lambda argv: main.train(trainer, TrainConfig(), has_val=False))
+    monkeypatch.setattr(main, "run", lambda argv: training.train(trainer, TrainConfig(), has_val=False))
     assert main.main([]) == 1
     assert capsys.readouterr().err.startswith("error: CUDA out of memory while training: lower --pack-tokens")
 
@@ -272,7 +274,7 @@ def test_signal_handlers_are_restored_after_training():
 def test_steady_throughput_skips_the_first_steps():
     from types import SimpleNamespace
 
-    from main import SteadyThroughput
+    from training import SteadyThroughput
 
     speed = SteadyThroughput(skip=1)
     assert speed.tokens_per_second() is None

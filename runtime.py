@@ -1,0 +1,92 @@
+"""Device, dtype, quantization and attention kernel: the one place they are chosen.
+
+On CUDA: NF4 + double quantization with bf16 compute (fp16 on cards without bf16), one process per
+GPU under accelerate/torchrun (LOCAL_RANK). On the CPU (the documented fallback): float32 compute;
+4-bit still works through bitsandbytes' CPU backend, slowly, which the smoke preset and the tests use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import BitsAndBytesConfig
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str  # "cuda:N" or "cpu"
+    dtype: torch.dtype  # compute dtype: bf16 / fp16 on CUDA, fp32 on CPU
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def runtime() -> Runtime:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))  # one process per GPU under accelerate/torchrun
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return Runtime(f"cuda:{local_rank}", dtype)
+    return Runtime("cpu", torch.float32)
+
+
+def attention_kernel(choice: str, packing: bool, rt: Runtime) -> str:
+    """auto: flex attention where packed rows need a block-diagonal mask on CUDA, SDPA elsewhere."""
+    if choice != "auto":
+        return choice
+    return "flex_attention" if packing and rt.cuda else "sdpa"
+
+
+def quantization_config(quantization: str, rt: Runtime, quant_storage: str = "uint8") -> BitsAndBytesConfig | None:
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",  # NormalFloat4: information-theoretically optimal for normal weights (QLoRA)
+            bnb_4bit_use_double_quant=True,  # quantize the quantization constants too: ~0.4 bit/param saved
+            bnb_4bit_compute_dtype=rt.dtype,
+            bnb_4bit_quant_storage=quant_storage,  # bfloat16 for FSDP, which shards float tensors only
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def fsdp_active() -> bool:
+    """Launched by `accelerate launch` with an FSDP config (configs/accelerate/fsdp_qlora.yaml)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+class _DropMessages(logging.Filter):
+    """Drops the log records whose format string starts with one of `prefixes` and whose arguments name one of `about`."""
+
+    def __init__(self, prefixes: tuple[str, ...], about: tuple[str, ...] = ("",)):
+        super().__init__()
+        self.prefixes, self.about = prefixes, about
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefixes):
+            return True
+        return not any(word in str(arg) for arg in (record.args or ()) for word in self.about)
+
+
+HARMLESS_LOGS = {
+    # bitsandbytes tries to download faster CPU kernels from the hub and falls back to its own.
+    "bitsandbytes.backends.cpu.ops": _DropMessages(("Failed to load CPU gemm_4bit_forward from kernels-community",)),
+    # liger-kernel imports its kernels for other hardware (CuTe DSL, Ascend NPUs, cuTile) and uses Triton's.
+    "liger_kernel.backends.registry": _DropMessages(("Backend impl ",), about=("_cutedsl", "_ascend", "_cutile")),
+}
+
+
+def silence_harmless_logs() -> None:
+    """Drop the start-up messages that look like failures but are not, at their source (filters on their loggers).
+
+    Only those exact messages go: every other warning or error of these libraries still shows. Call it
+    before bitsandbytes is imported (it logs at import time).
+    """
+    for name, drop in HARMLESS_LOGS.items():
+        logger = logging.getLogger(name)
+        if drop not in logger.filters:
+            logger.addFilter(drop)

@@ -1,0 +1,61 @@
+"""Test-only launcher: `python tests/hooked_main.py ARGS` runs `python main.py ARGS` with hooks that the tests steer
+through environment variables, so that a signal or a fault lands exactly where a test wants it:
+
+- LLAMA_DOLLY_TEST_STEP_SLEEP=S: sleep S seconds after every optimizer step (a kill lands mid-training);
+- LLAMA_DOLLY_TEST_SAVE_SLEEP=S: sleep S seconds inside each checkpoint save, before its COMPLETE marker;
+- LLAMA_DOLLY_TEST_NAN_STEP=K: set the LoRA weights to NaN before step K (a diverged run, on demand).
+
+None of this ships in the project's modules: it is patched in here, from outside.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+import main  # noqa: E402
+import resilience  # noqa: E402
+
+
+def pause(variable: str) -> None:
+    seconds = float(os.environ.get(variable) or 0)
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+class TestHooks(TrainerCallback):
+    __test__ = False  # not a pytest test class
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs) -> None:
+        if model is not None and state.global_step + 1 == int(os.environ.get("LLAMA_DOLLY_TEST_NAN_STEP") or 0):
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.fill_(float("nan"))
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        pause("LLAMA_DOLLY_TEST_STEP_SLEEP")
+
+
+def build_trainer_with_hooks(*args, _build=main.build_trainer, **kwargs):
+    trainer = _build(*args, **kwargs)
+    trainer.add_callback(TestHooks())
+    return trainer
+
+
+def mark_complete_slowly(checkpoint: str, _mark=resilience.mark_complete) -> None:
+    pause("LLAMA_DOLLY_TEST_SAVE_SLEEP")
+    _mark(checkpoint)
+
+
+main.build_trainer = build_trainer_with_hooks
+resilience.mark_complete = mark_complete_slowly
+
+if __name__ == "__main__":
+    raise SystemExit(main.main())
