@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DIR = os.path.join(ROOT, "configs")
 PRESETS = ("smoke", "demo")
 CONFIG_NAME = "train_config.yaml"  # the resolved TrainConfig, saved beside every adapter
+FINGERPRINTS_NAME = "data_fingerprints.json"  # content hashes of the training and validation records, beside every adapter
 LLAMA_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -218,7 +219,15 @@ class EvalConfig:
         "Skip and count bad records in --dataset instead of stopping at the first (on by itself when scoring the adapter's own "
         "dataset and main.py skipped them).",
     )
-    limit: int | None = doc(None, "Score at most N records (after --categories).")
+    limit: int | None = doc(None, "Score a sample of N records (after --categories): seeded (--seed), stratified by category.")
+    allow_train_overlap: bool = doc(
+        False, "Score records the adapter was trained on (refused by default: they flatter the fine-tuned model; the report says so)."
+    )
+    stop_strings: bool = doc(
+        True,
+        "End both models' answers at the template's next section marker (### Instruction: / ### Input: / ### Response:) as well as at "
+        "EOS, so no score rests on stopping behaviour alone. Off: EOS or --max-new-tokens only.",
+    )
     categories: list[str] | None = doc(None, "Only these dolly categories, e.g. closed_qa open_qa.")
     out: str | None = doc(None, "Where report.json/.md/.html and metrics.png go; default ADAPTER/eval.")
     bootstrap_samples: int = doc(2000, "Paired bootstrap resamples for the 95% confidence intervals.")

@@ -14,10 +14,12 @@ mask the EOS labels too and the model would never learn to stop.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -51,6 +53,17 @@ def load_template(path: str = TEMPLATE_PATH) -> dict[str, str]:
 
 
 TEMPLATE = load_template()
+
+
+def section_markers(template: dict[str, str] = TEMPLATE) -> list[str]:
+    """The template's section headers ("### Instruction:", "### Input:", "### Response:"): where an answer must end.
+
+    A model that runs on into a new instruction/response block has finished its answer; eval.py cuts every answer,
+    base and fine-tuned alike, at the first of these (or at EOS), so that no score rests on stopping behaviour alone.
+    """
+    found = re.findall(r"^### [^\n]*:", template["prompt_input"] + "\n" + template["prompt_no_input"], flags=re.M)
+    markers = list(dict.fromkeys([template["response_split"], *found]))
+    return sorted(markers, key=lambda m: m != "### Instruction:")
 
 
 def create_question(sample: dict[str, Any], template: dict[str, str] = TEMPLATE) -> str:
@@ -208,6 +221,16 @@ def _preview(value: Any, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def fingerprint(record: dict[str, Any]) -> str:
+    """A content hash of a record (stripped instruction, context and response; category aside): the same text, the same hash.
+
+    main.py stores the hashes of its training and validation records beside the adapter; eval.py compares what it is
+    about to score against them, whatever the file is called or however it was reordered.
+    """
+    text = "\x1f".join((record.get(c) or "").strip() for c in ("instruction", "context", "response"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
 def drop_duplicates(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     """The first of each group of records with the same stripped instruction, context and response (category aside)."""
     seen: set[tuple[str, str, str]] = set()
@@ -265,24 +288,50 @@ def split_records(ds: datasets.Dataset, val_fraction: float, seed: int) -> tuple
     """Seeded train/validation split, stratified by category (largest-remainder allocation)."""
     if val_fraction == 0 or len(ds) < 2:
         return ds, ds.select([])
-    by_category: dict[str, list[int]] = defaultdict(list)
-    for i, category in enumerate(ds["category"]):
-        by_category[str(category)].append(i)
-    total = max(1, round(len(ds) * val_fraction))
+    by_category = _indices_by_category(ds["category"])
     quotas = {c: len(idx) * val_fraction for c, idx in by_category.items()}
+    val = _pick(by_category, _allocate(quotas, max(1, round(len(ds) * val_fraction))), seed)
+    val_set = set(val)
+    train = [i for i in range(len(ds)) if i not in val_set]
+    return ds.select(train), ds.select(sorted(val))
+
+
+def stratified_sample(categories: list[str], n: int, seed: int) -> list[int]:
+    """Indices of a seeded sample of n items, stratified by category, every category in it when n allows; sorted."""
+    if n >= len(categories):
+        return list(range(len(categories)))
+    by_category = _indices_by_category(categories)
+    floor = 1 if n >= len(by_category) else 0  # every category at least once, when there are enough places
+    quotas = {c: floor + (len(idx) - floor) * (n - floor * len(by_category)) / (len(categories) - floor * len(by_category))
+              for c, idx in by_category.items()}
+    # Its own random stream: with the split's (same seed, same per-category shuffles) it would pick the held-out records first.
+    return sorted(_pick(by_category, _allocate(quotas, n), f"sample:{seed}"))
+
+
+def _indices_by_category(categories: Iterable[Any]) -> dict[str, list[int]]:
+    by_category: dict[str, list[int]] = defaultdict(list)
+    for i, category in enumerate(categories):
+        by_category[str(category)].append(i)
+    return by_category
+
+
+def _allocate(quotas: dict[str, float], total: int) -> dict[str, int]:
+    """Whole counts per category summing to `total`: the floors of the quotas, the rest to the largest remainders."""
     counts = {c: math.floor(q) for c, q in quotas.items()}
     by_remainder = sorted(quotas, key=lambda c: (-(quotas[c] - counts[c]), c))
     for c in by_remainder[: max(0, total - sum(counts.values()))]:
         counts[c] += 1
+    return counts
+
+
+def _pick(by_category: dict[str, list[int]], counts: dict[str, int], seed: int | str) -> list[int]:
     rng = random.Random(seed)
-    val: list[int] = []
+    picked: list[int] = []
     for category in sorted(by_category):
         idx = list(by_category[category])
         rng.shuffle(idx)
-        val.extend(idx[: counts[category]])
-    val_set = set(val)
-    train = [i for i in range(len(ds)) if i not in val_set]
-    return ds.select(train), ds.select(sorted(val))
+        picked.extend(idx[: counts[category]])
+    return picked
 
 
 # --- tokenization ---------------------------------------------------------------------

@@ -14,7 +14,6 @@ switched off (PEFT's disable_adapter), so the 7B base is never loaded twice.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
@@ -23,10 +22,10 @@ from typing import Any
 
 from transformers import set_seed
 
-import scores
+import comparison
 from cli import run_cli
 from config import ConfigError, EvalConfig, TrainConfig, parse_config
-from dataset import DataError, create_question, load_records, split_records, tokenize_record
+from dataset import create_question, section_markers
 from loading import read_train_config
 from model import Llama
 from runtime import silence_harmless_logs
@@ -78,72 +77,7 @@ def run(argv: list[str]) -> None:
     print_side_by_side(samples, base, tuned)
 
 
-# --- the quantitative evaluation ---------------------------------------------------------
-
-METRICS: dict[str, dict[str, Any]] = {
-    "rougeL": {"label": "ROUGE-L F", "higher_is_better": True},
-    "f1": {"label": "token F1", "higher_is_better": True},
-    "em": {"label": "exact match", "higher_is_better": True},
-    "nll": {"label": "reference NLL", "higher_is_better": False},
-    "answer_tokens": {"label": "answer tokens", "higher_is_better": None},
-    "eos_rate": {"label": "ended with EOS", "higher_is_better": None},
-}
-NLL_BATCH = 8  # teacher-forced rows of up to max_length tokens: full-vocabulary float logits, so fewer than generation's
-MIN_ITEMS_FOR_VERDICT = 10  # a bootstrap over fewer paired items says little; report the numbers, judge nothing
-# SQuAD-style F1 is the primary score where answers are short spans; ROUGE-L elsewhere.
-PRIMARY = {"closed_qa": "f1", "information_extraction": "f1", "classification": "f1", "default": "rougeL"}
-
-
-def select_records(train: TrainConfig | None, cfg: EvalConfig) -> tuple[list[dict[str, Any]], str]:
-    """The records to score: the adapter's own held-out split (same data, fraction and seed), or --dataset."""
-    dataset = cfg.dataset or (train.dataset if train else None)
-    if dataset is None:
-        raise ConfigError("this adapter has no train_config.yaml naming its dataset; pass --dataset")
-    same = train is not None and dataset == train.dataset
-    records = load_records(dataset, train.max_records if same else None, cfg.skip_bad_records or (same and train.skip_bad_records))
-    split = cfg.split or "all"
-    if split == "validation":
-        if train is None:
-            raise ConfigError("--split validation needs the adapter's train_config.yaml (its split seed and fraction)")
-        _, records = split_records(records, train.val_fraction, train.seed)
-    rows = [dict(r, id=i) for i, r in enumerate(records) if not cfg.categories or r["category"] in cfg.categories]
-    if not rows:
-        raise DataError(f"{dataset}: no records to evaluate in split {split!r} for categories {cfg.categories}")
-    return rows[: cfg.limit] if cfg.limit else rows, dataset
-
-
-def score_items(llama: Llama, rows: list[dict[str, Any]], cfg: EvalConfig, max_length: int) -> list[dict[str, Any]]:
-    """Generate with the adapter off and on, score each answer, and the reference NLL under each."""
-    prompts = [create_question(r) for r in rows]
-    examples = [tokenize_record(r, llama.tokenizer, max_length)[0] for r in rows]
-    kept = [e for e in examples if e is not None]
-    items = [{k: r[k] for k in ("id", "category", "instruction", "context")} | {"reference": r["response"].strip()} for r in rows]
-    for side, use_adapter in (("base", False), ("tuned", True)):
-        generated = llama.generate(prompts, cfg.batch_size, use_adapter, progress=True, **generation(cfg))
-        nll = iter(llama.nll(kept, use_adapter, NLL_BATCH))
-        for item, gen, example in zip(items, generated, examples, strict=True):
-            ref, answer = item["reference"], gen["answer"]
-            item[side] = {
-                "answer": answer, "rougeL": scores.rouge_l(answer, ref), "f1": scores.token_f1(answer, ref),
-                "em": scores.exact_match(answer, ref), "nll": next(nll) if example is not None else float("nan"),
-                "answer_tokens": gen["answer_tokens"], "eos_rate": float(gen["ended_with_eos"]),
-            }
-    return items
-
-
-def aggregate(items: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
-    """Per metric: base and tuned means, the paired-bootstrap 95% CI of the difference, a verdict."""
-    out: dict[str, Any] = {"n": len(items), "scores": {}}
-    for metric, meta in METRICS.items():
-        pairs = [(i["base"][metric], i["tuned"][metric]) for i in items]
-        pairs = [(b, t) for b, t in pairs if b == b and t == t]  # NLL is NaN for records the length policy drops
-        ci = scores.paired_bootstrap([b for b, _ in pairs], [t for _, t in pairs], cfg.bootstrap_samples, cfg.seed)
-        higher = meta["higher_is_better"]
-        verdict = scores.verdict(ci, higher) if len(pairs) >= MIN_ITEMS_FOR_VERDICT else f"too few items (n<{MIN_ITEMS_FOR_VERDICT})"
-        out["scores"][metric] = ci | {"verdict": verdict if higher is not None else None}
-    nll = out["scores"]["nll"]
-    out["perplexity"] = {side: math.exp(nll[side]) if nll[side] == nll[side] else float("nan") for side in ("base", "tuned")}
-    return out
+# --- the quantitative evaluation (comparison.py: which records, scores, verdicts) -------------
 
 
 def distributed_state() -> Any:
@@ -157,41 +91,71 @@ def distributed_state() -> Any:
     return state if state.num_processes > 1 else None
 
 
-def score_across_processes(llama: Llama, rows: list[dict[str, Any]], cfg: EvalConfig, max_length: int, state: Any) -> list[dict[str, Any]]:
+def score_across_processes(
+    llama: Llama, rows: list[dict[str, Any]], cfg: EvalConfig, max_length: int, stops: list[str], state: Any
+) -> list[dict[str, Any]]:
     """Each process scores its contiguous share of the rows; every process gets back all items, in the rows' order."""
     from accelerate.utils import gather_object
 
     with state.split_between_processes(rows) as mine:
-        items = score_items(llama, mine, cfg, max_length)
+        items = comparison.score_items(llama, mine, cfg, max_length, stops)
     return sorted(gather_object(items), key=lambda item: item["id"])
 
 
 def evaluate(llama: Llama, train: TrainConfig | None, cfg: EvalConfig, state: Any = None) -> None:
     import report as report_lib
 
-    rows, dataset = select_records(train, cfg)
+    prints = comparison.read_fingerprints(cfg.adapter)
+    rows, dataset = comparison.select_records(train, prints, cfg)
+    overlap = comparison.check_no_training_records(rows, prints, cfg)  # refuses to score training records unless told to
     is_main = state is None or state.is_main_process
     max_length = train.max_length if train else 1024  # the adapter's length policy for the reference NLL
+    stops = section_markers() if cfg.stop_strings else []
     if is_main:
         across = f", split across {state.num_processes} processes" if state is not None else ""
         print(f"[eval] scoring {len(rows)} records of {dataset} ({cfg.split or 'all'}), base and fine-tuned{across}")
-    items = score_items(llama, rows, cfg, max_length) if state is None else score_across_processes(llama, rows, cfg, max_length, state)
+    if state is None:
+        items = comparison.score_items(llama, rows, cfg, max_length, stops)
+    else:
+        items = score_across_processes(llama, rows, cfg, max_length, stops, state)
     if not is_main:
         return  # the main process aggregates and writes the report
-    categories = sorted({i["category"] for i in items})
-    report = {
-        "title": f"base vs fine-tuned: {cfg.adapter} on {dataset} ({cfg.split or 'all'})",
-        "adapter": cfg.adapter, "base_model": llama.base_model,
-        "dataset": dataset, "split": cfg.split or "all", "generation": generation(cfg), "seed": cfg.seed,
-        "metrics": METRICS, "primary": PRIMARY, "items": items,
-        "aggregates": {
-            "overall": aggregate(items, cfg),
-            "by_category": {c: aggregate([i for i in items if i["category"] == c], cfg) for c in categories},
-        },
-    }
+    report = build_report(llama, items, dataset, cfg, stops, overlap)
     paths = report_lib.write_all(report, cfg.out or os.path.join(cfg.adapter, "eval"))
     print(report_lib.to_markdown(report))
     print("[eval] wrote " + ", ".join(paths.values()))
+
+
+def build_report(
+    llama: Llama, items: list[dict[str, Any]], dataset: str, cfg: EvalConfig, stops: list[str], overlap: int
+) -> dict[str, Any]:
+    """The report dict report.py renders: what was compared, on what, how, and every item with both answers."""
+    categories = sorted({i["category"] for i in items})
+    aggregates = {
+        "overall": comparison.aggregate(items, cfg),
+        "by_category": {c: comparison.aggregate([i for i in items if i["category"] == c], cfg) for c in categories},
+    }
+    policy = comparison.assign_verdicts(aggregates)
+    sample = f"seeded sample of {cfg.limit}, stratified by category (seed {cfg.seed})" if cfg.limit else "all selected records"
+    header = {
+        "base": f"{llama.base_model}: {llama.quantization_label()} base with the adapter switched off (the same weights)",
+        "fine-tuned": f"the same base + the LoRA adapter in {cfg.adapter}",
+        "card": llama.device_label(),
+        "stop rules": ("EOS, or the first of " + ", ".join(repr(s) for s in stops) + ", the same for both models; "
+                       "scores are computed on the cut answers (raw text in report.json)") if stops else "EOS only",
+        "sample": sample,
+        "training records scored": f"{overlap} (allowed by --allow-train-overlap)" if overlap else "none (checked by content hash)",
+        "verdicts": (f"primary test (pre-declared): overall {comparison.METRICS[policy['primary']['metric']]['label']}, 95% paired "
+                     f"bootstrap CI; the other {policy['corrected_tests']} verdicts Holm–Bonferroni-corrected, family-wise "
+                     f"α = {policy['family_alpha']}; fewer than {comparison.MIN_ITEMS_FOR_VERDICT} items: no verdict"),
+        "perplexity": "token-weighted: exp(sum of NLL over the reference's tokens / their count), as in training",
+    }
+    return {
+        "title": f"base vs fine-tuned: {cfg.adapter} on {dataset} ({cfg.split or 'all'})",
+        "adapter": cfg.adapter, "base_model": llama.base_model, "dataset": dataset, "split": cfg.split or "all",
+        "generation": comparison.generation(cfg), "seed": cfg.seed, "header": header, "verdict_policy": policy,
+        "metrics": comparison.METRICS, "primary": comparison.PRIMARY, "items": items, "aggregates": aggregates,
+    }
 
 
 def interactive(llama: Llama, cfg: EvalConfig) -> None:
@@ -210,15 +174,13 @@ def interactive(llama: Llama, cfg: EvalConfig) -> None:
         print_side_by_side([sample], base, tuned)
 
 
-def generation(cfg: EvalConfig) -> dict[str, Any]:
-    return {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
-
-
 def compare(llama: Llama, samples: list[dict[str, str]], cfg: EvalConfig) -> tuple[list[str], list[str]]:
     """(base answers, fine-tuned answers) for the samples, from the same loaded weights."""
     prompts = [create_question(s) for s in samples]
-    base, tuned = ([g["answer"] for g in llama.generate(prompts, cfg.batch_size, use_adapter, progress=True, **generation(cfg))]
-                   for use_adapter in (False, True))
+    stops = section_markers() if cfg.stop_strings else []
+    answers = [llama.generate(prompts, cfg.batch_size, use_adapter, progress=True, stop_strings=stops, **comparison.generation(cfg))
+               for use_adapter in (False, True)]
+    base, tuned = ([g["answer"] for g in side] for side in answers)
     return base, tuned
 
 

@@ -8,8 +8,9 @@ W + (alpha / r) * B @ A is added into each target weight (peft's merge_and_unloa
 is saved as safetensors with the adapter's tokenizer. A merged model generates without the LoRA
 side-branch, which makes it faster to serve.
 
-Adapters trained on a 4-bit base merge into the full-precision weights here, as in the QLoRA paper:
-the merged model differs from 4-bit base + adapter by the 4-bit quantization error of the base.
+Adapters trained on a 4-bit base merge into the full-precision weights by default, as in the QLoRA paper:
+that merged model differs from the 4-bit base + adapter that eval.py evaluated by the base's 4-bit quantization
+error. `--from-4bit` merges into the exact dequantized values of the 4-bit weights instead: the evaluated model.
 """
 
 from __future__ import annotations
@@ -21,17 +22,25 @@ import sys
 import atomic
 from cli import run_cli
 from config import ConfigError
+from generation import fold_lora
 from model import Llama
 
 
-def export(adapter: str, out: str, base_model: str | None = None) -> str:
+def export(adapter: str, out: str, base_model: str | None = None, from_4bit: bool = False) -> str:
     """Write the merged model to `out` (atomically: a temporary folder renamed at the end)."""
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         raise ConfigError(f"{adapter}: no adapter_config.json; pass the directory main.py wrote")
     if os.path.exists(out):
         raise ConfigError(f"{out} already exists; choose another --out or remove it")
-    llama = Llama.load_pretrained_model(adapter, base_model=base_model, quantization="none")
-    merged = llama.model.merge_and_unload()
+    if from_4bit:
+        llama = Llama.load_pretrained_model(adapter, base_model=base_model, quantization="4bit", dequantize="yes")
+        llama.dequantize_if_allowed()  # every 4-bit layer becomes a dense layer holding exactly its dequantized values
+        merged = fold_lora(llama.model)
+        merged.config.__dict__.pop("quantization_config", None)  # no 4-bit layer is left: save it as the plain model it is
+        merged.hf_quantizer = None
+    else:
+        llama = Llama.load_pretrained_model(adapter, base_model=base_model, quantization="none")
+        merged = llama.model.merge_and_unload()
     with atomic.folder(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         llama.tokenizer.save_pretrained(tmp)
@@ -43,9 +52,16 @@ def run(argv: list[str]) -> None:
     parser.add_argument("--adapter", default="llama_adapter", help="Adapter directory written by main.py (default: llama_adapter).")
     parser.add_argument("--out", required=True, help="New directory for the merged model.")
     parser.add_argument("--base-model", default=None, help="Override the base recorded in the adapter's train_config.yaml.")
+    parser.add_argument("--from-4bit", action="store_true",
+                        help="Merge into the dequantized 4-bit base (the model eval.py evaluated) instead of the 16-bit base.")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-line errors.")
     args = parser.parse_args(argv)
-    print(f"[export] merged model written to {export(args.adapter, args.out, args.base_model)}/")
+    out = export(args.adapter, args.out, args.base_model, args.from_4bit)
+    if args.from_4bit:
+        print(f"[export] {out}/: the 4-bit base's exact dequantized weights + the adapter, merged: the model eval.py evaluated")
+    else:
+        print(f"[export] {out}/: the 16-bit base + the adapter, merged. eval.py evaluated the 4-bit base + the adapter; "
+              "this model differs from it by the base's 4-bit quantization error (--from-4bit merges into the evaluated weights)")
 
 
 def main(argv: list[str] | None = None) -> int:

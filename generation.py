@@ -1,9 +1,14 @@
 """Generation: batched greedy (or sampled) answers with out-of-memory back-off, and the 16-bit copy of a 4-bit base.
 
-    results = generate(model, tokenizer, prompts, batch_size=64)   # [{"answer", "answer_tokens", "ended_with_eos"}]
+    results = generate(model, tokenizer, prompts, batch_size=64, stop_strings=["### Instruction:"])
+    # [{"answer", "raw", "answer_tokens", "stop": "eos" | "stop_string" | "length", "ended_with_eos"}]
 
 Prompts go longest first, in batches of similar length (less left padding; an out-of-memory error shows up
 at once, and halves the batch for the rest of the run); results come back in input order.
+
+Stopping: an answer ends at EOS, at the first stop string (eval.py passes the template's section markers, the
+same for every model), or at max_new_tokens, whichever comes first; `stop` says which. A sequence that has
+stopped no longer decides when its batch ends. `raw` keeps the decoded text before the cut.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ def generation_kwargs(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 
 
 def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], batch_size: int = 8,
              progress: bool = False, label: str = "answers", **generation: Any) -> list[dict[str, Any]]:
-    """Each prompt's answer (new text only, stopped at EOS), its token count and whether it ended with EOS, in input order."""
+    """Each prompt's answer (new text only, cut at EOS or a stop string), its token count and how it ended, in input order."""
     from tqdm.auto import tqdm
 
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
@@ -62,20 +67,31 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
 
 @torch.inference_mode()
 def generate_batch(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], **generation: Any
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], stop_strings: list[str] | None = None,
+    **generation: Any,
 ) -> list[dict[str, Any]]:
     """One left-padded batch through model.generate."""
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    out = model.generate(**batch, **generation_kwargs(tokenizer, **generation))
-    new_tokens = out[:, batch["input_ids"].shape[1] :].tolist()
+    stops = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
+    out = model.generate(**batch, **stops, **generation_kwargs(tokenizer, **generation))
+    return [end_answer(row, tokenizer, stop_strings or []) for row in out[:, batch["input_ids"].shape[1] :].tolist()]
+
+
+def end_answer(new_tokens: list[int], tokenizer: PreTrainedTokenizerBase, stop_strings: list[str]) -> dict[str, Any]:
+    """The answer in a row of generated tokens: up to EOS, then cut before the first stop string; and which rule ended it."""
     eos = tokenizer.eos_token_id
-    results = []
-    for row in new_tokens:
-        length = row.index(eos) if eos in row else len(row)
-        answer = tokenizer.decode(row[:length], skip_special_tokens=True).strip()
-        results.append({"answer": answer, "answer_tokens": length, "ended_with_eos": eos in row})
-    return results
+    length = new_tokens.index(eos) if eos in new_tokens else len(new_tokens)
+    raw = tokenizer.decode(new_tokens[:length], skip_special_tokens=True)
+    cut = min((raw.find(s) for s in stop_strings if s in raw), default=-1)
+    if cut < 0:
+        stop = "eos" if eos in new_tokens else "length"
+        return {"answer": raw.strip(), "raw": raw, "answer_tokens": length, "stop": stop, "ended_with_eos": stop == "eos"}
+    low, high = 0, length  # the most generated tokens whose text stays before the cut (binary search: decoding is monotone)
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if len(tokenizer.decode(new_tokens[:mid], skip_special_tokens=True)) <= cut else (low, mid - 1)
+    return {"answer": raw[:cut].strip(), "raw": raw, "answer_tokens": low, "stop": "stop_string", "ended_with_eos": False}
 
 
 # --- fast generation: the 4-bit base dequantized once -------------------------------------
@@ -140,3 +156,26 @@ def dequantize_fits(extra_bytes: int, headroom: float = 0.5) -> bool:
         return False  # on the CPU the 4-bit path is the documented low-memory fallback; opt in with dequantize="yes"
     free, _ = torch.cuda.mem_get_info()
     return extra_bytes <= headroom * free
+
+
+def lora_delta(layer: torch.nn.Module, adapter: str = "default") -> torch.Tensor:
+    """The update a LoRA layer adds to its base weight, (alpha / r) * B @ A, computed in float32."""
+    a, b = layer.lora_A[adapter].weight.float(), layer.lora_B[adapter].weight.float()
+    return (b @ a) * layer.scaling[adapter]
+
+
+@torch.no_grad()
+def fold_lora(peft_model: torch.nn.Module, adapter: str = "default") -> torch.nn.Module:
+    """The base model with each LoRA update added into its dense weight (in float32, cast once) and the wrappers removed.
+
+    For a base whose 4-bit layers were dequantized (dequantize_4bit): PEFT's own merge expects bitsandbytes layers there.
+    """
+    wrapped = [(parent, name, child) for parent in peft_model.modules() for name, child in parent.named_children()
+               if hasattr(child, "lora_A") and hasattr(child, "base_layer")]
+    for parent, name, layer in wrapped:
+        base = layer.base_layer
+        if type(base) is not torch.nn.Linear:
+            raise TypeError(f"{name}: fold_lora needs a dense base layer, got {type(base).__name__} (dequantize the base first)")
+        base.weight.data = (base.weight.data.float() + lora_delta(layer, adapter)).to(base.weight.dtype)
+        setattr(parent, name, base)
+    return peft_model.get_base_model()

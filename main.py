@@ -30,6 +30,7 @@ from cli import run_cli
 from config import ConfigError, TrainConfig, parse_config
 from dataset import (
     DataError,
+    fingerprint,
     format_load_summary,
     format_summary,
     load_records_with_summary,
@@ -76,7 +77,8 @@ def run(argv: list[str]) -> None:
     trainer = build_trainer(cfg, model, tokenizer, train_ds, val_ds)
     metrics = train(trainer, cfg, has_val=len(val_ds) > 0)
     saved_cfg = cfg if cfg.base_model == TINY_MODEL else dataclasses.replace(cfg, base_model=base_path, gguf_file=None)
-    save_outputs(trainer, tokenizer, saved_cfg, metrics | {"data": {"load": load_summary} | data_summary})
+    fingerprints = data_summary.pop("fingerprints")
+    save_outputs(trainer, tokenizer, saved_cfg, metrics | {"data": {"load": load_summary} | data_summary}, fingerprints)
     if trainer.is_world_process_zero():
         print(f"[main] done: a LoRA adapter for {saved_cfg.base_model} in {cfg.output_dir}/; compare it with that base: "
               f"python eval.py --adapter {cfg.output_dir}")
@@ -143,6 +145,7 @@ def print_trainable(model: torch.nn.Module) -> None:
 
 def prepare_data(cfg: TrainConfig, records, tokenizer) -> tuple[Any, Any, dict[str, Any]]:
     train_raw, val_raw = split_records(records, cfg.val_fraction, cfg.seed)
+    fingerprints = {"train": sorted(map(fingerprint, train_raw)), "validation": sorted(map(fingerprint, val_raw))}
     train_ds, train_summary = tokenize_records(train_raw, tokenizer, cfg.max_length, cfg.dataset)
     val_ds, val_summary = tokenize_records(val_raw, tokenizer, cfg.max_length, cfg.dataset)
     print("[data] " + format_summary("train", train_summary))
@@ -156,7 +159,7 @@ def prepare_data(cfg: TrainConfig, records, tokenizer) -> tuple[Any, Any, dict[s
         fill = train_summary["tokens"] / (len(train_ds) * cfg.pack_tokens)
         print(f"[data] packed {records} training records into {len(train_ds)} rows of <= {cfg.pack_tokens} tokens "
               f"({fill:.0%} full, no padding)")
-    return train_ds, val_ds, {"train": train_summary, "validation": val_summary}
+    return train_ds, val_ds, {"train": train_summary, "validation": val_summary, "fingerprints": fingerprints}
 
 
 

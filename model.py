@@ -42,6 +42,7 @@ class Llama:
         self.base_model = base_model or getattr(model.config, "name_or_path", None)  # what the answers come from
         self.dequantize = dequantize
         self._dequantize_checked = False
+        self._dequantized = False
 
     @classmethod
     def load_pretrained_model(cls, path_or_name: str = "llama_adapter", base_model: str | None = None, quantization: str | None = None,
@@ -72,7 +73,10 @@ class Llama:
 
     def generate(self, questions: list[str], batch_size: int = 8, use_adapter: bool = True, progress: bool = False,
                  **generation_args: Any) -> list[dict[str, Any]]:
-        """Answers to many prompts, in input order: {"answer", "answer_tokens", "ended_with_eos"} each."""
+        """Answers to many prompts, in input order: {"answer", "raw", "answer_tokens", "stop", "ended_with_eos"} each.
+
+        stop_strings=[...] (eval.py: the template's section markers) ends an answer at the first of them too (see generation.py).
+        """
         self.dequantize_if_allowed()
         label = "fine-tuned" if use_adapter and self.has_adapter else "base"
         with self.adapter(use_adapter):
@@ -102,6 +106,22 @@ class Llama:
             out.extend((losses.sum(dim=1) / counts).tolist())
         return out
 
+    def quantization_label(self) -> str:
+        """What the base's weights are, in words: "4-bit NF4", "8-bit", or "unquantized (torch.float32)"."""
+        q = getattr(self.model.config, "quantization_config", None)
+        q = q.to_dict() if hasattr(q, "to_dict") else q or {}
+        if not q.get("load_in_4bit") and not q.get("load_in_8bit"):
+            return f"unquantized ({self.model.dtype})"
+        label = f"4-bit {q.get('bnb_4bit_quant_type', '').upper()}".strip() if q.get("load_in_4bit") else "8-bit"
+        return label + (" (answers generated from its exact 16-bit copy)" if self._dequantized else "")
+
+    def device_label(self) -> str:
+        """The card (or CPU) the answers come from, for reports."""
+        device = self.model.device
+        if device.type == "cuda":
+            return torch.cuda.get_device_name(device)
+        return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
     def dequantize_if_allowed(self) -> None:
         """Once, before the first forward pass: swap the 4-bit base for its 16-bit copy if asked to (auto: if it fits)."""
         if self._dequantize_checked:
@@ -114,3 +134,4 @@ class Llama:
             print(f"[model] dequantizing the 4-bit base to a 16-bit copy for generation (+{extra / 2**30:.1f} GiB; "
                   "same weight values, faster)", flush=True)
             generation.dequantize_4bit(self.model)
+            self._dequantized = True

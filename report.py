@@ -137,7 +137,33 @@ def header_fields(report: dict[str, Any]) -> list[tuple[str, str]]:
     fields = [("adapter", report.get("adapter")), ("base model", report.get("base_model")),
               ("dataset", f"{report.get('dataset', NA)} ({report.get('split', NA)} split)"), ("n", n),
               ("generation", ", ".join(f"{k}={v}" for k, v in gen.items()) or NA), ("seed", report.get("seed"))]
+    fields += list((report.get("header") or {}).items())  # what eval.py says about the comparison itself
     return [(name, NA if value is None else str(value)) for name, value in fields]
+
+
+DEFAULT_NOTE = "Difference = fine-tuned − base, with its 95% paired-bootstrap confidence interval."
+
+
+def verdict_note(report: dict[str, Any]) -> str:
+    """How the verdicts were reached, in one paragraph (the report's verdict_policy, when it has one)."""
+    policy = report.get("verdict_policy")
+    if not policy:
+        return DEFAULT_NOTE + " The verdict is better/worse when the interval excludes 0."
+    primary = policy["primary"]
+    return (f"{DEFAULT_NOTE} Primary test, declared before the results: {primary['group']} "
+            f"{metric_label(report, primary['metric'])}, better/worse when its interval excludes 0. Every other verdict is "
+            f"Holm–Bonferroni-corrected across the {policy['corrected_tests']} tests of this report (family-wise "
+            f"α = {policy['family_alpha']}): better/worse when its adjusted p-value is below α.")
+
+
+STOP_LABELS = {"eos": "EOS", "stop_string": "a section marker (cut there)", "length": "the token limit"}
+
+
+def stop_rows(report: dict[str, Any]) -> list[list[str]]:
+    """How each side's answers ended, overall: one row per rule, counts for base and fine-tuned."""
+    stops = ((report.get("aggregates") or {}).get("overall") or {}).get("stops") or {}
+    return [[STOP_LABELS.get(rule, rule), str(stops["base"].get(rule, 0)), str(stops["tuned"].get(rule, 0))]
+            for rule in STOP_LABELS if stops]
 
 
 def _md_cell(text: Any) -> str:
@@ -156,8 +182,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: title, header block, the primary score per category, all metrics overall."""
     lines = [f"# {report.get('title', 'base vs fine-tuned')}", ""]
     lines += [f"- **{name}**: {value}" for name, value in header_fields(report)]
-    lines += ["", "Difference = fine-tuned − base, with its 95% paired-bootstrap confidence interval; "
-              "the verdict is better/worse when the interval excludes 0.", ""]
+    lines += ["", verdict_note(report), ""]
     head = ["category", "n", "primary score", "base", "fine-tuned", "difference [95% CI]", "verdict"]
     rows = [[r["category"], NA if r["n"] is None else str(r["n"]), r["label"], fmt(r["score"].get("base")),
              fmt(r["score"].get("tuned")), fmt_diff(r["score"]), verdict_text(r["score"])] for r in summary_rows(report)]
@@ -167,6 +192,8 @@ def to_markdown(report: dict[str, Any]) -> str:
              fmt(r["score"].get("tuned")), fmt_diff(r["score"]), verdict_text(r["score"])] for r in metric_rows(report)]
     lines += ["## Overall, all metrics", "", "↑ higher is better, ↓ lower is better, no arrow: descriptive only.", ""]
     lines += _md_table(head, rows)
+    if stop_rows(report):
+        lines += ["", "## How the answers ended", ""] + _md_table(["ended at", "base", "fine-tuned"], stop_rows(report))
     return "\n".join(lines) + "\n"
 
 
@@ -253,6 +280,16 @@ def _summary_table_html(report: dict[str, Any]) -> str:
     return "\n".join(out + ["</tbody>", "</table></div>"])
 
 
+def _stops_table_html(report: dict[str, Any]) -> str:
+    """table#stops: how each side's answers ended (empty when the report has no counts)."""
+    rows = stop_rows(report)
+    if not rows:
+        return ""
+    body = "".join(f'<tr><td>{_esc(a)}</td><td class="num">{_esc(b)}</td><td class="num">{_esc(t)}</td></tr>' for a, b, t in rows)
+    return ('<h2>How the answers ended</h2><div class="table-wrap"><table id="stops"><thead><tr><th>ended at</th>'
+            f'<th class="num">base</th><th class="num">fine-tuned</th></tr></thead><tbody>{body}</tbody></table></div>')
+
+
 def _metrics_table_html(report: dict[str, Any]) -> str:
     """table#all-metrics: every metric of the overall aggregate."""
     out = ['<div class="table-wrap"><table id="all-metrics">', ('<thead><tr><th>metric</th><th class="num">base</th>'
@@ -304,11 +341,10 @@ def to_html(report: dict[str, Any], png_path: str | None = None) -> str:
            '<meta name="viewport" content="width=device-width, initial-scale=1">', f"<title>{_esc(title)}</title>",
            f"<style>{CSS}</style>", "</head>", "<body>", "<main>", f"<h1>{_esc(title)}</h1>", f'<dl class="meta">{meta}</dl>',
            "<h2>Primary score, overall and per category</h2>",
-           '<p class="note">Difference = fine-tuned − base with its 95% paired-bootstrap confidence interval; '
-           "the verdict is better/worse when the interval excludes 0.</p>",
+           f'<p class="note">{_esc(verdict_note(report))}</p>',
            _summary_table_html(report), "<h2>All metrics, overall</h2>",
            '<p class="note">↑ higher is better, ↓ lower is better, no arrow: descriptive only (no verdict).</p>',
-           _metrics_table_html(report)]
+           _metrics_table_html(report), _stops_table_html(report)]
     if png_path and os.path.isfile(png_path):
         with open(png_path, "rb") as fh:
             data = base64.b64encode(fh.read()).decode("ascii")

@@ -40,7 +40,7 @@ EXIT_TRAINING_FAILED = 1  # a NaN/inf loss, CUDA out of memory
 RUN_OUTPUTS = (
     "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md", "tokenizer.json", "tokenizer.model",
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
-    "train_config.yaml", "metrics.json", "loss_curve.png", "checkpoints", "tensorboard", "eval", STAGING,
+    "train_config.yaml", "data_fingerprints.json", "metrics.json", "loss_curve.png", "checkpoints", "tensorboard", "eval", STAGING,
 )
 
 

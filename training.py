@@ -11,6 +11,7 @@ peak memory to its logs, steady tokens/s (`SteadyThroughput`), the loss curve an
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from config import CONFIG_NAME, TrainConfig, save_config
+from config import CONFIG_NAME, FINGERPRINTS_NAME, TrainConfig, save_config
 from dataset import collate_packed, make_collator
 from resilience import (
     EXIT_TRAINING_FAILED,
@@ -36,17 +37,38 @@ from resilience import (
 from runtime import runtime
 
 
-class TrainerWithMemoryLog(Trainer):
-    """transformers' Trainer, plus peak memory in every log line (console, TensorBoard, trainer_state.json).
+class ProjectTrainer(Trainer):
+    """transformers' Trainer with two additions: peak memory in every log line (console, TensorBoard,
+    trainer_state.json), and a token-weighted held-out loss.
 
-    Trainer itself logs train_tokens_per_second (non-padding tokens, this session). Its checkpoints are
-    marked complete, and rotated, by resilience.CheckpointMarker.
+    Trainer's own eval_loss averages the loss of each evaluation batch (a packed row), so a short row counts as
+    much as a full one. Here eval_loss is the sum of the NLL over all supervised tokens / their count, and
+    eval_perplexity its exp: the same definition as eval.py's report. Trainer itself logs train_tokens_per_second
+    (non-padding tokens); its checkpoints are marked complete, and rotated, by resilience.CheckpointMarker.
     """
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs or "train_loss" in logs:
             logs.update(peak_memory())
         super().log(logs, *args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if not model.training and hasattr(self, "_eval_sums"):  # evaluating: the batch's mean NLL x its supervised tokens
+            loss = result[0] if return_outputs else result
+            tokens = (inputs["labels"][..., 1:] != -100).sum()
+            self._eval_sums += torch.stack([loss.detach().float() * tokens, tokens.float()]).to(self._eval_sums.device)
+        return result
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        nll, tokens = self.accelerator.reduce(self._eval_sums, reduction="sum").tolist()
+        del self._eval_sums
+        if tokens:
+            output.metrics[f"{metric_key_prefix}_loss"] = nll / tokens
+            output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(nll / tokens)
+        return output
 
 
 def peak_memory() -> dict[str, float]:
@@ -93,7 +115,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
         use_cpu=not rt.cuda,  # on a CPU, several processes (torchrun, accelerate launch with ddp.yaml) then train with DDP over gloo
     )
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
-    return TrainerWithMemoryLog(
+    return ProjectTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
         data_collator=collate_packed if cfg.packing else make_collator(tokenizer), processing_class=tokenizer,
         callbacks=[CheckpointMarker(keep=cfg.save_total_limit)],
@@ -132,8 +154,7 @@ def train(trainer: Trainer, cfg: TrainConfig, has_val: bool) -> dict[str, Any]:
     if steady is not None:
         metrics["train_tokens_per_second_steady"] = round(steady, 1)
     if has_val:
-        metrics |= trainer.evaluate()
-        metrics["eval_perplexity"] = float(torch.exp(torch.tensor(metrics["eval_loss"])))
+        metrics |= trainer.evaluate()  # eval_loss and eval_perplexity: token-weighted (ProjectTrainer)
     if trainer.is_world_process_zero():
         print("[main] " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return metrics
@@ -178,7 +199,7 @@ def warn_if_other_process_count(checkpoint: str | None, world_size: int) -> None
               "but the data order and the RNG streams differ from an uninterrupted run; relaunch with the same number for an exact resume")
 
 
-def save_outputs(trainer: Trainer, tokenizer, cfg: TrainConfig, metrics: dict[str, Any]) -> None:
+def save_outputs(trainer: Trainer, tokenizer, cfg: TrainConfig, metrics: dict[str, Any], fingerprints: dict[str, list[str]]) -> None:
     out = cfg.output_dir
     # FSDP: every process hands in its shards (a collective), rank 0 gets the full state dict (on the CPU); else None
     state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
@@ -192,6 +213,8 @@ def save_outputs(trainer: Trainer, tokenizer, cfg: TrainConfig, metrics: dict[st
         with open(os.path.join(tmp, "metrics.json"), "w", encoding="utf-8") as fh:
             json.dump(metrics | {"versions": versions()}, fh, indent=2)
         write_adapter_readme(tmp, cfg, metrics)
+        with open(os.path.join(tmp, FINGERPRINTS_NAME), "w", encoding="utf-8") as fh:
+            json.dump(fingerprints, fh)  # eval.py refuses to score these training records, and finds the held-out ones
         plot_losses(trainer.state.log_history, os.path.join(tmp, "loss_curve.png"))
     print(f"[main] adapter, tokenizer, {CONFIG_NAME}, metrics.json, loss_curve.png and README.md written to {out}/")
 

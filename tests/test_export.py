@@ -64,3 +64,24 @@ def test_export_refuses_to_overwrite_and_names_missing_adapters(adapter_dir, tmp
         export(adapter_dir, str(tmp_path / "exists"))
     with pytest.raises(ConfigError, match="no adapter_config.json"):
         export(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_from_4bit_merges_into_the_evaluated_weights(adapter_dir, tmp_path):
+    """--from-4bit: the 4-bit base's dequantized values + the adapter, i.e. what eval.py scored (4-bit base + adapter)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from export import export
+
+    from_4bit = export(adapter_dir, str(tmp_path / "from4bit"), from_4bit=True)
+    with open(os.path.join(from_4bit, "config.json")) as fh:
+        assert "quantization_config" not in json.load(fh)  # a plain model now: loads without bitsandbytes
+    evaluated = Llama.load_pretrained_model(adapter_dir, quantization="4bit", dequantize="no")
+    batch = evaluated.tokenizer(QUESTIONS[1:], return_tensors="pt")
+    with torch.no_grad():
+        expected = evaluated.model(**batch).logits
+        merged_4bit = AutoModelForCausalLM.from_pretrained(from_4bit).eval()(**batch).logits
+        merged_16bit = AutoModelForCausalLM.from_pretrained(export(adapter_dir, str(tmp_path / "from16bit"))).eval()(**batch).logits
+    torch.testing.assert_close(merged_4bit.float(), expected.float(), rtol=0, atol=5e-3)  # a dense matmul instead of the 4-bit kernel
+    assert (merged_16bit - expected).abs().max() > 10 * (merged_4bit - expected).abs().max()  # the 4-bit error: the other merge

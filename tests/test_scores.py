@@ -144,7 +144,26 @@ def test_paired_bootstrap_small_and_invalid_inputs():
     assert all(math.isnan(empty[k]) for k in ("base", "tuned", "diff", "ci_low", "ci_high"))
     assert verdict(empty) == "no significant difference"
     one = paired_bootstrap([0.25], [0.75])
+    assert math.isnan(one.pop("p"))  # one item: no test
     assert one == {"base": 0.25, "tuned": 0.75, "diff": 0.5, "ci_low": 0.5, "ci_high": 0.5, "n": 1}
+
+
+def test_bootstrap_p_value_is_small_for_a_clear_gain_and_large_for_none():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 1, 200)
+    clear = paired_bootstrap(base, base + 0.2 + rng.normal(0, 0.05, 200), seed=1)
+    none = paired_bootstrap(base, base + rng.normal(0, 0.05, 200), seed=1)
+    assert clear["p"] == 0.0 and 0.05 < none["p"] <= 1.0
+    assert (clear["ci_low"] > 0) == (clear["p"] < 0.05)
+
+
+def test_holm_adjusts_in_steps_and_keeps_the_order():
+    from scores import holm
+
+    # m = 4: sorted p 0.01, 0.02, 0.03, 0.2 -> x4, x3, x2, x1 -> 0.04, 0.06, 0.06 (monotone), 0.2
+    assert holm([0.03, 0.01, 0.2, 0.02]) == pytest.approx([0.06, 0.04, 0.2, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm([]) == []  # 0.5 x 2 = 1, capped; monotone after
+    assert holm([0.04] * 10) == pytest.approx([0.4] * 10)  # ten tests at p=0.04: none survives
 
 
 @pytest.mark.parametrize("low, high, higher_is_better, expected", [
