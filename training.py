@@ -212,7 +212,7 @@ def save_outputs(trainer: Trainer, tokenizer, cfg: TrainConfig, metrics: dict[st
         save_config(cfg, os.path.join(tmp, CONFIG_NAME))
         with open(os.path.join(tmp, "metrics.json"), "w", encoding="utf-8") as fh:
             json.dump(metrics | {"versions": versions()}, fh, indent=2)
-        write_adapter_readme(tmp, cfg, metrics)
+        write_adapter_readme(tmp, cfg, metrics, trainer.state.global_step)
         with open(os.path.join(tmp, FINGERPRINTS_NAME), "w", encoding="utf-8") as fh:
             json.dump(fingerprints, fh)  # eval.py refuses to score these training records, and finds the held-out ones
         plot_losses(trainer.state.log_history, os.path.join(tmp, "loss_curve.png"))
@@ -251,17 +251,18 @@ def plot_losses(history: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
-def write_adapter_readme(folder: str, cfg: TrainConfig, metrics: dict[str, Any]) -> None:
+def write_adapter_readme(folder: str, cfg: TrainConfig, metrics: dict[str, Any], steps: int) -> None:
     """README.md of the adapter folder (replacing PEFT's blank model card): which base it belongs to, and how to use it."""
     loss = metrics.get("eval_loss")
+    held_out = "n/a" if loss is None else f"{loss:.4f} (perplexity {math.exp(loss):.2f})"
     text = f"""# LoRA adapter for {cfg.base_model}
 
 This adapter only works on top of **{cfg.base_model}** ({cfg.quantization} base, LoRA r={cfg.lora_r} on
 {", ".join(cfg.lora_target_modules)}), trained on {cfg.dataset} by `python main.py` (the full settings are in
 {CONFIG_NAME}; speed, losses and library versions in metrics.json).
 
-- steps: {metrics.get("train_steps", metrics.get("global_step", "n/a"))}, training loss {metrics.get("train_loss", float("nan")):.4f}
-- held-out loss (token-weighted mean over supervised tokens): {"n/a" if loss is None else f"{loss:.4f}"}
+- {steps} optimizer steps; mean training loss {metrics.get("train_loss", float("nan")):.4f}
+- held-out loss, token-weighted (NLL summed over the responses' tokens / their count): {held_out}
 
     python eval.py --adapter {folder_name(cfg.output_dir)}          # base vs fine-tuned answers, side by side
     from model import Llama; Llama.load_pretrained_model("{folder_name(cfg.output_dir)}").ask_model(question)
