@@ -433,3 +433,28 @@ def collate_packed(features: list[dict[str, list[int]]]) -> dict[str, Any]:
     import torch
 
     return {key: torch.tensor([[v for f in features for v in f[key]]]) for key in ("input_ids", "labels", "position_ids")}
+
+
+class PaddedPackedCollator:
+    """collate_packed, padded to exactly `budget` tokens: one shape for every micro-batch (torch.compile, CUDA graphs).
+
+    The padding is a record of its own: pad ids, labels -100 and positions restarting at 0, so no real token attends
+    to it and nothing is learnt from it. `num_tokens` (a Python int: the real tokens) lets the Trainer count tokens
+    without reading the GPU; training.TrainerWithMemoryLog drops it before the model sees the batch.
+    """
+
+    def __init__(self, budget: int, pad_id: int):
+        self.budget, self.pad_id = budget, pad_id
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        batch = collate_packed(features)
+        real = batch["input_ids"].shape[1]
+        pad = self.budget - real
+        if pad < 0:
+            raise ValueError(f"a packed row of {real} tokens is longer than its budget of {self.budget}")
+        fill = {"input_ids": torch.full((1, pad), self.pad_id), "labels": torch.full((1, pad), IGNORE_INDEX),
+                "position_ids": torch.arange(pad)[None]}
+        padded = {key: torch.cat([batch[key], fill[key].to(batch[key].dtype)], dim=1) for key in fill}
+        return padded | {"num_tokens": real}
