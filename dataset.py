@@ -405,7 +405,22 @@ def pack_examples(ds: datasets.Dataset, max_tokens: int, seed: int) -> datasets.
     """
     input_ids, labels = ds["input_ids"], ds["labels"]  # whole columns once: row access is slow
     lengths = [len(ids) for ids in input_ids]
-    order = list(range(len(ds)))
+    packs = pack_groups(lengths, max_tokens, seed)
+    rows = [
+        {
+            "input_ids": [t for i in pack for t in input_ids[i]],
+            "labels": [t for i in pack for t in labels[i]],
+            "position_ids": [p for i in pack for p in range(lengths[i])],
+        }
+        for pack in packs
+    ]
+    empty = {"input_ids": [], "labels": [], "position_ids": []}
+    return datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(empty)
+
+
+def pack_groups(lengths: list[int], max_tokens: int, seed: int) -> list[list[int]]:
+    """Which records (indices) make up each packed row of pack_examples: a seeded shuffle, then greedy filling."""
+    order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     packs: list[list[int]] = [[]]
     used = 0
@@ -415,17 +430,7 @@ def pack_examples(ds: datasets.Dataset, max_tokens: int, seed: int) -> datasets.
             used = 0
         packs[-1].append(i)
         used += lengths[i]
-    rows = [
-        {
-            "input_ids": [t for i in pack for t in input_ids[i]],
-            "labels": [t for i in pack for t in labels[i]],
-            "position_ids": [p for i in pack for p in range(lengths[i])],
-        }
-        for pack in packs
-        if pack
-    ]
-    empty = {"input_ids": [], "labels": [], "position_ids": []}
-    return datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(empty)
+    return [pack for pack in packs if pack]
 
 
 def collate_packed(features: list[dict[str, list[int]]]) -> dict[str, Any]:
