@@ -334,6 +334,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--profile", default="default", help="Variants profiled after their timed steps (trace.json, summary.json).")
     parser.add_argument("--profile-steps-n", type=int, default=3, help="Steps profiled.")
+    parser.add_argument("--deadline", type=float, default=0, help="Unix time: variants that would end later are skipped (0: none).")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--profile-steps", type=int, default=0, help=argparse.SUPPRESS)
@@ -348,6 +349,10 @@ def main() -> None:
     data, results, mean_context = write_data(args)
     results |= {"versions": versions(), "variants": {}}
     for name in args.variants.split(","):
+        needs = 180 if name.startswith("compiled") else 75  # seconds: load, steps, and the compilation
+        if args.deadline and time.time() + needs > args.deadline:
+            print(f"[bench] {name} skipped: it would not finish before the deadline ({needs} s needed)", flush=True)
+            continue
         result = run_child(args, name, data, mean_context, results["length_stats"]["mean"])
         if result is None:
             continue
