@@ -8,7 +8,7 @@
 # (default 530 s from the start):
 #   1. bench/train_speed.py -> OUT/train_speed.json (+ one log per variant):
 #      hf_tuned, hf_tuned_nogc (plain HF, issue 12's settings); default = python main.py with its memory plan, then
-#      3 more steps profiled (OUT/profile-default/trace.json, summary.json); default under a 24 and a 40 GiB cap;
+#      3 more steps profiled (OUT/profile-default/trace.json.gz, summary.json); default under a 24 and a 40 GiB cap;
 #      compiled = default + --compile on (profiled likewise, compile seconds, variants, graph breaks);
 #      nogc_2048 (with default: fixed_overhead_s, eager); compiled_nogc_2048 (the same, compiled); baseline (plain HF as
 #      commonly run). VARIANTS=a,b,... replaces the list.

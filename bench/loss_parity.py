@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -195,7 +196,7 @@ def main() -> None:
     args.out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(args.out_dir, exist_ok=True)
     groups_path, supervised = prepare(args)
-    init = os.path.join(args.out_dir, "parity-lora-init.safetensors")
+    init = os.path.join(tempfile.gettempdir(), "parity-lora-init.safetensors")  # 160 MB for 7B: not in OUT
     if os.path.exists(init):
         os.remove(init)
     sides = {}

@@ -2,7 +2,7 @@
 
     trainer.add_callback(ProfileSteps(out_dir="OUT/profile-default", start=10, active=3))
 
-Writes trace.json (chrome://tracing or ui.perfetto.dev: CPU and CUDA timelines, record_shapes off), summary.json
+Writes trace.json.gz (chrome://tracing or ui.perfetto.dev: CPU and CUDA timelines, record_shapes off), summary.json
 (per step: wall time, GPU busy time = union of kernel intervals, GPU idle = wall - busy, kernels, host syncs, top
 ops by self CPU and self CUDA time) and tables.txt. Reading it: idle close to the fixed cost with many thousand kernels
 per step = dispatch-bound (compile); idle right after aten::_local_scalar_dense / cudaStreamSynchronize = sync bubbles.
@@ -70,7 +70,7 @@ class ProfileSteps(TrainerCallback):
 
     def write(self) -> dict:
         os.makedirs(self.out_dir, exist_ok=True)
-        self.prof.export_chrome_trace(os.path.join(self.out_dir, "trace.json"))
+        self.prof.export_chrome_trace(os.path.join(self.out_dir, "trace.json.gz"))
         table = self.prof.key_averages()
         rows = [{"name": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
                  "self_cuda_ms": getattr(e, "self_device_time_total", 0) / 1e3, "cpu_total_ms": e.cpu_time_total / 1e3} for e in table]

@@ -14,7 +14,7 @@ Reported per variant: tokens/s (non-padding tokens) and its ratio to baseline, h
 hf_tuned_nogc; seconds and tokens per optimizer step and per micro-batch; peak GPU memory; MFU
 (4 x parameters per token + attention, over 989 TFLOP/s bf16 dense on an H100 SXM); the plan main.py
 chose; compile report (--compile). `fixed_overhead` fits seconds per micro-batch = overhead + c x tokens
-from two budgets of one setting. `--profile NAME` profiles 3 steps after NAME's timed ones (trace.json,
+from two budgets of one setting. `--profile NAME` profiles 3 steps after NAME's timed ones (trace.json.gz,
 summary.json in OUT's folder, bench/profile_steps.py).
 
 Record lengths reproduce ../shared/dolly-lengths.md (157 real records, Llama 2 tokens): response
@@ -332,7 +332,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="Steps excluded from timing.")
     parser.add_argument("--records", type=int, default=3000, help="Synthetic records.")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--profile", default="default", help="Variants profiled after their timed steps (trace.json, summary.json).")
+    parser.add_argument("--profile", default="default", help="Variants profiled after their timed steps (trace.json.gz, summary.json).")
     parser.add_argument("--profile-steps-n", type=int, default=3, help="Steps profiled.")
     parser.add_argument("--deadline", type=float, default=0, help="Unix time: variants that would end later are skipped (0: none).")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
