@@ -114,8 +114,33 @@ class TrainConfig:
     )
     pack_tokens: int = doc(
         4096,
-        "Tokens per packed micro-batch on each device (about 17 dolly records, close to the QLoRA paper's batch of 16); must be"
-        " >= --max-length.",
+        "Tokens per packed micro-batch on each device (about 17 dolly records); must be >= --max-length. On a GPU --memory-plan "
+        "auto sets it (and the accumulation) unless given.",
+    )
+    tokens_per_step: int = doc(
+        8192,
+        "The recipe: tokens per optimizer step on each device (about 35 dolly records) that --memory-plan auto keeps on every "
+        "card, as --pack-tokens x --gradient-accumulation-steps. Ignored with --memory-plan off.",
+    )
+    memory_plan: Literal["auto", "off"] = doc(
+        "auto",
+        "auto: on a CUDA GPU choose gradient checkpointing, --pack-tokens and --gradient-accumulation-steps to fit its free "
+        "memory with a margin, fastest first (memory_plan.py; one [memory-plan] line). Values given by flags, --config or a "
+        "preset win. off: use the fields as set. CPU, FSDP and --no-packing: off.",
+    )
+    compile: Literal["auto", "on", "off"] = doc(
+        "off",
+        "torch.compile each decoder layer (regional, the 4-bit + LoRA layers inside); recompiles and graph breaks fail the "
+        "run instead of falling back to eager. auto = on with CUDA. Default off pending the GPU measurement (bench/gpu_train.sh).",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = doc(
+        "default",
+        "torch.compile mode for --compile; reduce-overhead adds CUDA graphs (one shape: use it with --pad-to-budget).",
+    )
+    pad_to_budget: bool = doc(
+        False,
+        "Pad every packed row to exactly --pack-tokens (pad id, label -100, its own positions): one shape per micro-batch for "
+        "--compile / CUDA graphs. Padding is computed, never trained on.",
     )
     attention: Literal["auto", "sdpa", "flex_attention", "eager"] = doc(
         "auto",
@@ -139,7 +164,11 @@ class TrainConfig:
     weight_decay: float = doc(0.0, "AdamW weight decay on the LoRA weights (QLoRA paper: 0).")
     max_grad_norm: float = doc(0.3, "Gradient clipping norm (QLoRA paper: 0.3).")
     optimizer: str = doc("adamw_torch", "transformers optimizer name (adamw_torch, paged_adamw_8bit, adamw_bnb_8bit, ...).")
-    gradient_checkpointing: bool = doc(True, "Recompute activations in the backward pass: about 30% slower, several times less memory.")
+    gradient_checkpointing: bool = doc(
+        True,
+        "Recompute activations in the backward pass: about 1.75x slower, several times less memory (--memory-plan auto "
+        "chooses it on a GPU unless given).",
+    )
     seed: int = doc(42, "Seed for the split, LoRA initialisation, dropout and data order.")
     # --- bookkeeping -------------------------------------------------------------------
     eval_steps: int = doc(200, "Compute the held-out loss every N optimizer steps (0: only at the end).")
@@ -168,6 +197,7 @@ class TrainConfig:
             ("batch_size", self.batch_size > 0, "must be positive"),
             ("pack_tokens", self.pack_tokens >= self.max_length, "must be >= max_length, so that every record fits a packed row"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps > 0, "must be positive"),
+            ("tokens_per_step", self.tokens_per_step >= self.max_length, "must be >= max_length"),
             ("learning_rate", self.learning_rate > 0, "must be positive"),
             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "must be in [0, 1)"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
@@ -351,7 +381,8 @@ def split_preset(data: dict[str, Any], section: str | None) -> dict[str, Any]:
 
 
 def parse_config(cls: type, argv: list[str] | None, description: str, extra: Any = None) -> tuple[Any, argparse.Namespace]:
-    """Parse flags for `cls`. Returns (config, namespace with the non-config flags: preset, config, debug...)."""
+    """Parse flags for `cls`. Returns (config, namespace with the non-config flags: preset, config, debug..., and `explicit`:
+    the names of the fields set by a preset, a file or a flag rather than by their default)."""
     parser = OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default=None,
                         help="Named preset from configs/: smoke = tiny random Llama, seconds on a CPU; "
@@ -370,6 +401,7 @@ def parse_config(cls: type, argv: list[str] | None, description: str, extra: Any
         layers.append((args.config, split_preset(read_yaml(args.config), section)))
     names = {f.name for f in dataclasses.fields(cls)}
     layers.append(("command line", {k: v for k, v in vars(args).items() if k in names}))
+    args.explicit = {k for _, values in layers for k in values}  # set by a preset, file or flag (memory_plan keeps these)
     return build_config(cls, layers), args
 
 

@@ -454,7 +454,22 @@ def pack_examples(ds: datasets.Dataset, max_tokens: int, seed: int) -> datasets.
     """
     input_ids, labels = ds["input_ids"], ds["labels"]  # whole columns once: row access is slow
     lengths = [len(ids) for ids in input_ids]
-    order = list(range(len(ds)))
+    packs = pack_groups(lengths, max_tokens, seed)
+    rows = [
+        {
+            "input_ids": [t for i in pack for t in input_ids[i]],
+            "labels": [t for i in pack for t in labels[i]],
+            "position_ids": [p for i in pack for p in range(lengths[i])],
+        }
+        for pack in packs
+    ]
+    empty = {"input_ids": [], "labels": [], "position_ids": []}
+    return datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(empty)
+
+
+def pack_groups(lengths: list[int], max_tokens: int, seed: int) -> list[list[int]]:
+    """Which records (indices) make up each packed row of pack_examples: a seeded shuffle, then greedy filling."""
+    order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     packs: list[list[int]] = [[]]
     used = 0
@@ -464,17 +479,7 @@ def pack_examples(ds: datasets.Dataset, max_tokens: int, seed: int) -> datasets.
             used = 0
         packs[-1].append(i)
         used += lengths[i]
-    rows = [
-        {
-            "input_ids": [t for i in pack for t in input_ids[i]],
-            "labels": [t for i in pack for t in labels[i]],
-            "position_ids": [p for i in pack for p in range(lengths[i])],
-        }
-        for pack in packs
-        if pack
-    ]
-    empty = {"input_ids": [], "labels": [], "position_ids": []}
-    return datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(empty)
+    return [pack for pack in packs if pack]
 
 
 def collate_packed(features: list[dict[str, list[int]]]) -> dict[str, Any]:
@@ -482,3 +487,28 @@ def collate_packed(features: list[dict[str, list[int]]]) -> dict[str, Any]:
     import torch
 
     return {key: torch.tensor([[v for f in features for v in f[key]]]) for key in ("input_ids", "labels", "position_ids")}
+
+
+class PaddedPackedCollator:
+    """collate_packed, padded to exactly `budget` tokens: one shape for every micro-batch (torch.compile, CUDA graphs).
+
+    The padding is a record of its own: pad ids, labels -100 and positions restarting at 0, so no real token attends
+    to it and nothing is learnt from it. `num_tokens` (a Python int: the real tokens) lets the Trainer count tokens
+    without reading the GPU; training.ProjectTrainer drops it before the model sees the batch.
+    """
+
+    def __init__(self, budget: int, pad_id: int):
+        self.budget, self.pad_id = budget, pad_id
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        batch = collate_packed(features)
+        real = batch["input_ids"].shape[1]
+        pad = self.budget - real
+        if pad < 0:
+            raise ValueError(f"a packed row of {real} tokens is longer than its budget of {self.budget}")
+        fill = {"input_ids": torch.full((1, pad), self.pad_id), "labels": torch.full((1, pad), IGNORE_INDEX),
+                "position_ids": torch.arange(pad)[None]}
+        padded = {key: torch.cat([batch[key], fill[key].to(batch[key].dtype)], dim=1) for key in fill}
+        return padded | {"num_tokens": real}

@@ -40,6 +40,7 @@ from dataset import (
 )
 from hub import TINY_MODEL, ModelError, base_model_available
 from loading import load_for_training
+from memory_plan import apply_memory_plan
 from resilience import EXIT_CODES, TrainingStopped, checkpoint_dir, checkpoints, main_process, newest_complete, remove_previous_run
 from runtime import silence_harmless_logs
 from training import build_trainer, save_outputs, train
@@ -63,6 +64,7 @@ def run(argv: list[str]) -> None:
     silence_harmless_logs()
     cfg, args = parse_config(TrainConfig, argv, __doc__, extra=_extra_flags)
     cfg = fall_back_if_needed(cfg, argv)
+    cfg = apply_memory_plan(cfg, args.explicit)  # on a GPU: checkpointing, tokens per micro-batch, accumulation that fit
     print(f"[main] base model {cfg.base_model} -> adapter in {cfg.output_dir}/", flush=True)
     check_output_dir(cfg, args.overwrite)
     # Bad data fails here, before minutes of model loading.

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from compile_layers import CompileWatch, compile_decoder_layers, compile_enabled
 from config import CONFIG_NAME, FINGERPRINTS_NAME, TrainConfig, save_config
-from dataset import collate_packed, make_collator
+from dataset import PaddedPackedCollator, collate_packed, make_collator
 from resilience import (
     EXIT_TRAINING_FAILED,
     CheckpointMarker,
@@ -70,6 +71,24 @@ class ProjectTrainer(Trainer):
             output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(nll / tokens)
         return output
 
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return super()._prepare_inputs({k: v for k, v in inputs.items() if k != "num_tokens"})  # the host-side count stays here
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """Tokens seen, counted on the host for packed rows (one process): Trainer's count reads the GPU every micro-batch.
+
+        A packed row is all real tokens unless padded to its budget (PaddedPackedCollator says how many are real).
+        """
+        if self.args.world_size > 1 or "attention_mask" in inputs or self.args.include_num_input_tokens_seen == "no":
+            return super()._track_num_input_tokens(inputs)
+        self.state.num_input_tokens_seen += inputs.get("num_tokens", inputs["input_ids"].numel())
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """Trainer's 6 x tokens x parameters, with the parameter count taken once (Trainer walks every parameter per micro-batch)."""
+        if not hasattr(self, "_parameters_no_embeddings"):
+            self._parameters_no_embeddings = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs["input_ids"].numel() * self._parameters_no_embeddings
+
 
 def peak_memory() -> dict[str, float]:
     if torch.cuda.is_available():
@@ -115,11 +134,20 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
         use_cpu=not rt.cuda,  # on a CPU, several processes (torchrun, accelerate launch with ddp.yaml) then train with DDP over gloo
     )
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
+    callbacks: list[TrainerCallback] = [CheckpointMarker(keep=cfg.save_total_limit)]
+    if compile_enabled(cfg.compile, rt):  # compiled lazily at the first step; Liger's patches (Trainer init) are traced too
+        callbacks.append(CompileWatch(compile_decoder_layers(model, cfg.compile_mode, dynamic=False if cfg.pad_to_budget else None)))
     return ProjectTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
-        data_collator=collate_packed if cfg.packing else make_collator(tokenizer), processing_class=tokenizer,
-        callbacks=[CheckpointMarker(keep=cfg.save_total_limit)],
+        data_collator=collator(cfg, tokenizer), processing_class=tokenizer, callbacks=callbacks,
     )
+
+
+def collator(cfg: TrainConfig, tokenizer):
+    """One packed row per micro-batch (padded to --pack-tokens with --pad-to-budget), or padded batches of records."""
+    if not cfg.packing:
+        return make_collator(tokenizer)
+    return PaddedPackedCollator(cfg.pack_tokens, tokenizer.pad_token_id) if cfg.pad_to_budget else collate_packed
 
 
 def checkpointing_args(on: bool) -> dict[str, Any]:
@@ -153,6 +181,9 @@ def train(trainer: Trainer, cfg: TrainConfig, has_val: bool) -> dict[str, Any]:
     steady = speed.tokens_per_second()
     if steady is not None:
         metrics["train_tokens_per_second_steady"] = round(steady, 1)
+    watch = next((c for c in trainer.callback_handler.callbacks if isinstance(c, CompileWatch)), None)
+    if watch is not None:
+        metrics["compile"] = watch.report
     if has_val:
         metrics |= trainer.evaluate()  # eval_loss and eval_perplexity: token-weighted (ProjectTrainer)
     if trainer.is_world_process_zero():

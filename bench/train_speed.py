@@ -5,17 +5,17 @@
 
 Each variant runs in its own process (fresh CUDA memory stats; Liger patches stay out of the
 baseline) on the same synthetic dolly-like records, tokenized with the model's (real Llama 2)
-tokenizer and the project's template and label masking:
+tokenizer and the project's template and label masking. VARIANTS lists them: plain Hugging Face as
+commonly run (`baseline`), well tuned (`hf_tuned`, `hf_tuned_nogc`: issue 12's exact settings), and
+main.py itself with flags (`default` = `python main.py`, its memory plan included; `default_cap24`/`_cap40`
+under a per-process memory cap, acting as a 24 / 40 GB card).
 
-- baseline: plain transformers + peft + bitsandbytes as users commonly run it: 4-bit NF4 + double
-  quant, bf16 compute, SDPA, LoRA r=16 alpha=32 dropout 0.05 on all linear layers, gradient
-  checkpointing, per-device batch 4 padded to the longest record, no packing, default AdamW, Trainer.
-- default: exactly what `python main.py` runs with its defaults (main.py's own functions).
-- the others: main.py with the flags listed in VARIANTS.
-
-Reported per variant: effective tokens/s (non-padding tokens), samples/s, seconds per optimizer
-step, peak GPU memory, MFU (4 x parameters per token + attention, over 989 TFLOP/s bf16 dense on
-an H100 SXM), and the projected wall time of 3 epochs of dolly-15k (3.45 M tokens per epoch).
+Reported per variant: tokens/s (non-padding tokens) and its ratio to baseline, hf_tuned and
+hf_tuned_nogc; seconds and tokens per optimizer step and per micro-batch; peak GPU memory; MFU
+(4 x parameters per token + attention, over 989 TFLOP/s bf16 dense on an H100 SXM); the plan main.py
+chose; compile report (--compile). `fixed_overhead` fits seconds per micro-batch = overhead + c x tokens
+from two budgets of one setting. `--profile NAME` profiles 3 steps after NAME's timed ones (trace.json.gz,
+summary.json in OUT's folder, bench/profile_steps.py).
 
 Record lengths reproduce ../shared/dolly-lengths.md (157 real records, Llama 2 tokens): response
 and context lengths are drawn from piecewise-linear quantile functions through the measured
@@ -47,17 +47,27 @@ WORDS = ("the of and to in is was for on that with as by at from his an were are
          "or had its first one their after new who they two her she been other when time during there into "
          "school more may years over only year most would world city some where between later made under "
          "state known team american such then national both well many team game season river music").split()
-VARIANTS = {
-    "baseline": None,
-    "default": [],
-    "default_noupcast": ["--no-fp32-upcast"],
-    "default_dropout005": ["--lora-dropout", "0.05"],
-    "default_sdpa": ["--attention", "sdpa"],
-    "lowmem": ["--pack-tokens", "2048"],
-    "fast80": ["--no-gradient-checkpointing", "--pack-tokens", "8192"],
-    "fast80_noupcast": ["--no-gradient-checkpointing", "--pack-tokens", "8192", "--no-fp32-upcast"],
-    "baseline_again": None,  # run twice: the spread between the two is the noise floor of this machine
+VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
+    "baseline": "hf_common",  # plain HF as commonly run
+    "hf_tuned": "hf_tuned",  # plain HF, well tuned (issue 12): batch 16, GC, group_by_length, Liger
+    "hf_tuned_nogc": "hf_tuned_nogc",  # the same without GC, batch 8
+    "default": [],  # python main.py: --memory-plan auto
+    "default_cap24": [],  # the same under a 24 GiB cap (CAPS): a 24 GB card
+    "default_cap40": [],  # a 40 GB card
+    "default_4096": ["--tokens-per-step", "4096"],  # the recipe before issue 12, planned
+    "compiled": ["--compile", "on"],
+    "compiled_padded": ["--compile", "on", "--pad-to-budget"],
+    "compiled_cudagraphs": ["--compile", "on", "--pad-to-budget", "--compile-mode", "reduce-overhead"],
+    "compiled_cap24": ["--compile", "on"],
+    "compiled_nogc_2048": ["--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
+    "nogc_2048": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
+    "nogc_4096": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "4096"],
+    "nogc_8192": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "8192"],
+    "gc_4096": ["--memory-plan", "off", "--pack-tokens", "4096"],  # python main.py before issue 12
+    "baseline_again": "hf_common",  # run twice: the spread between the two is the noise floor of this machine
 }
+CAPS = {"default_cap24": 24, "default_cap40": 40, "compiled_cap24": 24}  # GiB: torch.cuda.set_per_process_memory_fraction
+REFERENCES = ("baseline", "hf_tuned", "hf_tuned_nogc")  # every row's tokens/s is given as a ratio to each of these
 
 
 def quantile(points: list[tuple[float, float]], u: float) -> int:
@@ -96,8 +106,14 @@ def length_report(lengths: list[int], seed: int) -> dict[str, float]:
             "p99": float(np.percentile(arr, 99)), "max": int(arr.max()), "padding_share_batch4": 1 - real / padded}
 
 
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class StepTimer:
-    """Trainer callback: wall time and tokens at every optimizer step (CUDA synchronised)."""
+    """Trainer callback: wall time and tokens at every optimizer step (CUDA synchronised: the same sync in every variant)."""
 
     def __init__(self):
         from transformers import TrainerCallback
@@ -108,7 +124,8 @@ class StepTimer:
             def on_step_end(self, args, state, control, **kw):
                 import torch
 
-                torch.cuda.synchronize()
+                if cuda():
+                    torch.cuda.synchronize()
                 timer.marks.append((time.perf_counter(), state.num_input_tokens_seen, state.global_step))
                 if state.log_history and "loss" in state.log_history[-1]:
                     timer.losses[state.global_step] = state.log_history[-1]["loss"]
@@ -118,61 +135,72 @@ class StepTimer:
         self.callback = _CB()
 
 
-def baseline_trainer(args, train_ds, tokenizer):
+HF_SETUPS = {  # batch, gradient checkpointing, LoRA dropout, prepare_model_for_kbit_training, sampling, Liger
+    "hf_common": dict(batch=4, gc=True, dropout=0.05, kbit=True, sampling="random", liger=False),
+    "hf_tuned": dict(batch=16, gc=True, dropout=0.0, kbit=False, sampling="group_by_length", liger=True),
+    "hf_tuned_nogc": dict(batch=8, gc=False, dropout=0.0, kbit=False, sampling="group_by_length", liger=True),
+}
+
+
+def hf_trainer(args, setup: str, train_ds, tokenizer):
+    """Plain transformers + peft + bitsandbytes QLoRA: NF4 + double quant, bf16 compute, SDPA, LoRA r=16 alpha=32 on all
+    linear layers, Trainer with per-device batches padded to their longest record (setups in HF_SETUPS)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
 
     from dataset import make_collator
 
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=bnb, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa", device_map={"": 0})
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+    s, on_gpu = HF_SETUPS[setup], cuda()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=bnb, dtype=dtype, attn_implementation="sdpa",
+                                                 device_map={"": 0 if on_gpu else "cpu"})
+    model.config.use_cache = False
+    if s["kbit"]:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s["gc"])
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=s["dropout"], task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    targs = TrainingArguments(output_dir="/tmp/bench-baseline", per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                              gradient_checkpointing=True, bf16=True, max_steps=args.steps, learning_rate=2e-4,
-                              logging_steps=1, save_strategy="no", report_to=[], include_num_input_tokens_seen="non_padding",
-                              seed=args.seed, data_seed=args.seed, label_names=["labels"], disable_tqdm=True)
+    targs = TrainingArguments(
+        output_dir=f"/tmp/bench-{setup}", per_device_train_batch_size=s["batch"], gradient_accumulation_steps=1,
+        gradient_checkpointing=s["gc"], gradient_checkpointing_kwargs={"use_reentrant": False} if s["gc"] and not s["kbit"] else None,
+        train_sampling_strategy=s["sampling"], use_liger_kernel=s["liger"] and on_gpu, bf16=on_gpu, use_cpu=not on_gpu,
+        max_steps=args.steps + args.profile_steps, learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to=[],
+        include_num_input_tokens_seen="non_padding", seed=args.seed, data_seed=args.seed, label_names=["labels"], disable_tqdm=True)
     return Trainer(model=model, args=targs, train_dataset=train_ds, data_collator=make_collator(tokenizer), processing_class=tokenizer)
 
 
 def project_trainer(args, flags, data_path):
+    """Exactly what main.py builds for these flags: config, memory plan, model, packed data, Trainer."""
     import dataclasses
+
+    from transformers.integrations import TensorBoardCallback
 
     from config import TrainConfig, parse_config
     from dataset import load_records
     from loading import load_for_training
     from main import prepare_data
+    from memory_plan import apply_memory_plan
     from training import build_trainer
 
-    cfg, _ = parse_config(TrainConfig, ["--base-model", args.model, "--dataset", data_path, "--output-dir", "/tmp/bench-project",
-                                        "--max-steps", str(args.steps), "--eval-steps", "0", "--save-steps", "100000",
-                                        "--logging-steps", "1", "--val-fraction", "0", *flags], "bench")
-    cfg = dataclasses.replace(cfg, seed=args.seed)
+    cfg, parsed = parse_config(TrainConfig, ["--base-model", args.model, "--dataset", data_path, "--output-dir", "/tmp/bench-project",
+                                             "--max-steps", str(args.steps + args.profile_steps), "--eval-steps", "0",
+                                             "--save-steps", "100000", "--logging-steps", "1", "--val-fraction", "0", *flags], "bench")
+    cfg = apply_memory_plan(dataclasses.replace(cfg, seed=args.seed), parsed.explicit)
     model, tokenizer, _ = load_for_training(cfg)
     train_ds, val_ds, _ = prepare_data(cfg, load_records(data_path), tokenizer)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, val_ds)
-    trainer.args.report_to = []
+    trainer.remove_callback(TensorBoardCallback)  # registered at construction: setting report_to afterwards is too late
     trainer.args.disable_tqdm = True
     return trainer, cfg
 
 
-def profile_steps(trainer, steps: int = 2) -> None:
-    """Where the time goes: the top CUDA kernels over a few more training steps."""
+def cap_memory(gib: float) -> None:
+    """Act as a smaller card: PyTorch's allocator on this GPU limited to `gib` (as bench/capped_main.py)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
-    batches = iter(trainer.get_train_dataloader())
-    model = trainer.model
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            batch = {k: v.to(model.device) for k, v in next(batches).items()}
-            trainer.training_step(model, batch)
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / torch.cuda.get_device_properties(0).total_memory, 0)
+    print(f"[bench] GPU memory capped at {gib} GiB", flush=True)
 
 
 def run_variant(args) -> dict:
@@ -181,97 +209,173 @@ def run_variant(args) -> dict:
 
     from dataset import load_records, tokenize_records
     from loading import load_tokenizer
+    from training import peak_memory
 
+    if args.variant in CAPS and cuda():
+        cap_memory(CAPS[args.variant])
     set_seed(args.seed)
-    data_path = args.data
-    tokenizer = load_tokenizer(args.model)
-    flags = VARIANTS[args.variant]
-    args.profile = bool(args.profile)
-    torch.cuda.reset_peak_memory_stats()
-    if flags is None:
-        train_ds, _ = tokenize_records(load_records(data_path), tokenizer, 1024)
-        trainer = baseline_trainer(args, train_ds, tokenizer)
-        records_per_step = 4
+    spec = VARIANTS[args.variant]
+    if cuda():
+        torch.cuda.reset_peak_memory_stats()
+    if isinstance(spec, str):
+        tokenizer = load_tokenizer(args.model)
+        train_ds, _ = tokenize_records(load_records(args.data), tokenizer, 1024)
+        trainer, micro, extra = hf_trainer(args, spec, train_ds, tokenizer), 1, {}
     else:
-        trainer, cfg = project_trainer(args, flags, data_path)
-        records_per_step = None
+        trainer, cfg = project_trainer(args, spec, args.data)
+        micro = cfg.gradient_accumulation_steps
+        extra = {"plan": {"gradient_checkpointing": cfg.gradient_checkpointing, "pack_tokens": cfg.pack_tokens,
+                          "gradient_accumulation_steps": micro, "compile": cfg.compile, "pad_to_budget": cfg.pad_to_budget}}
     timer = StepTimer()
     trainer.add_callback(timer.callback)
+    profiler = None
+    if args.profile_steps:  # after the timed steps, so that the profiler's overhead stays out of the timing
+        from profile_steps import ProfileSteps
+
+        profiler = ProfileSteps(os.path.join(args.out_dir, f"profile-{args.variant}"), start=args.steps, active=args.profile_steps)
+        trainer.add_callback(profiler)
     trainer.train()
-    if args.profile:
-        profile_steps(trainer)
-    (t0, tok0, s0), (t1, tok1, s1) = timer.marks[args.warmup - 1], timer.marks[-1]
+    result = timing(args, timer, micro) | extra | peak_memory()
+    watch = next((c for c in trainer.callback_handler.callbacks if type(c).__name__ == "CompileWatch"), None)
+    if watch is not None:
+        result["compile"] = watch.report
+    if profiler is not None and profiler.summary:
+        result["profile"] = {k: v for k, v in profiler.summary.items() if not k.startswith("top_")}
+    if cuda():
+        result["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    return {"variant": args.variant, "flags": spec, "cap_gib": CAPS.get(args.variant)} | result
+
+
+def timing(args, timer: StepTimer, micro_batches: int) -> dict:
+    """Steps warmup+1 .. steps: tokens/s, s/step, tokens/step (real tokens), s and tokens per micro-batch, MFU."""
+    (t0, tok0, s0), (t1, tok1, s1) = timer.marks[args.warmup - 1], timer.marks[args.steps - 1]
     tokens_per_s = (tok1 - tok0) / (t1 - t0)
-    n_params = 6.74e9
-    flops_per_token = 4 * n_params + 12 * 32 * 4096 * args.mean_context  # + attention: fwd 4*L*d*ctx, x3 with input grads
-    result = {
-        "variant": args.variant, "flags": flags, "steps_timed": s1 - s0, "tokens_per_s": tokens_per_s,
-        "seconds_per_step": (t1 - t0) / (s1 - s0), "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
-        "mfu": tokens_per_s * flops_per_token / H100_BF16_FLOPS,
-        "hours_3_epochs_dolly": 3 * DOLLY_TOKENS_PER_EPOCH / tokens_per_s / 3600,
-        "tokens_per_step": (tok1 - tok0) / (s1 - s0), "losses": timer.losses,
-    }
-    if records_per_step:
-        result["samples_per_s"] = records_per_step / result["seconds_per_step"]
-    else:
-        result["samples_per_s"] = tokens_per_s / args.mean_record
-    return result
+    flops_per_token = 4 * 6.74e9 + 12 * 32 * 4096 * args.mean_context  # + attention: fwd 4*L*d*ctx, x3 with input grads
+    seconds_per_step, tokens_per_step = (t1 - t0) / (s1 - s0), (tok1 - tok0) / (s1 - s0)
+    return {"steps_timed": s1 - s0, "tokens_per_s": tokens_per_s, "seconds_per_step": seconds_per_step, "tokens_per_step": tokens_per_step,
+            "micro_batches_per_step": micro_batches, "seconds_per_micro_batch": seconds_per_step / micro_batches,
+            "tokens_per_micro_batch": tokens_per_step / micro_batches, "mfu": tokens_per_s * flops_per_token / H100_BF16_FLOPS,
+            "hours_3_epochs_dolly": 3 * DOLLY_TOKENS_PER_EPOCH / tokens_per_s / 3600, "samples_per_s": tokens_per_s / args.mean_record,
+            "losses": {k: v for k, v in timer.losses.items() if k <= args.steps}}
+
+
+def fixed_overhead_s(a: dict, b: dict) -> dict:
+    """Two runs of one setting (same checkpointing, eager or compiled) at two token budgets: seconds per micro-batch =
+    fixed overhead + seconds_per_token x real tokens. Returns the intercept, the marginal rate and the pair."""
+    points = sorted([(r["seconds_per_micro_batch"], r["tokens_per_micro_batch"]) for r in (a, b)], key=lambda p: p[1])
+    (t1, n1), (t2, n2) = points
+    per_token = (t2 - t1) / (n2 - n1)
+    return {"pair": [a["variant"], b["variant"]], "fixed_overhead_s": round(t1 - per_token * n1, 4), "seconds_per_token": per_token,
+            "marginal_tokens_per_s": round(1 / per_token) if per_token > 0 else None}
+
+
+def overheads(variants: dict) -> list[dict]:
+    """fixed_overhead_s for every setting measured at two or more budgets: the smallest and the largest micro-batch."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in variants.values():
+        plan = r.get("plan")
+        if plan and not r.get("cap_gib"):
+            groups.setdefault((plan["gradient_checkpointing"], plan["compile"], plan["pad_to_budget"]), []).append(r)
+    out = []
+    for rows in groups.values():
+        rows = sorted(rows, key=lambda r: r["tokens_per_micro_batch"])
+        if len(rows) > 1 and rows[-1]["tokens_per_micro_batch"] > 1.5 * rows[0]["tokens_per_micro_batch"]:
+            out.append(fixed_overhead_s(rows[0], rows[-1]))
+    return out
+
+
+def add_ratios(variants: dict) -> None:
+    for r in variants.values():
+        r["ratios"] = {f"vs_{ref}": round(r["tokens_per_s"] / variants[ref]["tokens_per_s"], 3) for ref in REFERENCES if ref in variants}
+
+
+def write_data(args) -> tuple[str, dict, float]:
+    """The synthetic dolly-like records (JSONL), their length statistics and the mean attended context."""
+    from dataset import load_records, tokenize_records
+    from loading import load_tokenizer
+
+    data = os.path.join(args.out_dir, "bench-dolly-like.jsonl")
+    with open(data, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in make_records(args.records, args.seed))
+    tokenized, summary = tokenize_records(load_records(data), load_tokenizer(args.model), 1024)
+    lengths = [len(x) for x in tokenized["input_ids"]]
+    stats = length_report(lengths, args.seed)
+    print("[bench] record lengths (tokens): " + ", ".join(f"{k} {v:.3g}" for k, v in stats.items()), flush=True)
+    return data, {"length_stats": stats, "data_summary": summary}, sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
+
+
+def run_child(args, name: str, data: str, mean_context: float, mean_record: float) -> dict | None:
+    profile = args.profile_steps_n if name in args.profile.split(",") else 0
+    cmd = [sys.executable, __file__, "--model", args.model, "--variant", name, "--data", data, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--seed", str(args.seed), "--mean-context", str(mean_context), "--mean-record", str(mean_record),
+           "--profile-steps", str(profile), "--out", args.out]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with open(os.path.join(args.out_dir, f"{name}.log"), "w") as fh:
+        fh.write(proc.stdout + "\n" + proc.stderr)
+    for line in proc.stdout.splitlines():
+        if line.startswith(("[memory-plan]", "[compile]", "[profile]", "[bench] GPU")):
+            print(f"[bench] {name}: {line}", flush=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        print(f"[bench] {name} failed (log: {name}.log):\n{proc.stderr[-2500:]}", flush=True)
+        return None
+    return json.loads(line[7:])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Local Llama-2-7B directory (bench/make_random_llama.py).")
-    parser.add_argument("--out", default="train_speed.json", help="JSON results.")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of: " + ", ".join(VARIANTS))
-    parser.add_argument("--steps", type=int, default=12, help="Optimizer steps per variant.")
+    parser.add_argument("--out", default="train_speed.json", help="JSON results (rewritten after every variant); logs, profiles beside.")
+    parser.add_argument("--variants", default="baseline,hf_tuned,hf_tuned_nogc,default,default_cap24,nogc_2048,compiled",
+                        help="Comma-separated, run in this order: " + ", ".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=10, help="Optimizer steps per variant (timed: warmup+1 .. steps).")
     parser.add_argument("--warmup", type=int, default=3, help="Steps excluded from timing.")
     parser.add_argument("--records", type=int, default=3000, help="Synthetic records.")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--profile", default="fast80_noupcast", help="Variant to profile (top CUDA kernels, printed); '' for none.")
+    parser.add_argument("--profile", default="default", help="Variants profiled after their timed steps (trace.json.gz, summary.json).")
+    parser.add_argument("--profile-steps-n", type=int, default=3, help="Steps profiled.")
+    parser.add_argument("--deadline", type=float, default=0, help="Unix time: variants that would end later are skipped (0: none).")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-steps", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--mean-context", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--mean-record", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(args.out_dir, exist_ok=True)
     if args.variant:  # child process
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return
-    from dataset import load_records, tokenize_records
-    from loading import load_tokenizer
-
-    records = make_records(args.records, args.seed)
-    data = "/tmp/bench-dolly-like.jsonl"
-    with open(data, "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in records)
-    tokenized, summary = tokenize_records(load_records(data), load_tokenizer(args.model), 1024)
-    lengths = [len(x) for x in tokenized["input_ids"]]
-    stats = length_report(lengths, args.seed)
-    mean_context = sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)  # mean attended keys per token (causal)
-    print("[bench] record lengths (tokens): " + ", ".join(f"{k} {v:.3g}" for k, v in stats.items()), flush=True)
-    results = {"length_stats": stats, "data_summary": summary, "versions": versions(), "variants": {}}
+    data, results, mean_context = write_data(args)
+    results |= {"versions": versions(), "variants": {}}
     for name in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--model", args.model, "--variant", name, "--data", data, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--seed", str(args.seed), "--mean-context", str(mean_context),
-               "--mean-record", str(stats["mean"]), "--profile", "1" if name == args.profile else ""]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if name == args.profile:
-            print(proc.stdout[proc.stdout.find("----"):proc.stdout.find("RESULT ")], flush=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(f"[bench] {name} failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-3000:]}", flush=True)
+        needs = 180 if name.startswith("compiled") else 75  # seconds: load, steps, and the compilation
+        if args.deadline and time.time() + needs > args.deadline:
+            print(f"[bench] {name} skipped: it would not finish before the deadline ({needs} s needed)", flush=True)
             continue
-        results["variants"][name] = json.loads(line[7:])
-        print_row(results["variants"][name], results["variants"].get("baseline"))
+        result = run_child(args, name, data, mean_context, results["length_stats"]["mean"])
+        if result is None:
+            continue
+        results["variants"][name] = result
+        add_ratios(results["variants"])
+        results["fixed_overhead"] = overheads(results["variants"])
+        print_row(result)
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=2)
+    for o in results.get("fixed_overhead", []):
+        print(f"[bench] fixed overhead {o['pair']}: {o['fixed_overhead_s']:.3f} s per micro-batch, "
+              f"marginal {o['marginal_tokens_per_s']} tokens/s", flush=True)
 
 
-def print_row(r: dict, base: dict | None) -> None:
-    ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-    print(f"[bench] {r['variant']:<18} {r['tokens_per_s']:>8.0f} tok/s {ratio:>6}  {r['samples_per_s']:>6.1f} samples/s  "
-          f"{r['seconds_per_step']:>6.2f} s/step  {r['peak_gpu_mem_gib']:>5.1f} GiB  MFU {r['mfu']:.1%}  "
-          f"3 epochs {r['hours_3_epochs_dolly']:.2f} h", flush=True)
+def print_row(r: dict) -> None:
+    ratios = " ".join(f"{k[3:]} {v:.2f}x" for k, v in r["ratios"].items())
+    plan = r.get("plan")
+    setting = ""
+    if plan:
+        setting = f"GC {'on' if plan['gradient_checkpointing'] else 'off'} {plan['pack_tokens']}x{plan['gradient_accumulation_steps']}"
+    memory = r.get("peak_gpu_mem_gib", float("nan"))
+    print(f"[bench] {r['variant']:<20} {r['tokens_per_s']:>8.0f} tok/s  {ratios}  {r['seconds_per_step']:.3f} s/step  "
+          f"{r['tokens_per_step']:.0f} tok/step  {memory:.1f} GiB  MFU {r['mfu']:.1%}  {setting}", flush=True)
 
 
 def versions() -> dict[str, str]:

@@ -18,9 +18,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` run where CUDA is; elsewhere they are skipped, saying why."""
+    """Tests marked `gpu` run where CUDA is; elsewhere they are skipped, saying why. `slow` ones run only with -m slow."""
     import torch
 
+    if "slow" not in (config.getoption("-m") or ""):
+        skip_slow = pytest.mark.skip(reason="slow (torch.compile on the CPU, ~2-3 minutes): run with -m slow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu); this machine has none")

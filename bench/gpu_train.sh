@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Issue 12's GPU measurements in ONE command (about 9 minutes on one H100), from the repository root:
+#
+#   cp -r ../shared/llama2-tokenizer .tok/        # once, here (ignored); the device run carries .whl and .tok
+#   bash bench/gpu_train.sh OUT
+#
+# In priority order, each step writing its JSON as soon as it ends, skipping what would end after DEADLINE_S
+# (default 530 s from the start):
+#   1. bench/train_speed.py -> OUT/train_speed.json (+ one log per variant):
+#      hf_tuned, hf_tuned_nogc (plain HF, issue 12's settings); default = python main.py with its memory plan, then
+#      3 more steps profiled (OUT/profile-default/trace.json.gz, summary.json); default under a 24 and a 40 GiB cap;
+#      compiled = default + --compile on (profiled likewise, compile seconds, variants, graph breaks);
+#      nogc_2048 (with default: fixed_overhead_s, eager); compiled_nogc_2048 (the same, compiled); baseline (plain HF as
+#      commonly run). VARIANTS=a,b,... replaces the list.
+#   2. bench/loss_parity.py -> OUT/loss_parity.json + .png: project vs plain HF vs project --compile on, same records.
+# STAGES=parity runs only step 2 (a second command, if device time is left). CPU_DRY_RUN=1: the same plumbing on the
+# tiny model on the CPU (a few steps, no wheels, nothing timed that means anything).
+set -u
+out=${1:?usage: bash bench/gpu_train.sh OUT}
+mkdir -p "$out"
+deadline=$(($(date +%s) + ${DEADLINE_S:-530}))
+stages=${STAGES:-speed,parity}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ -z "${CPU_DRY_RUN:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+  tok=.tok/llama2-tokenizer
+  [ -f "$tok/tokenizer.model" ] || tok=../shared/llama2-tokenizer
+  [ -f "$tok/tokenizer.model" ] || { echo "[gpu_train] no Llama 2 tokenizer: cp -r ../shared/llama2-tokenizer .tok/ first"; exit 1; }
+  model=/tmp/l7
+  [ -f "$model/config.json" ] || python bench/make_random_llama.py --out "$model" --tokenizer "$tok" > "$out/make_model.log" 2>&1 \
+    || { tail -20 "$out/make_model.log"; exit 1; }
+  nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$out/gpu.csv"
+  variants=${VARIANTS:-hf_tuned,hf_tuned_nogc,default,default_cap24,default_cap40,compiled,nogc_2048,compiled_nogc_2048,baseline}
+  speed=(--steps 8 --warmup 3 --records 3000)
+  parity=(--steps 20 --records 800 --sides project,hf,project_compiled)
+else
+  model=$(python -c "from tiny_llama import ensure_tiny_llama; print(ensure_tiny_llama())")
+  variants=${VARIANTS:-hf_tuned,default,default_cap24,nogc_2048}
+  speed=(--steps 3 --warmup 1 --records 150 --profile-steps-n 1)
+  parity=(--steps 3 --records 100 --sides project,hf)
+fi
+echo "[gpu_train] model $model, stages $stages, $((deadline - $(date +%s))) s left"
+if [[ $stages == *speed* ]]; then
+  python bench/train_speed.py --model "$model" --out "$out/train_speed.json" "${speed[@]}" --variants "$variants" \
+    --profile default,compiled --deadline "$deadline" 2>&1 | tee "$out/train_speed.log"
+fi
+left=$((deadline - $(date +%s)))
+if [[ $stages == *parity* ]] && { [ $left -gt 240 ] || [ -n "${CPU_DRY_RUN:-}" ] || [[ $stages != *speed* ]]; }; then
+  python bench/loss_parity.py --model "$model" --out "$out/loss_parity.json" "${parity[@]}" 2>&1 | tee "$out/loss_parity.log"
+else
+  echo "[gpu_train] loss parity skipped ($left s left): run STAGES=parity bash bench/gpu_train.sh OUT"
+fi
+echo "[gpu_train] done: $(ls "$out" | tr '\n' ' ')"

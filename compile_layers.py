@@ -1,0 +1,120 @@
+"""Regional torch.compile: each decoder layer compiled on its own, the 4-bit + LoRA layers inside (--compile).
+
+    stats = compile_decoder_layers(model)          # before Trainer(...) is built (training.build_trainer)
+    trainer.add_callback(CompileWatch(stats))       # fails the run if a layer runs eager, recompiles or breaks its graph
+
+Why regional: all decoder layers share one code object, so one compiled graph serves all 32 (compile time of one
+layer, not of the model); gradient checkpointing stays outside the compiled region (transformers' checkpoint wraps the
+compiled layer, torchtune's order). bitsandbytes 0.50's 4-bit matmul is a registered custom op and peft's LoRA forward
+is plain tensor code, so the layer traces without graph breaks (fullgraph=True makes any break an error at step 1).
+
+Nothing falls back to eager silently: suppress_errors off, a recompile-limit hit raises, and CompileWatch checks the
+compiled entries of the layer's code after step `check_at` and at the end. Inductor's caches (FX graph, autotuning)
+persist in TORCHINDUCTOR_CACHE_DIR (default: ~/.cache/llama-dolly/inductor), so a second run compiles faster.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from transformers import TrainerCallback
+
+from runtime import Runtime
+
+
+class CompileError(RuntimeError):
+    """The compiled layers did not stay compiled (eager fallback, recompiles, graph breaks)."""
+
+
+def compile_enabled(choice: str, rt: Runtime) -> bool:
+    return choice == "on" or (choice == "auto" and rt.cuda)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The ModuleList of decoder layers inside a (PEFT-wrapped) causal LM: the largest one whose items are *DecoderLayer."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) and type(m[0]).__name__.endswith("DecoderLayer")]
+    if not lists:
+        raise CompileError("--compile: no ModuleList of *DecoderLayer modules in this model")
+    return max(lists, key=len)
+
+
+def compile_decoder_layers(model: torch.nn.Module, mode: str = "default", dynamic: bool | None = None, recompile_limit: int = 16) -> dict:
+    """Compile every decoder layer in place (`layer.compile()`, as torchtune's compile_model). Returns what CompileWatch checks.
+
+    dynamic=None: the first row length compiles static, the second recompiles once with a symbolic length; rows padded to
+    one budget (--pad-to-budget) compile once. The layer's input must require grad in every layer (layer 0's comes from the
+    frozen embeddings), else layer 0 and layers 1.. are two compiled variants: enable_input_require_grads costs nothing.
+    """
+    import torch._dynamo
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "llama-dolly", "inductor"))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
+    torch._dynamo.config.suppress_errors = False  # never fall back to eager silently
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(mode=None if mode == "default" else mode, dynamic=dynamic, fullgraph=True)
+    return {"layers": len(layers), "code": type(layers[0]).forward.__code__, "mode": mode}
+
+
+def compiled_entries(code) -> int:
+    """How many compiled variants Dynamo holds for a code object (one per guard set); 0 = it runs eager."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(code))
+
+
+def compile_report(stats: dict) -> dict:
+    """Compiled variants of the layer, graph breaks by reason, unique graphs and Dynamo + Inductor compile seconds."""
+    from torch._dynamo.utils import compile_times, counters
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    times = dict(zip(names, map(float, values), strict=False))
+    return {"layers": stats["layers"], "mode": stats["mode"], "compiled_variants": compiled_entries(stats["code"]),
+            "graph_breaks": dict(counters["graph_break"]), "unique_graphs": counters["stats"]["unique_graphs"],
+            "dynamo_compile_s": round(times.get("_compile.compile_inner", 0.0), 1),  # tracing + forward compile, all variants
+            "inductor_compile_s": round(times.get("compile_fx_inner", 0.0), 1)}  # forward and (lazily compiled) backward graphs
+
+
+def check_compiled(stats: dict, max_variants: int = 4) -> dict:
+    """compile_report, raising CompileError on an eager layer, too many recompiled variants or any graph break."""
+    report = compile_report(stats)
+    problems = []
+    if report["compiled_variants"] == 0:
+        problems.append("the decoder layer has no compiled variant: it runs eager")
+    if report["compiled_variants"] > max_variants:
+        problems.append(f"{report['compiled_variants']} compiled variants of the decoder layer (TORCH_LOGS=recompiles says why)")
+    if report["graph_breaks"]:
+        problems.append(f"graph breaks: {report['graph_breaks']}")
+    if problems:
+        raise CompileError("--compile: " + "; ".join(problems) + f" ({report}); run with --compile off meanwhile")
+    return report
+
+
+class CompileWatch(TrainerCallback):
+    """Checks the compiled layers after optimizer step `check_at` (past warm-up and one automatic-dynamic recompile) and at
+    the end; records the first step's wall time (mostly compilation) in `report`."""
+
+    def __init__(self, stats: dict, check_at: int = 4, max_variants: int = 4):
+        self.stats, self.check_at, self.max_variants = stats, check_at, max_variants
+        self.report: dict = {}
+        self._t0: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is not None:
+            self.report["first_step_s"] = round(time.perf_counter() - self._t0, 1)
+            self._t0 = None
+        if state.global_step == self.check_at:
+            self.report |= check_compiled(self.stats, self.max_variants)
+            print(f"[compile] after step {state.global_step}: {self.report}", flush=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.report |= check_compiled(self.stats, self.max_variants)

@@ -1,0 +1,222 @@
+"""--memory-plan auto: gradient checkpointing on/off, tokens per micro-batch and gradient accumulation for this GPU.
+
+    plan = plan_memory(total_bytes, free_bytes)             # pure arithmetic: tests feed it fake cards
+    cfg = apply_memory_plan(cfg, explicit)                  # main.py: on CUDA, before the model is loaded
+
+The recipe (`tokens_per_step` tokens per optimizer step) is the same on every card; only how it is split
+into micro-batches x accumulation steps, and whether activations are recomputed, depends on the memory.
+Flags given explicitly (or by a preset / --config file) win: the planner only fills in the others.
+
+Calibration (H100, Llama-2-7B QLoRA: NF4 + double quant, bf16, LoRA r=16 on all 7 linears, Liger incl. fused
+linear cross-entropy, flex attention, one packed row per micro-batch, torch.cuda.max_memory_allocated):
+    no GC:  2048 tok 12.2 GiB, 4096 tok 20.3 GiB, 8192 tok 36.7 GiB;   GC: 4096 tok 5.8 GiB
+Model: peak = static (weights + LoRA training state) + tokens x per_token, per_token scaled by the architecture:
+    no GC: NOGC_BYTES_PER_LAYER_HIDDEN x layers x hidden
+    GC:    (2 x layers + GC_EXTRA_PER_HIDDEN) x hidden  (one bf16 checkpoint per layer + one layer's recompute)
+fitted with the static part computed from the architecture (4.20 GiB for 7B), taking the largest per-token value
+over the points, so the model never under-predicts a measured point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cli import UserError
+
+GIB = 2**30
+# Calibration points: (tokens per micro-batch, gradient checkpointing, peak GiB) for LLAMA2_7B.
+CALIBRATION = [(2048, False, 12.2), (4096, False, 20.3), (8192, False, 36.7), (4096, True, 5.8)]
+FIELDS = ("gradient_checkpointing", "pack_tokens", "gradient_accumulation_steps")  # what the plan sets
+
+
+class PlanError(UserError, ValueError):
+    """Nothing fits this GPU: one line saying what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    kv_hidden: int | None = None  # num_key_value_heads x head_dim (GQA); None = hidden
+    tied_embeddings: bool = False
+
+    @property
+    def linear_params(self) -> float:
+        kv = self.kv_hidden or self.hidden
+        return self.layers * (2 * self.hidden * self.hidden + 2 * self.hidden * kv + 3 * self.hidden * self.intermediate)
+
+    @property
+    def params(self) -> float:
+        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        return self.linear_params + embeddings + (2 * self.layers + 1) * self.hidden
+
+    def lora_params(self, r: int) -> float:
+        kv = self.kv_hidden or self.hidden
+        h, i = self.hidden, self.intermediate
+        return self.layers * r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 2 + (i + h))  # q,o ; k,v ; gate,up ; down
+
+
+LLAMA2_7B = ModelShape(layers=32, hidden=4096, intermediate=11008, vocab=32000)
+
+
+def static_bytes(shape: ModelShape, quantization: str = "4bit", lora_r: int = 16) -> float:
+    """Weights + LoRA parameters, gradients and AdamW state (fp32: 4 + 4 + 8 bytes per LoRA parameter)."""
+    per_linear = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0 + 4 / 4096, "none": 2.0}[quantization]  # NF4 + double-quant absmax
+    other = shape.params - shape.linear_params  # embeddings, lm_head, norms: bf16
+    return shape.linear_params * per_linear + other * 2 + shape.lora_params(lora_r) * 16
+
+
+def _fit() -> tuple[float, float]:
+    base = static_bytes(LLAMA2_7B)
+    layers, hidden = LLAMA2_7B.layers, LLAMA2_7B.hidden
+    nogc = max((gib * GIB - base) / t / (layers * hidden) for t, gc, gib in CALIBRATION if not gc)
+    gc_extra = max((gib * GIB - base) / t / hidden - 2 * layers for t, gc, gib in CALIBRATION if gc)
+    return nogc, gc_extra
+
+
+NOGC_BYTES_PER_LAYER_HIDDEN, GC_EXTRA_PER_HIDDEN = _fit()  # ~32.5 bytes and ~38.5 (x hidden) for the 7B calibration
+
+
+def per_token_bytes(shape: ModelShape, gradient_checkpointing: bool, fused_cross_entropy: bool = True) -> float:
+    if gradient_checkpointing:
+        b = (2 * shape.layers + GC_EXTRA_PER_HIDDEN) * shape.hidden
+    else:
+        b = NOGC_BYTES_PER_LAYER_HIDDEN * shape.layers * shape.hidden
+    if not fused_cross_entropy:  # without Liger's fused linear CE: bf16 logits + fp32 upcast + fp32 grad
+        b += shape.vocab * 10
+    return b
+
+
+def predict_peak_gib(shape: ModelShape, tokens: int, gradient_checkpointing: bool, quantization: str = "4bit", lora_r: int = 16,
+                     fused_cross_entropy: bool = True) -> float:
+    per_token = per_token_bytes(shape, gradient_checkpointing, fused_cross_entropy)
+    return (static_bytes(shape, quantization, lora_r) + tokens * per_token) / GIB
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeModel:
+    """Seconds per micro-batch = (overhead + seconds_per_token x real tokens) x (gc_factor with GC).
+
+    7B H100 figures before issue 12: 3,779 tok -> 0.42 s, 8,114 tok -> 0.60 s without GC; GC about 1.75x slower.
+    Only the choice between plans that fit depends on it; re-fit from bench/gpu_train.sh's fixed_overhead_s.
+    """
+
+    overhead_s: float = 0.263
+    seconds_per_token: float = 4.15e-5
+    gc_factor: float = 1.75
+
+    def tokens_per_s(self, tokens: int, gc: bool, fill: float = 0.93) -> float:
+        real = tokens * fill  # packed rows are ~93% full
+        return real / ((self.overhead_s + self.seconds_per_token * real) * (self.gc_factor if gc else 1.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    gradient_checkpointing: bool
+    pack_tokens: int
+    gradient_accumulation_steps: int
+    predicted_peak_gib: float
+    budget_gib: float
+    usable_gib: float
+    fits: bool = True
+    card: str = "GPU"
+    explicit: tuple[str, ...] = ()
+
+    def line(self) -> str:
+        tokens = self.pack_tokens * self.gradient_accumulation_steps
+        given = f" ({', '.join(self.explicit)} as given)" if self.explicit else ""
+        warn = "" if self.fits else f"; WARNING: over the budget, expect out-of-memory (flags win over the plan{given})"
+        return (f"[memory-plan] {self.card}, {self.usable_gib:.1f} GiB usable -> peak budget {self.budget_gib:.1f} GiB: "
+                f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}, {self.pack_tokens} tokens per micro-batch "
+                f"x {self.gradient_accumulation_steps} accumulation = {tokens} tokens per optimizer step{given if self.fits else ''}; "
+                f"expected peak {self.predicted_peak_gib:.1f} GiB{warn}")
+
+
+def micro_batches(tokens_per_step: int, max_length: int, pack_tokens: int | None, accumulation: int | None) -> list[tuple[int, int]]:
+    """(tokens per micro-batch, accumulation steps) candidates: tokens_per_step / 2**k, each >= max_length; fixed values kept."""
+    if pack_tokens and accumulation:
+        return [(pack_tokens, accumulation)]
+    if pack_tokens:
+        return [(pack_tokens, max(1, tokens_per_step // pack_tokens))]
+    if accumulation:
+        return [(max(max_length, tokens_per_step // accumulation), accumulation)]
+    out, micro = [], tokens_per_step
+    while micro >= max_length:
+        out.append((micro, tokens_per_step // micro))
+        if micro % 2:
+            break
+        micro //= 2
+    return out or [(max_length, 1)]
+
+
+def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B, *, cap_bytes: int | None = None,
+                quantization: str = "4bit", lora_r: int = 16, tokens_per_step: int = 8192, max_length: int = 1024,
+                fused_cross_entropy: bool = True, fixed: dict | None = None, card: str = "GPU", fragmentation: float = 1.08,
+                reserve_gib: float = 0.5, time_model: TimeModel = TimeModel()) -> Plan:
+    """Pick (gradient checkpointing, tokens per micro-batch, accumulation) for one GPU; the fastest that fits wins.
+
+    usable = min(free, cap): free from torch.cuda.mem_get_info() before the model is loaded, cap from the process's
+    memory fraction (bench/capped_main.py), which mem_get_info does not show. Peak budget = usable / fragmentation -
+    reserve (allocator fragmentation, cuBLAS/Triton workspaces). `fixed` holds the FIELDS given explicitly: kept as given,
+    even over the budget (then `fits` is False and the line warns).
+    """
+    fixed = fixed or {}
+    usable = min(free_bytes, total_bytes, cap_bytes or total_bytes) / GIB
+    budget = usable / fragmentation - reserve_gib
+    gcs = [fixed["gradient_checkpointing"]] if "gradient_checkpointing" in fixed else [False, True]
+    options = []
+    splits = micro_batches(tokens_per_step, max_length, fixed.get("pack_tokens"), fixed.get("gradient_accumulation_steps"))
+    for micro, accumulation in splits:
+        for gc in gcs:
+            peak = predict_peak_gib(shape, micro, gc, quantization, lora_r, fused_cross_entropy)
+            options.append((peak <= budget, time_model.tokens_per_s(micro, gc), micro, accumulation, gc, peak))
+    fits, _, micro, accumulation, gc, peak = max(options)
+    if not fits and not fixed:
+        need = predict_peak_gib(shape, max_length, True, quantization, lora_r, fused_cross_entropy)
+        raise PlanError(f"--memory-plan auto: even gradient checkpointing with {max_length}-token micro-batches needs ~{need:.1f} GiB, "
+                        f"but {card} leaves a budget of {budget:.1f} GiB ({usable:.1f} GiB usable); free GPU memory, lower "
+                        f"--max-length or --lora-r, or pass --memory-plan off with your own --pack-tokens")
+    return Plan(gc, micro, accumulation, round(peak, 2), round(budget, 2), round(usable, 2), fits, card, tuple(sorted(fixed)))
+
+
+def shape_from_config(config) -> ModelShape:
+    """The architecture figures the planner needs, from a transformers config (Llama-like decoders)."""
+    kv = getattr(config, "num_key_value_heads", None)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return ModelShape(layers=config.num_hidden_layers, hidden=config.hidden_size, intermediate=config.intermediate_size,
+                      vocab=config.vocab_size, kv_hidden=kv * head_dim if kv else None,
+                      tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+
+
+def plan_from_cuda(shape: ModelShape, device: int = 0, **kw) -> Plan:
+    """plan_memory with this GPU's free memory, total memory and per-process cap (the only torch-touching part)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = torch.cuda.get_per_process_memory_fraction(device) if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0
+    cap = int(fraction * total) if fraction < 1.0 else None
+    return plan_memory(total, free, shape, cap_bytes=cap, card=torch.cuda.get_device_name(device), **kw)
+
+
+def apply_memory_plan(cfg, explicit: set[str]):
+    """cfg with the planned FIELDS on a CUDA GPU (--memory-plan auto, packed rows, not FSDP); unchanged elsewhere."""
+    import torch
+
+    from runtime import fsdp_active, runtime
+
+    rt = runtime()
+    if cfg.memory_plan == "off" or not rt.cuda or fsdp_active() or not cfg.packing:
+        return cfg
+    from transformers import AutoConfig
+
+    from hub import resolve_base_model
+
+    name = resolve_base_model(cfg.base_model, cfg.gguf_file)
+    shape = shape_from_config(AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code))
+    fixed = {f: getattr(cfg, f) for f in FIELDS if f in explicit}
+    plan = plan_from_cuda(shape, torch.device(rt.device).index or 0, quantization=cfg.quantization, lora_r=cfg.lora_r,
+                          tokens_per_step=cfg.tokens_per_step, max_length=cfg.max_length, fused_cross_entropy=cfg.liger, fixed=fixed)
+    print(plan.line(), flush=True)
+    return dataclasses.replace(cfg, **{f: getattr(plan, f) for f in FIELDS})

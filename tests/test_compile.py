@@ -1,0 +1,69 @@
+"""--compile and --pad-to-budget: padded rows train like unpadded ones, compiled layers like eager ones, failures are loud."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import datasets
+import pytest
+import torch
+from test_cli import step_losses
+
+from compile_layers import CompileError, check_compiled
+from conftest import run
+from dataset import IGNORE_INDEX, PaddedPackedCollator, collate_packed, pack_examples, tokenize_record
+
+ROWS = [{"input_ids": [1, 5], "labels": [-100, 5], "position_ids": [0, 1]},
+        {"input_ids": [1, 7, 8], "labels": [-100, 7, 8], "position_ids": [0, 1, 2]}]
+
+
+def test_padded_row_has_the_budget_shape_and_counts_real_tokens():
+    batch = PaddedPackedCollator(budget=8, pad_id=0)(ROWS)
+    assert batch["input_ids"].tolist() == [[1, 5, 1, 7, 8, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 5, -100, 7, 8, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 1, 2]]  # the padding is a record of its own
+    assert batch["num_tokens"] == 5
+    with pytest.raises(ValueError, match="longer than its budget"):
+        PaddedPackedCollator(budget=4, pad_id=0)(ROWS)
+
+
+def test_padding_to_the_budget_leaves_the_loss_unchanged(tiny_tokenizer):
+    from config import TrainConfig
+    from hub import TINY_MODEL
+    from loading import load_for_training
+
+    model, tokenizer, _ = load_for_training(TrainConfig(base_model=TINY_MODEL, gradient_checkpointing=False))
+    model.eval()
+    records = [{"instruction": f"Question {i}?", "context": "", "response": "An answer " * (i + 1)} for i in range(3)]
+    row = pack_examples(datasets.Dataset.from_list([tokenize_record(r, tokenizer, 256)[0] for r in records]), 10_000, 0)[0]
+    plain = collate_packed([row])
+    padded = PaddedPackedCollator(plain["input_ids"].shape[1] + 37, tokenizer.pad_token_id)([row])
+    padded.pop("num_tokens")
+    with torch.no_grad():
+        losses = [model(**batch).loss.item() for batch in (plain, padded)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_a_layer_running_eager_fails_loudly():
+    def never_compiled(x):
+        return x
+
+    with pytest.raises(CompileError, match="runs eager"):
+        check_compiled({"layers": 2, "code": never_compiled.__code__, "mode": "default"})
+
+
+@pytest.mark.slow  # ~2 minutes cold on 2 CPU cores (Inductor compiles the layer's forward and backward), ~1 with its cache
+def test_compiled_training_matches_eager(tmp_path):
+    flags = ["--preset", "smoke", "--max-steps", "3", "--val-fraction", "0", "--save-steps", "3", "--pad-to-budget"]
+    outs = {}
+    for mode in ("off", "on"):
+        outs[mode] = str(tmp_path / mode)
+        proc = run("main.py", *flags, "--compile", mode, "--output-dir", outs[mode])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert step_losses(outs["on"]) == pytest.approx(step_losses(outs["off"]), abs=2e-4)
+    with open(os.path.join(outs["on"], "metrics.json")) as fh:
+        metrics = json.load(fh)
+    assert metrics["compile"]["compiled_variants"] == 1 and metrics["compile"]["graph_breaks"] == {}  # one shape: one graph
+    with open(os.path.join(outs["off"], "metrics.json")) as fh:
+        assert metrics["num_input_tokens_seen"] == json.load(fh)["num_input_tokens_seen"]  # real tokens, not the padding

@@ -1,0 +1,103 @@
+"""memory_plan.py: what --memory-plan auto picks on cards of different sizes, from fake memory figures (no GPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from config import TrainConfig, parse_config
+from memory_plan import CALIBRATION, GIB, LLAMA2_7B, ModelShape, PlanError, apply_memory_plan, plan_memory, predict_peak_gib, static_bytes
+
+H100 = {"total_bytes": int(79.2 * GIB), "free_bytes": int(78.7 * GIB)}  # an 80 GB card after the CUDA context
+
+
+def test_model_reproduces_calibration_without_underpredicting():
+    for tokens, gc, gib in CALIBRATION:
+        assert gib <= predict_peak_gib(LLAMA2_7B, tokens, gc) <= gib * 1.03, (tokens, gc, gib)
+
+
+def test_7b_parameters_and_static_part():
+    assert LLAMA2_7B.params == pytest.approx(6.74e9, rel=0.001)
+    assert LLAMA2_7B.lora_params(16) == 39_976_960  # what peft reports for r=16 on the 7 linear layers
+    assert 4.0 < static_bytes(LLAMA2_7B) / GIB < 4.4
+
+
+def test_80gb_card_picks_the_fast_setting():
+    plan = plan_memory(**H100)
+    assert (plan.gradient_checkpointing, plan.pack_tokens, plan.gradient_accumulation_steps) == (False, 8192, 1)
+    assert plan.predicted_peak_gib < 40 and plan.fits
+
+
+def test_24gb_cap_fits_under_22_gib_with_the_same_recipe():
+    plan = plan_memory(**H100, cap_bytes=24 * GIB)  # bench/capped_main.py GPU_MEM_CAP_GIB=24
+    assert (plan.gradient_checkpointing, plan.pack_tokens, plan.gradient_accumulation_steps) == (False, 4096, 2)
+    assert plan.predicted_peak_gib <= 22
+
+
+def test_real_24gb_card():  # RTX 4090: 23.99 GiB total, ~23.5 free
+    plan = plan_memory(total_bytes=int(23.99 * GIB), free_bytes=int(23.5 * GIB))
+    assert (plan.gradient_checkpointing, plan.pack_tokens, plan.gradient_accumulation_steps) == (False, 4096, 2)
+    assert plan.predicted_peak_gib <= 22
+
+
+def test_40gb_card_splits_the_step_in_two():  # 8192 tokens without GC (36.7 GiB) is over the 35.6 GiB budget
+    plan = plan_memory(total_bytes=int(39.4 * GIB), free_bytes=int(39.0 * GIB))
+    assert (plan.gradient_checkpointing, plan.pack_tokens, plan.gradient_accumulation_steps) == (False, 4096, 2)
+    assert plan.predicted_peak_gib <= plan.budget_gib
+
+
+def test_12gb_card_turns_checkpointing_on():
+    plan = plan_memory(total_bytes=int(11.6 * GIB), free_bytes=int(11.2 * GIB))
+    assert plan.gradient_checkpointing and plan.pack_tokens * plan.gradient_accumulation_steps == 8192
+    assert plan.predicted_peak_gib <= plan.budget_gib
+
+
+def test_too_small_card_says_what_to_do():
+    with pytest.raises(PlanError, match="--memory-plan off"):
+        plan_memory(total_bytes=6 * GIB, free_bytes=int(5.5 * GIB))
+
+
+def test_busy_card_plans_with_free_memory_not_total():
+    plan = plan_memory(total_bytes=int(79.2 * GIB), free_bytes=20 * GIB)
+    assert plan.usable_gib == 20 and plan.predicted_peak_gib <= 20 / 1.08 - 0.5
+    assert plan.gradient_checkpointing  # 4096 tokens without it (20.4 GiB) is over; 2048 without it is slower than 8192 with it
+
+
+def test_larger_model_scales():
+    llama13 = ModelShape(layers=40, hidden=5120, intermediate=13824, vocab=32000)
+    assert predict_peak_gib(llama13, 4096, False) > predict_peak_gib(LLAMA2_7B, 4096, False) * 1.4
+    plan = plan_memory(**H100, shape=llama13)
+    assert plan.predicted_peak_gib <= plan.budget_gib
+
+
+def test_explicit_flags_win_and_the_rest_is_planned():
+    plan = plan_memory(**H100, fixed={"pack_tokens": 2048})  # --pack-tokens 2048: the recipe kept by accumulation
+    assert (plan.gradient_checkpointing, plan.pack_tokens, plan.gradient_accumulation_steps) == (False, 2048, 4)
+    plan = plan_memory(**H100, fixed={"gradient_checkpointing": True})
+    assert plan.gradient_checkpointing and plan.pack_tokens * plan.gradient_accumulation_steps == 8192
+    plan = plan_memory(**H100, fixed={"gradient_accumulation_steps": 4})
+    assert (plan.pack_tokens, plan.gradient_accumulation_steps) == (2048, 4)
+
+
+def test_explicit_flags_win_even_over_the_budget_with_a_warning():
+    fixed = {"gradient_checkpointing": False, "pack_tokens": 8192, "gradient_accumulation_steps": 1}
+    plan = plan_memory(total_bytes=24 * GIB, free_bytes=int(23.5 * GIB), fixed=fixed)
+    assert (plan.gradient_checkpointing, plan.pack_tokens, plan.gradient_accumulation_steps, plan.fits) == (False, 8192, 1, False)
+    assert "WARNING: over the budget" in plan.line()
+
+
+def test_one_printed_line():
+    line = plan_memory(**H100, card="NVIDIA H100 80GB HBM3").line()
+    assert line == ("[memory-plan] NVIDIA H100 80GB HBM3, 78.7 GiB usable -> peak budget 72.4 GiB: gradient checkpointing off, "
+                    "8192 tokens per micro-batch x 1 accumulation = 8192 tokens per optimizer step; expected peak 36.7 GiB")
+
+
+def test_parse_config_names_the_explicit_fields():
+    _, args = parse_config(TrainConfig, ["--pack-tokens", "2048"], "t")
+    assert args.explicit == {"pack_tokens"}
+    _, args = parse_config(TrainConfig, ["--preset", "smoke", "--no-gradient-checkpointing"], "t")
+    assert {"pack_tokens", "gradient_accumulation_steps", "gradient_checkpointing"} <= args.explicit
+
+
+def test_plan_is_off_on_the_cpu():
+    cfg = TrainConfig()
+    assert apply_memory_plan(cfg, set()) is cfg  # nothing changes without CUDA: the smoke/demo runs stay as they were
