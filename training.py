@@ -116,7 +116,7 @@ def train(trainer: Trainer, cfg: TrainConfig, has_val: bool) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         print("[main] " + describe_batch(trainer.args, cfg))
         warn_if_other_process_count(checkpoint, trainer.args.world_size)
-    signals, losses, speed = StopOnSignal(), StopOnNonFiniteLoss(), SteadyThroughput()
+    signals, losses, speed = StopOnSignal(cfg.signal_check_steps), StopOnNonFiniteLoss(), SteadyThroughput()
     for callback in (signals, losses, speed):
         trainer.add_callback(callback)
     try:
