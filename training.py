@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from config import CONFIG_NAME, TrainConfig, save_config
 from dataset import collate_packed, make_collator
+from memory import MemoryProbe, dump_snapshot
 from resilience import (
     EXIT_TRAINING_FAILED,
     CheckpointMarker,
@@ -96,7 +97,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
     return TrainerWithMemoryLog(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
         data_collator=collate_packed if cfg.packing else make_collator(tokenizer), processing_class=tokenizer,
-        callbacks=[CheckpointMarker(keep=cfg.save_total_limit)],
+        callbacks=[CheckpointMarker(keep=cfg.save_total_limit), MemoryProbe()],  # the probe: only with LLAMA_DOLLY_MEMORY_PROBE
     )
 
 
@@ -123,6 +124,7 @@ def train(trainer: Trainer, cfg: TrainConfig, has_val: bool) -> dict[str, Any]:
         with signals.handling_signals():  # Ctrl-C / SIGTERM: a checkpoint at the end of the step, then stop
             result = trainer.train(resume_from_checkpoint=checkpoint)
     except torch.cuda.OutOfMemoryError:
+        dump_snapshot("oom")  # with LLAMA_DOLLY_MEMORY_SNAPSHOT=1: who held the memory (memory.py)
         raise TrainingStopped(out_of_memory_message(cfg), EXIT_TRAINING_FAILED) from None
     raise_if_stopped_early(signals, losses, checkpoint_dir(cfg), cfg.learning_rate)  # exits 130 / 143 / 1, naming the checkpoint
     tokens = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen
