@@ -234,6 +234,9 @@ def main() -> None:
     parser.add_argument("--mean-context", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--mean-record", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from runtime import silence_harmless_logs
+
+    silence_harmless_logs()  # before liger and bitsandbytes log their harmless start-up lines
     if args.variant:  # child process
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return
