@@ -11,7 +11,8 @@
 #   bash bench/multi_gpu.sh ddp  OUT    # random Llama-2-7B: 1 GPU vs DDP on 2 GPUs (scaling), and FSDP 7B's per-rank peak
 #                                       # (with 13B's: the two points the 70B figure is extrapolated from)
 #
-# Before, here: ../shared/gpu/fetch-wheels.sh (.whl/) and cp -r ../shared/llama2-tokenizer .tok/ (the real tokenizer).
+# Before, here: ../shared/gpu/fetch-wheels.sh (.whl/) and mkdir -p .tok && cp -r ../shared/llama2-tokenizer .tok/ (the real
+# tokenizer); both folders are git-ignored, so the device run carries them: carry [".whl", ".tok"].
 # Every run is main.py itself through configs/accelerate/*.yaml, with LLAMA_DOLLY_MEMORY_PROBE (memory.py): each rank
 # writes OUT/NAME.memory/rankR.json (after load, after LoRA, after the FSDP wrap, steps 1-3, steady peak, memory_summary).
 # OUT/NAME.log, OUT/NAME.metrics.json per run; OUT/fsdp_summary.json and OUT/ddp_summary.json after each stage.
