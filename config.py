@@ -175,6 +175,11 @@ class TrainConfig:
     save_steps: int = doc(200, "Write a checkpoint every N optimizer steps.")
     save_total_limit: int = doc(3, "Keep only the newest N checkpoints.")
     logging_steps: int = doc(10, "Log loss, learning rate, tokens/s and peak memory every N steps.")
+    signal_check_steps: int = doc(
+        1,
+        "Several processes: agree on a Ctrl-C/SIGTERM every N optimizer steps (and at each save/stop), an 8-byte CPU all-reduce;"
+        " a signal then stops within N steps.",
+    )
     dataloader_workers: int = doc(0, "Worker processes feeding batches (records are pre-tokenized, so 0 is rarely slower).")
     resume: bool = doc(False, "Continue from the newest checkpoint in OUTPUT_DIR/checkpoints.")
     fallback: bool = doc(
@@ -206,6 +211,7 @@ class TrainConfig:
             ("save_steps", self.save_steps > 0, "must be positive"),
             ("save_total_limit", self.save_total_limit > 0, "must be positive"),
             ("logging_steps", self.logging_steps > 0, "must be positive"),
+            ("signal_check_steps", self.signal_check_steps > 0, "must be positive"),
             ("dataloader_workers", self.dataloader_workers >= 0, "must be >= 0"),
         ]
         _check_literals(self)

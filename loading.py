@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from config import CONFIG_NAME, TrainConfig, load_train_config
+from config import CONFIG_NAME, ConfigError, TrainConfig, load_train_config
 from hub import ModelError, explain_load_error, resolve_base_model
-from runtime import attention_kernel, fsdp_active, quantization_config, runtime
+from memory import MemoryProbe, start_recording
+from runtime import Runtime, attention_kernel, fsdp_active, quantization_config, runtime
 
 
 def set_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -46,30 +47,79 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
+FSDP_LOAD = "LLAMA_DOLLY_FSDP_LOAD"  # where a 4-bit base is quantized under FSDP: via-gpu (default), cpu, gpu (see fsdp_placement)
+
+
 def load_base_model(
     name: str, quantization: str = "4bit", trust_remote_code: bool = False, attention: str = "sdpa", quant_storage: str = "uint8"
 ) -> torch.nn.Module:
-    """The base model (a path or hub id from hub.resolve_base_model), quantized as asked, on this process's device."""
+    """The base model (a path or hub id from hub.resolve_base_model), quantized as asked, on this process's device.
+
+    Under FSDP the model is left where `fsdp_placement` says (CPU RAM for a 4-bit base): FSDP moves it to the GPU one
+    wrapped unit at a time and keeps only this process's shard of each.
+    """
     rt = runtime()
     kwargs: dict[str, Any] = {"dtype": rt.dtype, "trust_remote_code": trust_remote_code, "attn_implementation": attention}
     qconfig = quantization_config(quantization, rt, quant_storage)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-    kwargs["device_map"] = {"": rt.device}
+    kwargs["device_map"], to_cpu = {"": rt.device}, False
+    threads = torch.get_num_threads()
     if fsdp_active():
-        # FSDP places the shards itself: no device_map. The process group must exist and this process's GPU be
-        # selected before loading: transformers then loads FSDP-aware (cpu_ram_efficient_loading), and bitsandbytes
-        # quantizes on this process's GPU (its default is the current device), not on GPU 0 in every process.
         from accelerate import PartialState
 
-        PartialState(cpu=not rt.cuda)
-        kwargs["device_map"] = None
+        PartialState(cpu=not rt.cuda)  # process group up, this process's GPU selected, before loading
+        kwargs["device_map"], to_cpu = fsdp_placement(rt, qconfig is not None, os.environ.get(FSDP_LOAD, "via-gpu"))
+        if kwargs["device_map"] == {"": "cpu"}:  # torchrun sets OMP_NUM_THREADS=1: give CPU quantization this process's cores
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
         raise explain_load_error(err, name) from err
+    finally:
+        torch.set_num_threads(threads)
+    if to_cpu:
+        model.to("cpu")  # Params4bit.to moves its quant_state along; the packed values are unchanged
+        torch.cuda.empty_cache()  # a clean allocator: FSDP's per-unit uploads do not land in the holes of the whole model
     model.config.use_cache = True
+    MemoryProbe.mark("after load")
     return model
+
+
+def fsdp_placement(rt: Runtime, quantized: bool, where: str = "via-gpu") -> tuple[dict[str, str] | None, bool]:
+    """Under FSDP: (device_map for from_pretrained, whether to move the loaded model into CPU RAM before FSDP wraps it).
+
+    transformers 5.x has no rank-0/meta path for quantized weights (4.x had one): bitsandbytes quantizes each weight
+    where it is materialized, and with device_map None it picks this process's GPU, so every process holds the WHOLE
+    4-bit base on its GPU before FSDP shards it (issue 14: both ranks OOMed). A model in CPU RAM is instead moved to the
+    GPU by FSDP (device_id) one wrapped unit at a time, flattened and sharded: the GPU keeps about 1/N of it.
+      via-gpu: quantize on this GPU (seconds), then move the 4-bit model to CPU RAM. The load briefly needs the whole
+               4-bit base on each GPU (what transformers 4.x did on rank 0), training only the shard.
+      cpu:     quantize in CPU RAM: no GPU peak at load, but minutes for a 13B (bitsandbytes' CPU kernel).
+      gpu:     leave it on the GPU (FSDP shards it in place; the caching allocator keeps the freed whole-model blocks).
+    A one-device map sets no hf_device_map, so accelerate's "4-bit model on another device" check does not fire.
+    A bf16 base (no quantization) loads into CPU RAM with device_map None, as FSDP expects.
+    """
+    if where not in ("via-gpu", "cpu", "gpu"):
+        raise ConfigError(f"{FSDP_LOAD}={where}: expected via-gpu, cpu or gpu")
+    if not quantized:
+        return None, False
+    if where == "cpu":
+        return {"": "cpu"}, False
+    return {"": rt.device}, where == "via-gpu" and rt.cuda
+
+
+def check_fsdp_config(cfg: TrainConfig) -> None:
+    """FSDP (use_orig_params false) flattens each unit into one tensor of one dtype: refuse settings that mix dtypes."""
+    if not fsdp_active() or cfg.quantization == "none":
+        return
+    if cfg.quantization == "8bit":
+        raise ConfigError("FSDP shards a 4-bit (bf16-stored) or unquantized base, not an 8-bit one: pass --quantization 4bit")
+    if cfg.quant_storage != "bfloat16":
+        raise ConfigError("FSDP shards float tensors only: pass --quant-storage bfloat16 (the 4-bit weights packed into bf16 values)")
+    if cfg.fp32_upcast:
+        raise ConfigError("--fp32-upcast casts norms and embeddings to fp32 beside the bf16-stored 4-bit weights, and FSDP "
+                          "(use_orig_params false) needs one dtype per wrapped unit: drop --fp32-upcast under FSDP")
 
 
 def add_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
@@ -100,11 +150,15 @@ def add_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
 
 def load_for_training(cfg: TrainConfig) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str]:
     """(LoRA-wrapped model, tokenizer, the base's resolved path or hub id) for main.py."""
+    check_fsdp_config(cfg)
+    start_recording()  # LLAMA_DOLLY_MEMORY_SNAPSHOT=1: allocations from the load on
     name = resolve_base_model(cfg.base_model, cfg.gguf_file)
     tokenizer = load_tokenizer(name, cfg.trust_remote_code)
     attention = attention_kernel(cfg.attention, cfg.packing, runtime())
     model = load_base_model(name, cfg.quantization, cfg.trust_remote_code, attention, cfg.quant_storage)
-    return add_lora(model, cfg), tokenizer, name
+    model = add_lora(model, cfg)
+    MemoryProbe.mark("after LoRA")
+    return model, tokenizer, name
 
 
 def read_train_config(adapter: str) -> TrainConfig | None:

@@ -132,29 +132,44 @@ class CheckpointMarker(TrainerCallback):
         self.keep = keep
 
     def on_save(self, args, state, control, model=None, **kwargs: Any) -> None:
-        if args.world_size > 1 and torch.distributed.is_initialized():
+        distributed = _distributed()
+        if distributed:
             torch.distributed.barrier()  # every process has written its part (rng_state_K.pth, FSDP shards) before the marker
-        if not args.should_save:  # only the main process writes (multi-GPU)
-            return
-        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        try:
+            if args.should_save:  # only the main process writes (multi-GPU)
+                self._mark(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), args.output_dir, model)
+        finally:
+            if distributed:
+                torch.distributed.barrier()  # nobody stops (and exits) before the marker is written
+
+    def _mark(self, checkpoint: str, folder: str, model: torch.nn.Module | None) -> None:
         if model is not None and not lora_weights_finite(model):
             print(f"[main] {checkpoint} has NaN/inf LoRA weights: not marked complete, --resume will skip it", file=sys.stderr)
             return
         mark_complete(checkpoint)
-        rotate_checkpoints(args.output_dir, self.keep)
+        rotate_checkpoints(folder, self.keep)
 
 
 # --- stopping early: signals, non-finite losses -----------------------------------------------
 
 
 class StopOnSignal(TrainerCallback):
-    """Ctrl-C / SIGTERM while training: finish the optimizer step, save a checkpoint, stop.
+    """Ctrl-C / SIGTERM while training: finish the optimizer step, save a checkpoint, stop; every process at the same step.
 
-    Use `with stop.handling_signals(): trainer.train()`; afterwards `stop.signum` says which signal came.
+    Use `with stop.handling_signals(): trainer.train()`. `signum` is what this process caught; `stop_signum` is what
+    all processes agreed on (the same everywhere), and the only one acted upon. Several processes agree through a MAX
+    all-reduce of 8 bytes over a CPU (gloo) group: no GPU synchronization. Every process joins each check whatever its
+    own flag says, at steps chosen only from values equal everywhere (every `every` steps, and at each scheduled save or
+    stop), so a signal to one process never leaves the others waiting in a collective. Once the signal's checkpoint is
+    complete on every process, later signals (the launcher stopping its other workers) are ignored until exit.
     """
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
+    def __init__(self, every: int = 1) -> None:
+        self.signum: int | None = None  # caught by this process
+        self.stop_signum: int | None = None  # agreed by all processes
+        self.saved = False  # the agreed stop's checkpoint is complete everywhere
+        self.every = max(1, every)
+        self._group = None
 
     @contextlib.contextmanager
     def handling_signals(self) -> Iterator[StopOnSignal]:
@@ -162,11 +177,14 @@ class StopOnSignal(TrainerCallback):
         try:
             yield self
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            if not self.saved:  # else keep ignoring further signals: this process is on its way out with the agreed code
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
+        if self.saved:
+            return  # the checkpoint is complete: exit with the first signal's code, not cut short by the launcher's SIGTERM
         if self.signum is not None:  # asked twice: stop now; the last complete checkpoint stays valid
             raise TrainingStopped(f"[main] {name} again: stopped at once without saving; "
                                   "--resume continues from the last complete checkpoint",
@@ -175,18 +193,40 @@ class StopOnSignal(TrainerCallback):
         print(f"\n[main] {name}: saving a checkpoint at the end of this optimizer step, then stopping (send it again to stop at once)",
               file=sys.stderr, flush=True)
 
+    def on_train_begin(self, args, state, control, **kwargs: Any) -> None:
+        if _distributed() and self._group is None:
+            self._group = torch.distributed.new_group(backend="gloo")  # collective: every process, once, in the same order
+
     def on_step_end(self, args, state, control, **kwargs: Any) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.signum = self.signum or _largest_across_processes(self.signum or 0) or None  # every process stops at the same step
-        if self.signum is not None:
+        if not _distributed():
+            self.stop_signum = self.signum
+        elif state.global_step % self.every == 0 or control.should_save or control.should_training_stop:
+            # DefaultFlowCallback ran first: should_save/should_training_stop are the schedule's, equal on every process
+            self.stop_signum = _largest_across_processes(self.signum or 0, self._group) or None
+        if self.stop_signum is not None:
             control.should_save = True
             control.should_training_stop = True
 
+    def agreed(self) -> int | None:
+        """The signal to stop with: one process acts on what it caught; several only on what they all agreed on."""
+        return self.stop_signum if _distributed() else self.signum
 
-def _largest_across_processes(value: int) -> int:
-    on_gpu = torch.distributed.get_backend() == "nccl"
-    tensor = torch.tensor([value], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    def on_save(self, args, state, control, **kwargs: Any) -> None:
+        # After CheckpointMarker.on_save (an earlier callback), whose trailing barrier means the marker is written.
+        if self.stop_signum is not None:
+            self.saved = True
+            for s in EXIT_CODES:  # SIG_IGN, not a Python handler: it holds through interpreter shutdown too
+                signal.signal(s, signal.SIG_IGN)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _largest_across_processes(value: int, group: Any = None) -> int:
+    """MAX of `value` over all processes, as a CPU tensor over a gloo group: no CUDA synchronization."""
+    tensor = torch.tensor([value], dtype=torch.int64)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=group)
     return int(tensor.item())
 
 
@@ -216,10 +256,12 @@ def raise_if_stopped_early(signals: StopOnSignal, losses: StopOnNonFiniteLoss, c
         raise TrainingStopped(f"error: the training loss became {loss} at step {step}, so training stopped without saving it; {resume}. "
                               f"A diverging run usually needs a lower --learning-rate (now {learning_rate:g}) or --max-grad-norm.",
                               EXIT_TRAINING_FAILED)
-    if signals.signum is not None:
-        name = signal.Signals(signals.signum).name
+    signum = signals.agreed()  # several processes: a signal caught after their last check stops none of them
+    if signum is not None:
+        name = signal.Signals(signum).name
+        code = EXIT_CODES[signum]
         saved = f"checkpoint saved: {last}; rerun the same command with --resume to continue" if last else "no checkpoint was completed"
-        raise TrainingStopped(f"[main] stopped by {name}: {saved} (exit code {EXIT_CODES[signals.signum]})", EXIT_CODES[signals.signum])
+        raise TrainingStopped(f"[main] stopped by {name}: {saved} (exit code {code})", code)
 
 
 def out_of_memory_message(cfg: TrainConfig) -> str:

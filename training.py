@@ -23,6 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from compile_layers import CompileWatch, compile_decoder_layers, compile_enabled
 from config import CONFIG_NAME, FINGERPRINTS_NAME, TrainConfig, save_config
 from dataset import PaddedPackedCollator, collate_packed, make_collator
+from memory import MemoryProbe, dump_snapshot
 from resilience import (
     EXIT_TRAINING_FAILED,
     CheckpointMarker,
@@ -137,7 +138,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
         use_cpu=not rt.cuda,  # on a CPU, several processes (torchrun, accelerate launch with ddp.yaml) then train with DDP over gloo
     )
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
-    callbacks: list[TrainerCallback] = [CheckpointMarker(keep=cfg.save_total_limit)]
+    callbacks: list[TrainerCallback] = [CheckpointMarker(keep=cfg.save_total_limit), MemoryProbe()]  # probe: LLAMA_DOLLY_MEMORY_PROBE
     if compile_enabled(cfg.compile, rt):  # compiled lazily at the first step; Liger's patches (Trainer init) are traced too
         callbacks.append(CompileWatch(compile_decoder_layers(model, cfg.compile_mode, dynamic=False if cfg.pad_to_budget else None)))
     return ProjectTrainer(
@@ -169,13 +170,14 @@ def train(trainer: Trainer, cfg: TrainConfig, has_val: bool) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         print("[main] " + describe_batch(trainer.args, cfg))
         warn_if_other_process_count(checkpoint, trainer.args.world_size)
-    signals, losses, speed = StopOnSignal(), StopOnNonFiniteLoss(), SteadyThroughput()
+    signals, losses, speed = StopOnSignal(cfg.signal_check_steps), StopOnNonFiniteLoss(), SteadyThroughput()
     for callback in (signals, losses, speed):
         trainer.add_callback(callback)
     try:
         with signals.handling_signals():  # Ctrl-C / SIGTERM: a checkpoint at the end of the step, then stop
             result = trainer.train(resume_from_checkpoint=checkpoint)
     except torch.cuda.OutOfMemoryError:
+        dump_snapshot("oom")  # with LLAMA_DOLLY_MEMORY_SNAPSHOT=1: who held the memory (memory.py)
         raise TrainingStopped(out_of_memory_message(cfg), EXIT_TRAINING_FAILED) from None
     raise_if_stopped_early(signals, losses, checkpoint_dir(cfg), cfg.learning_rate)  # exits 130 / 143 / 1, naming the checkpoint
     tokens = trainer.state.num_input_tokens_seen - trainer._initial_num_input_tokens_seen

@@ -133,6 +133,10 @@ def main() -> None:
     import torch
     from train_speed import make_records, versions
 
+    from runtime import silence_harmless_logs
+
+    silence_harmless_logs()  # before bitsandbytes logs its harmless start-up line
+
     from config import EvalConfig
     from dataset import create_question
     from generation import dequantized_bytes

@@ -1,97 +1,115 @@
 #!/usr/bin/env bash
-# Multi-GPU figures for BENCHMARKS.md, on one machine with 2 GPUs, from the repository root:
+# Multi-GPU figures on one machine with 2 GPUs (issue 14), from the repository root, as ONE command:
 #
-#   bash bench/multi_gpu.sh ddp  OUT    # random Llama-2-7B: 1 GPU vs DDP on 2 GPUs, same per-GPU batch
-#   bash bench/multi_gpu.sh fsdp OUT    # random Llama-2-13B: one process (uncapped, its peak memory), then
-#                                       # FSDP-QLoRA on 2 GPUs with each process capped below that peak:
-#                                       # trains, checkpoints, saves; the one-process run under the same cap
+#   bash bench/multi_gpu.sh all  OUT    # fsdp, then ddp: about 8-9 minutes on 2 x H100
+#   bash bench/multi_gpu.sh fsdp OUT    # random Llama-2-13B, --quant-storage bfloat16, the same tokens per micro-batch:
+#       1 single13  one process, one GPU, no cap: the one-process peak (steady: training only; and while loading)
+#       2 fsdp13    FSDP-QLoRA on 2 GPUs, no cap: per-rank peaks (ratio to 1), FSDP tokens/s per GPU; checkpoints 3 and 6
+#       3 fsdp13_resume_capped  both processes capped at 0.75 x the one-process peak, --resume from fsdp13's step 3:
+#                   loads, wraps and trains steps 4-6 under the cap; its losses against fsdp13's; checkpoint and final adapter
+#       4 adapter13 the final adapter on ONE GPU: PeftModel.from_pretrained (model.Llama) and an answer
+#   bash bench/multi_gpu.sh ddp  OUT    # random Llama-2-7B: 1 GPU vs DDP on 2 GPUs (scaling), and FSDP 7B's per-rank peak
+#                                       # (with 13B's: the two points the 70B figure is extrapolated from)
 #
-# Needs the real Llama 2 tokenizer in .tok/llama2-tokenizer (random-weight models are written to $MODELS,
-# default /tmp/models). Every run is main.py itself, launched through configs/accelerate/*.yaml; its
-# metrics.json (train_tokens_per_second_steady: tokens/s of all processes after the first 3 steps) and
-# its log are copied to OUT. NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
+# Before, here: ../shared/gpu/fetch-wheels.sh (.whl/) and mkdir -p .tok && cp -r ../shared/llama2-tokenizer .tok/ (the real
+# tokenizer); both folders are git-ignored, so the device run carries them: carry [".whl", ".tok"].
+# Every run is main.py itself through configs/accelerate/*.yaml, with LLAMA_DOLLY_MEMORY_PROBE (memory.py): each rank
+# writes OUT/NAME.memory/rankR.json (after load, after LoRA, after the FSDP wrap, steps 1-3, steady peak, memory_summary).
+# OUT/NAME.log, OUT/NAME.metrics.json per run; OUT/fsdp_summary.json and OUT/ddp_summary.json after each stage.
+# Env: MODELS (default /tmp/models), RUNS (/tmp/runs), SNAPSHOT=1 (allocation snapshots of the capped run, large),
+# FSDP_AB=1 (adds fsdp13_gpu: the old placement, 4-bit base left on each GPU, LLAMA_DOLLY_FSDP_LOAD=gpu).
 set -u
-mode=$1
-out=$2
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
+mode=${1:-all}
+out=$(mkdir -p "${2:-bench_out}" && cd "${2:-bench_out}" && pwd)
 models=${MODELS:-/tmp/models}
 runs=${RUNS:-/tmp/runs}
-steps=${STEPS:-30}
-mkdir -p "$out" "$models" "$runs"
+mkdir -p "$models" "$runs"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # every run, the one-process baseline included
+launch=(python3 -m accelerate.commands.launch)
 data=$models/dolly-like.jsonl
-if [ ! -f "$data" ]; then
-  python - "$data" <<'EOF'
-import json, sys
-sys.path.insert(0, "bench")
-from train_speed import make_records  # the dolly-15k length model of bench/train_speed.py
-with open(sys.argv[1], "w") as fh:
-    fh.writelines(json.dumps(r | {"category": "open_qa"}) + "\n" for r in make_records(4000, 42))
-EOF
-fi
-common=(--dataset "$data" --eval-steps 0 --val-fraction 0 --logging-steps 1)
+common=(--dataset "$data" --eval-steps 0 --val-fraction 0 --logging-steps 1 --save-total-limit 5)
 
-train() {  # name, launcher and its flags ..., then main.py flags after "--"
-  local name=$1; shift
+prepare() {  # SIZES...: the random-weight models (7B on GPU 0 and 13B on GPU 1 at once) and dolly-like records
+  local tok=.tok/llama2-tokenizer
+  [ -f "$tok/tokenizer.model" ] || { echo "[multi_gpu] $tok missing: cp -r ../shared/llama2-tokenizer .tok/"; exit 1; }
+  [[ " $* " != *" 7 "* ]] || [ -f "$models/l7/config.json" ] || CUDA_VISIBLE_DEVICES=0 python3 bench/make_random_llama.py --out "$models/l7" --tokenizer $tok &
+  [[ " $* " != *" 13 "* ]] || [ -f "$models/l13/config.json" ] || CUDA_VISIBLE_DEVICES=1 python3 bench/make_random_llama.py --size 13b --out "$models/l13" --tokenizer $tok &
+  [ -f "$data" ] || python3 -c "
+import json, sys
+sys.path.insert(0, 'bench')
+from train_speed import make_records  # the dolly-15k length model of bench/train_speed.py
+with open('$data', 'w') as fh:
+    fh.writelines(json.dumps(r | {'category': 'open_qa'}) + '\n' for r in make_records(4000, 42))"
+  wait
+}
+
+train() {  # NAME SECONDS launcher-and-its-flags ... -- main.py flags
+  local name=$1 limit=$2; shift 2
   local launcher=()
   while [ "$1" != "--" ]; do launcher+=("$1"); shift; done
   shift
   local t0=$SECONDS
   [[ " $* " == *" --resume "* ]] || rm -rf "${runs:?}/$name"
-  "${launcher[@]}" "$@" --output-dir "$runs/$name" "${common[@]}" > "$out/$name.log" 2>&1
+  rm -rf "${out:?}/$name.memory"
+  LLAMA_DOLLY_MEMORY_PROBE="$out/$name.memory" timeout -s TERM -k 20 "$limit" "${launcher[@]}" "$@" \
+    --output-dir "$runs/$name" "${common[@]}" > "$out/$name.log" 2>&1
   local rc=$?
   echo "[multi_gpu] $name: exit $rc after $((SECONDS - t0)) s"
   [ -f "$runs/$name/metrics.json" ] && cp "$runs/$name/metrics.json" "$out/$name.metrics.json"
-  grep -E "^\[main\] (train_runtime|global batch)|^\[capped\]|Error|error:" "$out/$name.log" | head -8
+  grep -E "^\[memory\] rank . (after (load|wrap)|step 3|parameters)|^\[capped\]|^\[main\] (global batch|stopped)|Error|error:" \
+    "$out/$name.log" | head -14
   return $rc
 }
 
-steady() { python -c "import json,sys; print(json.load(open(sys.argv[1]))['train_tokens_per_second_steady'])" "$1"; }
-peak() { python -c "import json,sys; print(json.load(open(sys.argv[1]))['peak_gpu_mem_gib'])" "$1"; }
+summarize() {  # MODE: read every result present in OUT, write OUT/MODE_summary.json, print it
+  python3 bench/multi_gpu_summary.py "$1" "$out" "$runs"
+}
 
-if [ "$mode" = ddp ]; then
-  [ -f "$models/l7/config.json" ] || python bench/make_random_llama.py --out "$models/l7" --tokenizer .tok/llama2-tokenizer
-  flags=(--base-model "$models/l7" --max-steps "$steps" --save-steps 100000)
-  train ddp1 env CUDA_VISIBLE_DEVICES=0 accelerate launch --config_file configs/accelerate/single_gpu.yaml main.py -- "${flags[@]}"
-  train ddp2 accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 main.py -- "${flags[@]}"
-  python - "$out" <<'EOF'
-import json, sys
-one, two = (json.load(open(f"{sys.argv[1]}/ddp{n}.metrics.json")) for n in (1, 2))
-s1, s2 = one["train_tokens_per_second_steady"], two["train_tokens_per_second_steady"]
-result = {"one_gpu_tokens_per_s": s1, "two_gpu_tokens_per_s": s2, "scaling_efficiency": s2 / (2 * s1),
-          "peak_gpu_mem_gib": {"1": one.get("peak_gpu_mem_gib"), "2": two.get("peak_gpu_mem_gib")}, "versions": two["versions"]}
-json.dump(result, open(f"{sys.argv[1]}/ddp_scaling.json", "w"), indent=2)
-print(f"[multi_gpu] DDP: 1 GPU {s1:.0f} tok/s, 2 GPUs {s2:.0f} tok/s, scaling efficiency {s2 / (2 * s1):.3f}")
-EOF
-fi
+fsdp() {
+  local flags=(--base-model "$models/l13" --quant-storage bfloat16)
+  train single13 240 env CUDA_VISIBLE_DEVICES=0 "${launch[@]}" --config_file configs/accelerate/single_gpu.yaml main.py -- \
+    "${flags[@]}" --max-steps 5 --save-steps 100000
+  summarize fsdp
+  train fsdp13 300 "${launch[@]}" --config_file configs/accelerate/fsdp_qlora.yaml --num_processes 2 main.py -- \
+    "${flags[@]}" --max-steps 6 --save-steps 3
+  summarize fsdp
+  local cap
+  cap=$(python3 -c "import json; print(json.load(open('$out/fsdp_summary.json'))['cap_gib'])") || return
+  rm -rf "$runs/fsdp13_resume_capped" && mkdir -p "$runs/fsdp13_resume_capped/checkpoints"
+  cp -r "$runs/fsdp13/checkpoints/checkpoint-3" "$runs/fsdp13_resume_capped/checkpoints/"
+  [ "${SNAPSHOT:-0}" = 1 ] && export LLAMA_DOLLY_MEMORY_SNAPSHOT=1
+  train fsdp13_resume_capped 300 env GPU_MEM_CAP_GIB="$cap" "${launch[@]}" --config_file configs/accelerate/fsdp_qlora.yaml \
+    --num_processes 2 bench/capped_main.py -- "${flags[@]}" --max-steps 6 --save-steps 3 --resume
+  unset LLAMA_DOLLY_MEMORY_SNAPSHOT
+  summarize fsdp
+  local t0=$SECONDS
+  CUDA_VISIBLE_DEVICES=0 timeout 180 python3 bench/multi_gpu_summary.py adapter "$out" "$runs/fsdp13_resume_capped" \
+    > "$out/adapter13.log" 2>&1
+  echo "[multi_gpu] adapter13: exit $? after $((SECONDS - t0)) s"; tail -3 "$out/adapter13.log"
+  if [ "${FSDP_AB:-0}" = 1 ]; then
+    LLAMA_DOLLY_FSDP_LOAD=gpu train fsdp13_gpu 300 "${launch[@]}" --config_file configs/accelerate/fsdp_qlora.yaml \
+      --num_processes 2 main.py -- "${flags[@]}" --max-steps 5 --save-steps 100000
+  fi
+  summarize fsdp
+}
 
-if [ "$mode" = fsdp ]; then
-  [ -f "$models/l13/config.json" ] || python bench/make_random_llama.py --size 13b --out "$models/l13" --tokenizer .tok/llama2-tokenizer
-  flags=(--base-model "$models/l13" --quant-storage bfloat16 ${FSDP_FLAGS:-})
-  # 1) one process, one GPU, no cap: what Llama-2-13B QLoRA needs on one card (peak allocated memory).
-  train single13 env CUDA_VISIBLE_DEVICES=0 python main.py -- "${flags[@]}" --max-steps 4 --save-steps 100000
-  need=$(peak "$out/single13.metrics.json")
-  cap=$(python -c "print(round(0.75 * $need, 2))")
-  echo "[multi_gpu] one process needs $need GiB; cap for FSDP: $cap GiB per process"
-  # 2) FSDP-QLoRA on 2 GPUs, each process capped at 75% of that: 6 steps, checkpoints at 3 and 6, final save.
-  train fsdp13 env GPU_MEM_CAP_GIB="$cap" accelerate launch --config_file configs/accelerate/fsdp_qlora.yaml --num_processes 2 \
-    bench/capped_main.py -- "${flags[@]}" --max-steps 6 --save-steps 3
-  ls -la "$runs/fsdp13" "$runs/fsdp13/checkpoints"/* > "$out/fsdp13.files.txt" 2>&1
-  head -40 "$out/fsdp13.files.txt"
-  # 3) resume from the step-3 checkpoint (same 2 processes): the losses of steps 4-6 must equal the uninterrupted run's.
-  mkdir -p "$runs/fsdp13_resume/checkpoints" && cp -r "$runs/fsdp13/checkpoints/checkpoint-3" "$runs/fsdp13_resume/checkpoints/"
-  train fsdp13_resume env GPU_MEM_CAP_GIB="$cap" accelerate launch --config_file configs/accelerate/fsdp_qlora.yaml --num_processes 2 \
-    bench/capped_main.py -- "${flags[@]}" --max-steps 6 --save-steps 3 --resume
-  python - "$runs" "$out" <<'EOF'
-import json, sys
-runs, out = sys.argv[1:]
-def losses(name):
-    with open(f"{runs}/{name}/checkpoints/checkpoint-6/trainer_state.json") as fh:
-        return [h["loss"] for h in json.load(fh)["log_history"] if "loss" in h]
-full, resumed = losses("fsdp13"), losses("fsdp13_resume")
-print(f"[multi_gpu] FSDP losses uninterrupted {full}\n[multi_gpu] FSDP losses resumed       {resumed}")
-json.dump({"uninterrupted": full, "resumed": resumed}, open(f"{out}/fsdp13_resume_losses.json", "w"), indent=2)
-EOF
-  # 4) the same one-process run under the same cap: expected to run out of memory.
-  train single13_capped env CUDA_VISIBLE_DEVICES=0 GPU_MEM_CAP_GIB="$cap" python bench/capped_main.py -- "${flags[@]}" --max-steps 2 --save-steps 100000
-  grep -m2 -iE "out of (GPU )?memory" "$out/single13_capped.log"
-fi
+ddp() {
+  local flags=(--base-model "$models/l7" --save-steps 100000)
+  train ddp1 180 env CUDA_VISIBLE_DEVICES=0 "${launch[@]}" --config_file configs/accelerate/single_gpu.yaml main.py -- \
+    "${flags[@]}" --max-steps 12
+  train ddp2 180 "${launch[@]}" --config_file configs/accelerate/ddp.yaml --num_processes 2 main.py -- "${flags[@]}" --max-steps 12
+  summarize ddp
+  train fsdp7 180 "${launch[@]}" --config_file configs/accelerate/fsdp_qlora.yaml --num_processes 2 main.py -- \
+    "${flags[@]}" --quant-storage bfloat16 --max-steps 3
+  summarize ddp
+}
+
+case $mode in
+  fsdp) prepare 13; fsdp ;;
+  ddp) prepare 7; ddp ;;
+  all) prepare 7 13; fsdp; ddp ;;
+  *) echo "usage: bash bench/multi_gpu.sh {all|fsdp|ddp} OUT"; exit 2 ;;
+esac
+echo "[multi_gpu] done in $SECONDS s; results in $out"

@@ -343,6 +343,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(args.out_dir, exist_ok=True)
+    from runtime import silence_harmless_logs
+
+    silence_harmless_logs()  # before liger and bitsandbytes log their harmless start-up lines
     if args.variant:  # child process
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return

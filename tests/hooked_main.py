@@ -3,7 +3,9 @@ through environment variables, so that a signal or a fault lands exactly where a
 
 - LLAMA_DOLLY_TEST_STEP_SLEEP=S: sleep S seconds after every optimizer step (a kill lands mid-training);
 - LLAMA_DOLLY_TEST_SAVE_SLEEP=S: sleep S seconds inside each checkpoint save, before its COMPLETE marker;
-- LLAMA_DOLLY_TEST_NAN_STEP=K: set the LoRA weights to NaN before step K (a diverged run, on demand).
+- LLAMA_DOLLY_TEST_NAN_STEP=K: set the LoRA weights to NaN before step K (a diverged run, on demand);
+- LLAMA_DOLLY_TEST_PID_DIR=DIR: each process writes DIR/rank{RANK}.pid at start (a test signals ONE process of a
+  multi-process run) and DIR/rank{RANK}.exit, main's exit code, just before it exits (the launcher reports only its own).
 
 None of this ships in the project's modules: it is patched in here, from outside.
 """
@@ -57,5 +59,18 @@ def mark_complete_slowly(checkpoint: str, _mark=resilience.mark_complete) -> Non
 main.build_trainer = build_trainer_with_hooks
 resilience.mark_complete = mark_complete_slowly
 
+
+
+def write_rank_file(suffix: str, text: str) -> None:
+    folder = os.environ.get("LLAMA_DOLLY_TEST_PID_DIR")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}.{suffix}"), "w") as fh:
+            fh.write(text)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main.main())
+    write_rank_file("pid", str(os.getpid()))
+    code = main.main()
+    write_rank_file("exit", str(code))
+    raise SystemExit(code)

@@ -24,9 +24,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -128,6 +130,71 @@ def test_resume_with_the_same_number_of_processes_equals_the_uninterrupted_run(r
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stdout and "[main] warning" not in proc.stdout
     assert [h["loss"] for h in history(resumed)] == [h["loss"] for h in history(ddp)]  # bitwise
+
+
+@pytest.mark.parametrize("rank, resume", [(0, False), (1, True)])
+def test_sigterm_to_one_process_stops_every_process_at_one_step_with_one_complete_checkpoint(rank, resume, runs, tmp_path):
+    """SIGTERM to ONE worker (not the launcher): both processes agree at the next step, save it, exit 143; --resume is exact.
+
+    Either rank may be the one signalled (rank 0 writes the checkpoint, rank 1 only its RNG state). The resume is
+    checked once (rank 1's case): it is another launch, and the checkpoint is the same kind either way.
+
+    The launcher (torchelastic under accelerate launch) itself exits 1 whenever a worker exits non-zero: it reports
+    each worker's code (`exitcode  : 143`) in its summary; tests/hooked_main.py writes them to files for this test.
+    """
+    ddp, _, _ = runs
+    out, pids, log = str(tmp_path / "run"), str(tmp_path / "pids"), str(tmp_path / "log.txt")
+    proc = start_hooked_launch(out, pids, log)
+    try:
+        wait_until(os.path.join(out, "checkpoints", "checkpoint-4", "COMPLETE"), proc, log)
+        with open(os.path.join(pids, f"rank{rank}.pid")) as fh:
+            os.kill(int(fh.read()), signal.SIGTERM)  # one process only; steps 5-8 take >= 4 x 0.5 s, so it lands mid-training
+        proc.wait(timeout=240)  # a hang fails here instead of blocking CI
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher's own session, started by this test
+    with open(log) as fh:
+        text = fh.read()
+    assert proc.returncode == 1, text[-3000:]  # torchelastic's ChildFailedError; the workers' own codes follow
+    codes = []
+    for r in (0, 1):
+        with open(os.path.join(pids, f"rank{r}.exit")) as fh:
+            codes.append(fh.read())
+    assert codes == ["143", "143"], text[-3000:]
+    assert "exitcode  : -" not in text, text[-3000:]  # no worker was killed by a signal (the agent's SIGTERM is ignored)
+    stopped = [c for c in os.listdir(os.path.join(out, "checkpoints")) if c != "checkpoint-4"]
+    assert len(stopped) == 1 and 4 < int(stopped[0].rsplit("-", 1)[1]) < 8, stopped  # one checkpoint, at the agreed step
+    files = set(os.listdir(os.path.join(out, "checkpoints", stopped[0])))
+    assert {"COMPLETE", "adapter_model.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= files, files
+    assert text.count("[main] stopped by SIGTERM: checkpoint saved: ") == 2, text[-3000:]  # both processes, same message
+    assert not os.path.exists(os.path.join(out, "adapter_config.json"))
+    if not resume:
+        return
+    resumed = launch("main.py", "--preset", "smoke", "--output-dir", out, "--eval-steps", "8", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {os.path.join(out, 'checkpoints', stopped[0])}" in resumed.stdout
+    assert [h["loss"] for h in history(out)] == [h["loss"] for h in history(ddp)]  # bitwise, as the DDP resume test
+
+
+def start_hooked_launch(out: str, pids: str, log: str) -> subprocess.Popen:
+    """The DDP smoke run of `runs`, through tests/hooked_main.py: 0.5 s after every step, per-rank pid and exit-code files."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG, "--num_processes", "2",
+               "--main_process_port", str(free_port()), os.path.join(ROOT, "tests", "hooked_main.py"),
+               "--preset", "smoke", "--output-dir", out, "--eval-steps", "8"]
+    env = {**os.environ, **ENV, "LLAMA_DOLLY_TEST_STEP_SLEEP": "0.5", "LLAMA_DOLLY_TEST_PID_DIR": pids}
+    with open(log, "w") as fh:
+        return subprocess.Popen(command, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_until(path: str, proc: subprocess.Popen, log: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            with open(log) as fh:
+                pytest.fail(f"{path} never appeared (exit code {proc.poll()}):\n{fh.read()[-3000:]}")
+        time.sleep(0.02)
 
 
 def test_eval_split_across_two_processes_gives_the_one_process_report(runs, tmp_path):

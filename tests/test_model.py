@@ -197,3 +197,21 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_order(trained, monkeypatch
     assert answers(llama, QUESTIONS, batch_size=4, max_new_tokens=6) == expected
     assert sizes == [3, 2, 1, 1, 1]  # 4 -> 2 -> 1, then the rest at 1
     assert capsys.readouterr().out.count("retrying with batch size") == 2
+
+
+def test_liger_backend_import_errors_for_other_hardware_are_dropped_and_nothing_else(caplog):
+    """liger-kernel 0.8.5 logs one line per kernel for other hardware (CuTe DSL, Ascend, cuTile) in every process."""
+    import logging
+
+    from runtime import silence_harmless_logs
+
+    silence_harmless_logs()
+    logger = logging.getLogger("liger_kernel.backends.registry")
+    template = "Backend impl '%s' for op '%s' could not be imported: %s: %s"
+    with caplog.at_level(logging.WARNING):
+        logger.warning(template, "liger_kernel.ops.backends._cutedsl.rms_norm", "rms_norm", "ImportError", "No module named 'cutlass'")
+        logger.warning(template, "liger_kernel.ops.backends._ascend.swiglu", "swiglu", "ImportError", "No module named 'torch_npu'")
+        logger.warning(template, "liger_kernel.ops.rms_norm", "rms_norm", "ImportError", "triton is broken")  # a real failure
+    assert [r.getMessage() for r in caplog.records] == [
+        "Backend impl 'liger_kernel.ops.rms_norm' for op 'rms_norm' could not be imported: ImportError: triton is broken"
+    ]

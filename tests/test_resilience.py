@@ -270,6 +270,36 @@ def test_signal_handlers_are_restored_after_training():
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+@pytest.mark.parametrize("caught, checks", [(None, [3, 4, 6]), (signal.SIGTERM, [3])])
+def test_every_process_joins_the_signal_check_at_the_same_steps_whatever_it_caught(caught, checks, monkeypatch):
+    """The check is a collective: whether a process joins may depend only on values equal on every process.
+
+    every=3 and a scheduled save at step 4: the checks are at steps 3, 4, 6, ... A process that caught SIGTERM before
+    step 1 still waits for the check at step 3 (its peers only look then) and joins it (the old code skipped it);
+    one that caught nothing stops when a peer reports SIGTERM (here at the third check, step 6).
+    """
+    from types import SimpleNamespace
+
+    import resilience
+
+    joined: list[tuple[int, int]] = []
+
+    def all_reduce(value, group=None):
+        joined.append((step, value))
+        return signal.SIGTERM if len(joined) == 3 else value  # a peer caught SIGTERM before the third check
+
+    monkeypatch.setattr(resilience, "_distributed", lambda: True)
+    monkeypatch.setattr(resilience, "_largest_across_processes", all_reduce)
+    stop = resilience.StopOnSignal(every=3)
+    stop.signum = caught
+    for step in range(1, 12):
+        control = SimpleNamespace(should_save=step == 4, should_training_stop=False)
+        stop.on_step_end(None, SimpleNamespace(global_step=step), control)
+        if control.should_training_stop:
+            break
+    assert joined == [(s, int(caught or 0)) for s in checks]
+    assert step == checks[-1] and control.should_save and stop.agreed() == signal.SIGTERM
+
 
 def test_steady_throughput_skips_the_first_steps():
     from types import SimpleNamespace

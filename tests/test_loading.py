@@ -1,0 +1,100 @@
+"""loading.py under FSDP (where a 4-bit base is quantized and left before FSDP shards it), its config checks, memory.py.
+
+FSDP itself needs GPUs (accelerate's plugin); what the CPU can check is the loading half: with the launcher's FSDP
+environment, the tiny 4-bit base is quantized into CPU RAM, stored as bf16 (shardable), with no hf_device_map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import loading
+from config import ConfigError, TrainConfig
+from runtime import Runtime, runtime
+
+CUDA = Runtime("cuda:1", torch.bfloat16)
+
+
+@pytest.fixture
+def fsdp_env(monkeypatch):
+    """What `accelerate launch --config_file configs/accelerate/fsdp_qlora.yaml` sets, without a process group."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    monkeypatch.setattr("accelerate.PartialState", lambda cpu: None)  # the real one would start a process group
+
+
+def test_fsdp_placement_keeps_the_gpu_for_the_shard_only():
+    assert loading.fsdp_placement(CUDA, quantized=True) == ({"": "cuda:1"}, True)  # quantize on the GPU, then to CPU RAM
+    assert loading.fsdp_placement(CUDA, quantized=True, where="cpu") == ({"": "cpu"}, False)
+    assert loading.fsdp_placement(CUDA, quantized=True, where="gpu") == ({"": "cuda:1"}, False)  # the A/B baseline
+    assert loading.fsdp_placement(CUDA, quantized=False) == (None, False)  # bf16 base: transformers loads to CPU
+    with pytest.raises(ConfigError, match="via-gpu, cpu or gpu"):
+        loading.fsdp_placement(CUDA, quantized=True, where="GPU")
+
+
+def test_under_fsdp_the_4bit_base_is_quantized_into_cpu_ram_as_bf16_without_a_device_map(fsdp_env, monkeypatch):
+    from bitsandbytes.nn import Params4bit
+    from transformers import AutoModelForCausalLM
+
+    from tiny_llama import ensure_tiny_llama
+
+    monkeypatch.setenv(loading.FSDP_LOAD, "cpu")
+    calls = []
+    real = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: calls.append(k) or real(*a, **k))
+    model = loading.load_base_model(ensure_tiny_llama(), "4bit", quant_storage="bfloat16")
+    assert calls[0]["device_map"] == {"": "cpu"}
+    weights = [m.weight for m in model.modules() if isinstance(getattr(m, "weight", None), Params4bit)]
+    assert len(weights) == 14  # 2 layers x 7 linear layers
+    for w in weights:
+        assert w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.bnb_quantized and w.quant_state.absmax.device.type == "cpu"
+    # the rest in the compute dtype: bf16 on a GPU, so one dtype in every FSDP unit (fp32 here, on the CPU)
+    assert {p.dtype for p in model.parameters() if not isinstance(p, Params4bit)} == {runtime().dtype}
+    assert "hf_device_map" not in model.__dict__  # else accelerate refuses "a 4-bit model on another device"
+
+
+def test_fsdp_refuses_settings_that_mix_dtypes_in_a_unit(fsdp_env):
+    ok = TrainConfig(quant_storage="bfloat16")
+    loading.check_fsdp_config(ok)
+    loading.check_fsdp_config(dataclasses.replace(ok, quantization="none", fp32_upcast=True))  # bf16 base: nothing to mix
+    for bad, words in (({"fp32_upcast": True}, "drop --fp32-upcast"), ({"quant_storage": "uint8"}, "--quant-storage bfloat16"),
+                       ({"quantization": "8bit"}, "--quantization 4bit")):
+        with pytest.raises(ConfigError, match=words):
+            loading.check_fsdp_config(dataclasses.replace(ok, **bad))
+
+
+def test_without_fsdp_the_checks_allow_everything(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    loading.check_fsdp_config(TrainConfig(fp32_upcast=True))
+
+
+def test_memory_probe_writes_each_mark_and_the_steady_peak(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import memory
+
+    gib = 2**30
+    allocated = iter([1, 3, 2])  # after load, after wrap, step 1
+    peaks = iter([5, 5, 5, 4, 4])  # the same marks, the load peak read before the reset, then the steady peak
+    monkeypatch.setenv(memory.PROBE, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(memory.MemoryProbe, "marks", {})
+    monkeypatch.setattr(memory.MemoryProbe, "report", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: next(allocated) * gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 6 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: next(peaks) * gib)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    probe = memory.MemoryProbe()
+    probe.mark("after load")
+    model = torch.nn.Linear(2, 2)  # on the CPU: no parameter bytes on a GPU
+    probe.on_train_begin(None, None, None, model=model)
+    probe.on_step_end(None, SimpleNamespace(global_step=1), None)
+    report = json.loads((tmp_path / "rank1.json").read_text())
+    assert report["marks"]["after load"] == {"allocated_gib": 1, "reserved_gib": 6, "peak_gib": 5}
+    assert list(report["marks"]) == ["after load", "after wrap", "step 1"]
+    assert report["load_peak_gib"] == 5 and report["steady_peak_gib"] == 4 and report["parameters_on_gpu_gib"] == 0
