@@ -231,7 +231,17 @@ class EvalConfig:
         "Base weights at inference; default: what the adapter was trained with.",
     )
     max_new_tokens: int = doc(256, "Longest answer, in tokens.")
-    batch_size: int = doc(64, "Questions generated together (left-padded, longest first; halved automatically on out-of-memory).")
+    batch_size: int | None = doc(
+        None,
+        "Questions generated together (longest first; halved automatically on out-of-memory). Default: sized from free GPU "
+        "memory (KV cache + prefill per row), 16 on a CPU.",
+    )
+    engine: Literal["auto", "padded", "evict", "static", "continuous"] = doc(
+        "auto",
+        "How answers are decoded: evict = greedy, a finished answer leaves its batch at once (auto when greedy); padded = "
+        "model.generate; static = static KV cache + torch.compile (CUDA graphs); continuous = transformers' generate_batch.",
+    )
+    threads: int | None = doc(None, "CPU threads for torch; default: the cores not already busy (load average), at least 1.")
     dequantize: Literal["auto", "yes", "no"] = doc(
         "auto",
         "Generate from a 16-bit copy of the 4-bit base (the same weight values, dequantized once): faster, at the memory of a "
@@ -275,7 +285,8 @@ class EvalConfig:
             ("limit", self.limit is None or self.limit > 0, "must be positive"),
             ("bootstrap_samples", self.bootstrap_samples > 0, "must be positive"),
             ("max_new_tokens", self.max_new_tokens > 0, "must be positive"),
-            ("batch_size", self.batch_size > 0, "must be positive"),
+            ("batch_size", self.batch_size is None or self.batch_size > 0, "must be positive"),
+            ("threads", self.threads is None or self.threads > 0, "must be positive"),
             ("temperature", self.temperature >= 0, "must be >= 0"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
         ]

@@ -28,7 +28,7 @@ from config import ConfigError, EvalConfig, TrainConfig, parse_config
 from dataset import create_question, section_markers
 from loading import read_train_config
 from model import Llama
-from runtime import silence_harmless_logs
+from runtime import cpu_threads, silence_harmless_logs
 
 # A few dolly-style questions, one per kind of task, one with context.
 PREDEFINED: list[dict[str, str]] = [
@@ -63,7 +63,11 @@ def run(argv: list[str]) -> None:
         raise ConfigError("--interactive reads the keyboard: run it in one process (python eval.py --interactive)")
     set_seed(cfg.seed)
     train_cfg = read_train_config(cfg.adapter)  # None for an adapter trained elsewhere
-    llama = Llama.load_pretrained_model(cfg.adapter, base_model=cfg.base_model, quantization=cfg.quantization, dequantize=cfg.dequantize)
+    threads = cpu_threads(cfg.threads)
+    llama = Llama.load_pretrained_model(cfg.adapter, base_model=cfg.base_model, quantization=cfg.quantization, dequantize=cfg.dequantize,
+                                        engine=cfg.engine)
+    if not llama.model.device.type == "cuda":
+        print(f"[eval] CPU: {threads} torch thread(s) (--threads)", flush=True)
     if state is None or state.is_main_process:
         print(f"[eval] base model {llama.base_model} (adapter off) vs the same base + adapter {cfg.adapter}", flush=True)
     if cfg.interactive:

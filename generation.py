@@ -36,20 +36,46 @@ def generation_kwargs(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 
     return kwargs | extra
 
 
-def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], batch_size: int = 8,
-             progress: bool = False, label: str = "answers", **generation: Any) -> list[dict[str, Any]]:
-    """Each prompt's answer (new text only, cut at EOS or a stop string), its token count and how it ended, in input order."""
+ENGINES = ("auto", "padded", "evict", "static", "continuous")
+
+
+def pick_engine(engine: str, device: torch.device, greedy: bool) -> str:
+    """auto: evict (finished rows leave the batch) for greedy answers, padded (plain model.generate) when sampling.
+
+    static (a static KV cache, the decode step compiled into CUDA graphs) and continuous (transformers' generate_batch:
+    paged attention, a finished sequence frees its slot at once) are the GPU alternatives, measured by bench/generate_speed.py.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)} (got {engine!r})")
+    if engine == "auto":
+        return "evict" if greedy else "padded"
+    if engine in ("evict", "continuous") and not greedy:
+        return "padded"  # both decode greedily; sampling goes through model.generate
+    return engine
+
+
+def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], batch_size: int | None = 8,
+             progress: bool = False, label: str = "answers", engine: str = "auto", **generation: Any) -> list[dict[str, Any]]:
+    """Each prompt's answer (new text only, cut at EOS or a stop string), its token count and how it ended, in input order.
+
+    batch_size None: sized from free memory (auto_batch_size). engine: see pick_engine.
+    """
     from tqdm.auto import tqdm
 
+    engine = pick_engine(engine, model.device, generation.get("temperature", 0.0) <= 0)
+    if engine == "continuous" and prompts:
+        return generate_continuous(model, tokenizer, prompts, **generation)
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    if batch_size is None:
+        batch_size = auto_batch_size(model, max(lengths, default=1), generation.get("max_new_tokens", 256), len(prompts))
     results: list[dict[str, Any]] = [{}] * len(prompts)
     bar = tqdm(total=len(prompts), desc=f"generating ({label})", unit="answer", disable=not progress)
     start = 0
     while start < len(prompts):
         chunk = order[start : start + batch_size]
         try:
-            generated = generate_batch(model, tokenizer, [prompts[i] for i in chunk], **generation)
+            generated = generate_batch(model, tokenizer, [prompts[i] for i in chunk], engine=engine, **generation)
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
                 raise
@@ -68,14 +94,115 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
 @torch.inference_mode()
 def generate_batch(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], stop_strings: list[str] | None = None,
-    **generation: Any,
+    engine: str = "padded", **generation: Any,
 ) -> list[dict[str, Any]]:
-    """One left-padded batch through model.generate."""
+    """One left-padded batch: through model.generate (padded, static) or the evicting greedy loop (evict)."""
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    if engine == "evict":
+        rows = decode_evicting(model, tokenizer, batch, stop_strings or [], **generation)
+        return [end_answer(row, tokenizer, stop_strings or []) for row in rows]
     stops = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
-    out = model.generate(**batch, **stops, **generation_kwargs(tokenizer, **generation))
+    static = {"cache_implementation": "static"} if engine == "static" else {}  # on CUDA, generate compiles the decode step
+    out = model.generate(**batch, **stops, **static, **generation_kwargs(tokenizer, **generation))
     return [end_answer(row, tokenizer, stop_strings or []) for row in out[:, batch["input_ids"].shape[1] :].tolist()]
+
+
+@torch.inference_mode()
+def decode_evicting(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: Any, stop_strings: list[str],
+                    max_new_tokens: int = 256, min_new_tokens: int = 0, **_: Any) -> list[list[int]]:
+    """Greedy decoding in which a row leaves the batch (and its KV cache) as soon as it ends: finished rows cost nothing.
+
+    The same steps as model.generate's greedy search (left padding, positions from the attention mask, argmax of the last
+    logits), so the tokens agree up to the rounding of a smaller batch. A row ends at EOS, once its new text contains a
+    stop string, or at max_new_tokens; min_new_tokens (the benchmark's forced length) bans EOS and stop strings before it.
+    """
+    from transformers import DynamicCache
+
+    eos = tokenizer.eos_token_id
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
+    alive, rows = list(range(mask.shape[0])), [[] for _ in range(mask.shape[0])]
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1]
+        if step < min_new_tokens and eos is not None:
+            logits[:, eos] = -float("inf")
+        tokens = logits.argmax(-1)
+        for r, t in zip(alive, tokens.tolist(), strict=True):
+            rows[r].append(t)
+        done = [step + 1 == max_new_tokens or (step + 1 >= min_new_tokens and row_ended(rows[r], eos, tokenizer, stop_strings))
+                for r in alive]
+        if all(done):
+            break
+        if any(done):
+            keep = torch.tensor([i for i, d in enumerate(done) if not d], device=mask.device)
+            cache.batch_select_indices(keep)
+            mask, positions, tokens = mask[keep], positions[keep], tokens[keep]
+            alive = [r for r, d in zip(alive, done, strict=True) if not d]
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
+    return rows
+
+
+def row_ended(row: list[int], eos: int | None, tokenizer: PreTrainedTokenizerBase, stop_strings: list[str], tail: int = 16) -> bool:
+    """Whether a row has ended: its last token is EOS, or its recent text holds a stop string (confirmed on the whole text)."""
+    if row and row[-1] == eos:
+        return True
+    if not stop_strings or not any(s in tokenizer.decode(row[-tail:], skip_special_tokens=True) for s in stop_strings):
+        return False
+    return any(s in tokenizer.decode(row, skip_special_tokens=True) for s in stop_strings)
+
+
+@torch.inference_mode()
+def generate_continuous(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                        stop_strings: list[str] | None = None, max_new_tokens: int = 256, min_new_tokens: int = 0,
+                        **_: Any) -> list[dict[str, Any]]:
+    """All prompts through transformers' continuous batching (model.generate_batch): paged KV cache sized from free
+    memory, a finished sequence frees its slot for the next prompt at once. Greedy. It has no per-request stop strings:
+    rows end at EOS or max_new_tokens, and end_answer cuts at the first stop string afterwards (the same answers).
+    min_new_tokens > 0 (forced length): EOS does not end a row.
+    """
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    eos = None if min_new_tokens else tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    cb = ContinuousBatchingConfig(max_memory_percent=memory_share()) if model.device.type == "cuda" else None
+    inputs = [tokenizer(p)["input_ids"] for p in prompts]
+    outputs = model.generate_batch(inputs, generation_config=config, continuous_batching_config=cb, progress_bar=False)
+    rows = [list(out.generated_tokens) for out in outputs.values()]  # in input order
+    return [end_answer(row, tokenizer, stop_strings or []) for row in rows]
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes this process may still allocate on a CUDA device: the card's free memory, lowered to what a
+    torch.cuda.set_per_process_memory_fraction cap leaves (mem_get_info does not know about the cap)."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+    return max(0, min(free + reserved - allocated, int(fraction * total) - allocated))
+
+
+def memory_share(use: float = 0.8) -> float:
+    """The share of the card's free memory continuous batching may give its KV cache (`use` of what this process may take)."""
+    free, _ = torch.cuda.mem_get_info()
+    return max(0.05, min(0.9, use * free_memory(torch.device("cuda", torch.cuda.current_device())) / max(free, 1)))
+
+
+def auto_batch_size(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: int, prompts: int, use: float = 0.6) -> int:
+    """Rows per batch from free memory: each row's KV cache (prompt + answer) and prefill activations within `use` of it.
+
+    On the CPU, 16: evicting finished rows keeps the batch busy, and bigger batches only pad more.
+    """
+    if model.device.type != "cuda":
+        return max(1, min(16, prompts))
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2 * (prompt_tokens + max_new_tokens)  # bytes, 16-bit
+    prefill = prompt_tokens * (c.hidden_size + 3 * c.intermediate_size) * 2  # one layer's activations at a time
+    return max(1, min(prompts, 256, int(use * free_memory(model.device) // (kv + prefill))))
 
 
 def end_answer(new_tokens: list[int], tokenizer: PreTrainedTokenizerBase, stop_strings: list[str]) -> dict[str, Any]:
@@ -112,50 +239,52 @@ def linear4bit_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, st
 
 
 def dequantized_bytes(model: torch.nn.Module) -> int:
-    """Extra memory a 16-bit copy of the 4-bit linear weights takes (their 16-bit size minus the freed 4-bit storage)."""
-    return sum(m.in_features * m.out_features * 2 - m.weight.numel() * m.weight.element_size() for _, _, m in linear4bit_modules(model))
+    """Extra memory a 16-bit copy of the 4-bit linear weights takes (the 4-bit layers are kept: exact restore, MergeSwitch)."""
+    return sum(m.in_features * m.out_features * 2 for _, _, m in linear4bit_modules(model))
 
 
-def dequantize_4bit(model: torch.nn.Module) -> int:
-    """Replace every 4-bit linear layer by a plain linear layer holding its dequantized weights; returns how many.
+def dequantize_4bit(model: torch.nn.Module) -> dict[torch.nn.Module, torch.nn.Module]:
+    """Replace every 4-bit linear layer by a plain linear layer holding its dequantized weights; returns {dense: 4-bit}.
 
     The weight values are exactly the NF4 values bitsandbytes computes with; only the kernel changes (a dense
     16-bit matmul instead of unpacking the 4-bit weight inside every layer at every generated token), so the
     logits agree up to rounding, and batched generation gets faster at the memory of a 16-bit copy (13 GB
-    for Llama-2-7B). LoRA wrappers keep their adapter unmerged, so `use_adapter=False` still gives the base
-    itself. The model can no longer be trained as QLoRA afterwards.
+    for Llama-2-7B). The 4-bit layers are kept (3.5 GB for 7B) so that a dense weight can be rebuilt exactly
+    (dense_weight) after a LoRA update was merged into it. The model can no longer be trained as QLoRA afterwards.
     """
-    import bitsandbytes as bnb
-
-    layers = linear4bit_modules(model)
-    count = len(layers)
-    while layers:  # popped: each 4-bit layer is freed once replaced, so the two copies never coexist in full
-        parent, name, q = layers.pop()
-        dtype = q.compute_dtype or torch.bfloat16
-        if getattr(q.weight.quant_state, "packing_format_for_cpu", False):
-            # bitsandbytes repacked this weight for its CPU kernel at the first forward pass; read the values
-            # back through that kernel: x = I gives x @ W.T = W.T.
-            with torch.no_grad():
-                eye = torch.eye(q.in_features, dtype=dtype, device=q.weight.device)
-                weight = (q(eye) - (q.bias if q.bias is not None else 0)).t().contiguous().to(dtype)
-        else:
-            weight = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).to(dtype)
-        dense = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=weight.device, dtype=dtype)
+    originals = {}
+    for parent, name, q in linear4bit_modules(model):
+        weight = dense_weight(q)
+        dense = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=weight.device, dtype=weight.dtype)
         dense.weight = torch.nn.Parameter(weight, requires_grad=False)
         if q.bias is not None:
-            dense.bias = torch.nn.Parameter(q.bias.data.to(dtype), requires_grad=False)
+            dense.bias = torch.nn.Parameter(q.bias.data.to(weight.dtype), requires_grad=False)
         setattr(parent, name, dense)
-    if count and torch.cuda.is_available():
+        originals[dense] = q
+    if originals and torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return count
+    return originals
+
+
+@torch.no_grad()
+def dense_weight(q: torch.nn.Module) -> torch.Tensor:
+    """The 16-bit weight a bitsandbytes 4-bit layer computes with (the same values every call: exact)."""
+    import bitsandbytes as bnb
+
+    dtype = q.compute_dtype or torch.bfloat16
+    if getattr(q.weight.quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacked this weight for its CPU kernel at the first forward pass; read the values
+        # back through that kernel: x = I gives x @ W.T = W.T.
+        eye = torch.eye(q.in_features, dtype=dtype, device=q.weight.device)
+        return (q(eye) - (q.bias if q.bias is not None else 0)).t().contiguous().to(dtype)
+    return bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).to(dtype)
 
 
 def dequantize_fits(extra_bytes: int, headroom: float = 0.5) -> bool:
     """Whether `extra_bytes` (see dequantized_bytes) is at most `headroom` of the free GPU memory (the rest is left for the KV cache)."""
     if not torch.cuda.is_available():
         return False  # on the CPU the 4-bit path is the documented low-memory fallback; opt in with dequantize="yes"
-    free, _ = torch.cuda.mem_get_info()
-    return extra_bytes <= headroom * free
+    return extra_bytes <= headroom * free_memory(torch.device("cuda", torch.cuda.current_device()))
 
 
 def lora_delta(layer: torch.nn.Module, adapter: str = "default") -> torch.Tensor:
@@ -179,3 +308,48 @@ def fold_lora(peft_model: torch.nn.Module, adapter: str = "default") -> torch.nn
         base.weight.data = (base.weight.data.float() + lora_delta(layer, adapter)).to(base.weight.dtype)
         setattr(parent, name, base)
     return peft_model.get_base_model()
+
+
+class MergeSwitch:
+    """Fine-tuned answers from merged weights, base answers from the exact base weights, switched in place.
+
+    "tuned": W = cast(fp32(W_base) + (alpha / r) * B @ A), cast once, LoRA branch off (a plain dense layer: the base's speed).
+    "base": W = W_base rebuilt exactly (re-dequantized from the kept 4-bit layer, or copied back from a saved copy for an
+    unquantized base), LoRA branch off: the same logits as the base model. Never W - delta (not exact in 16 bits).
+    PEFT's own merge is not used: with the adapter disabled it unmerges by subtraction at the next forward pass.
+    """
+
+    def __init__(self, peft_model: torch.nn.Module, originals: dict[torch.nn.Module, torch.nn.Module], adapter: str = "default"):
+        self.model, self.adapter, self.state = peft_model, adapter, "unmerged"
+        self.layers = [m for m in peft_model.modules() if hasattr(m, "lora_A") and adapter in m.lora_A and hasattr(m, "base_layer")]
+        self.originals = originals  # dense base layer -> its 4-bit layer (dequantize_4bit)
+        self.saved = {layer: layer.base_layer.weight.detach().to("cpu", copy=True)
+                      for layer in self.layers if layer.base_layer not in originals}
+
+    @staticmethod
+    def supported(peft_model: torch.nn.Module) -> bool:
+        """Every LoRA layer wraps a plain dense layer (a dequantized or unquantized base), and none is merged by PEFT."""
+        layers = [m for m in peft_model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+        return bool(layers) and all(type(m.base_layer) is torch.nn.Linear and not m.merged for m in layers)
+
+    @torch.inference_mode()  # in place on weights that may be inference tensors (made under inference_mode)
+    def use(self, use_adapter: bool) -> None:
+        """Put the weights in the tuned (merged) or base state; nothing to do when they already are."""
+        want = "tuned" if use_adapter else "base"
+        if want == self.state:
+            return
+        if self.state == "tuned":
+            for layer in self.layers:
+                layer.base_layer.weight.copy_(self.base_weight(layer))
+        self.model.base_model.disable_adapter_layers()  # what PeftModel.disable_adapter() switches off
+        if want == "tuned":
+            for layer in self.layers:
+                w = layer.base_layer.weight
+                w.copy_((w.float() + lora_delta(layer, self.adapter)).to(w.dtype))
+        self.state = want
+
+    def base_weight(self, layer: torch.nn.Module) -> torch.Tensor:
+        dense = layer.base_layer
+        if dense in self.originals:
+            return dense_weight(self.originals[dense])
+        return self.saved[layer]

@@ -31,10 +31,14 @@ class Llama:
     dequantize: "auto" (default) turns a 4-bit base into its 16-bit copy before the first forward pass when the
     GPU has room (generation.dequantize_4bit): the same weight values, several times faster to generate from;
     "yes" always, "no" never. It happens once; every later ask_model / generate / nll call reuses it.
+    merge: on a dense base (the 16-bit copy, or an unquantized base) the adapter is merged into the weights for
+    fine-tuned answers and the exact base weights are put back for base answers (generation.MergeSwitch), so both
+    run at the base's speed; the switch happens only when the requested side changes.
+    engine: how answers are decoded (generation.pick_engine): auto, padded, evict, static or continuous.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, base_model: str | None = None,
-                 dequantize: str = "auto"):
+                 dequantize: str = "auto", merge: bool = True, engine: str = "auto"):
         if dequantize not in ("auto", "yes", "no"):
             raise ValueError(f"dequantize must be auto, yes or no (got {dequantize!r})")
         self.model = model.eval()
@@ -43,26 +47,37 @@ class Llama:
         self.dequantize = dequantize
         self._dequantize_checked = False
         self._dequantized = False
+        self._originals: dict[torch.nn.Module, torch.nn.Module] = {}  # dense layer -> its 4-bit layer, for exact restore
+        self.merge, self.engine = merge, engine
+        self.switch: generation.MergeSwitch | None = None
 
     @classmethod
     def load_pretrained_model(cls, path_or_name: str = "llama_adapter", base_model: str | None = None, quantization: str | None = None,
-                              trust_remote_code: bool = False, dequantize: str = "auto") -> Llama:
+                              trust_remote_code: bool = False, dequantize: str = "auto", merge: bool = True, engine: str = "auto") -> Llama:
         """An adapter directory written by main.py (its base read from train_config.yaml), or a bare base model."""
         if os.path.isfile(os.path.join(path_or_name, "adapter_config.json")):
             model, tokenizer, base = load_adapter(path_or_name, base_model, quantization, trust_remote_code)
-            return cls(model, tokenizer, base, dequantize)
+            return cls(model, tokenizer, base, dequantize, merge, engine)
         if os.path.isdir(path_or_name) and not os.path.isfile(os.path.join(path_or_name, "config.json")) and base_model is None:
             raise ModelError(f"{path_or_name}: neither an adapter (no adapter_config.json) nor a model (no config.json)")
         name = resolve_base_model(base_model or path_or_name)
         tokenizer = load_tokenizer(name, trust_remote_code)
-        return cls(load_base_model(name, quantization or "4bit", trust_remote_code), tokenizer, base_model or path_or_name, dequantize)
+        return cls(load_base_model(name, quantization or "4bit", trust_remote_code), tokenizer, base_model or path_or_name,
+                   dequantize, merge, engine)
 
     @property
     def has_adapter(self) -> bool:
         return hasattr(self.model, "disable_adapter")
 
     def adapter(self, use_adapter: bool) -> contextlib.AbstractContextManager:
-        """Context in which the model runs with (or without) its adapter: the same weights either way."""
+        """Context in which the model runs with (or without) its adapter: the same weights either way.
+
+        With a MergeSwitch the weights are switched in place (and stay so after the block: the next call switches back
+        only if it asks for the other side); otherwise PEFT's disable_adapter() for the base.
+        """
+        if self.switch is not None:
+            self.switch.use(use_adapter)
+            return contextlib.nullcontext()
         if use_adapter or not self.has_adapter:
             return contextlib.nullcontext()
         return self.model.disable_adapter()
@@ -71,14 +86,16 @@ class Llama:
         """The answer to one rendered prompt (see dataset.create_question): new text only, stopped at EOS."""
         return self.generate([question], batch_size=1, use_adapter=use_adapter, **generation_args)[0]["answer"]
 
-    def generate(self, questions: list[str], batch_size: int = 8, use_adapter: bool = True, progress: bool = False,
+    def generate(self, questions: list[str], batch_size: int | None = 8, use_adapter: bool = True, progress: bool = False,
                  **generation_args: Any) -> list[dict[str, Any]]:
         """Answers to many prompts, in input order: {"answer", "raw", "answer_tokens", "stop", "ended_with_eos"} each.
 
         stop_strings=[...] (eval.py: the template's section markers) ends an answer at the first of them too (see generation.py).
+        batch_size None: sized from free memory. engine=... overrides the Llama's engine for this call.
         """
         self.dequantize_if_allowed()
         label = "fine-tuned" if use_adapter and self.has_adapter else "base"
+        generation_args.setdefault("engine", self.engine)
         with self.adapter(use_adapter):
             return generation.generate(self.model, self.tokenizer, questions, batch_size, progress, label, **generation_args)
 
@@ -123,15 +140,25 @@ class Llama:
         return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
     def dequantize_if_allowed(self) -> None:
-        """Once, before the first forward pass: swap the 4-bit base for its 16-bit copy if asked to (auto: if it fits)."""
+        """Once, before the first forward pass: swap the 4-bit base for its 16-bit copy if asked to (auto: if it fits),
+        then set up merge-on-switch if the base is dense."""
         if self._dequantize_checked:
             return
         self._dequantize_checked = True
+        self.dequantize_4bit_if_allowed()
+        self.prepare_merge()
+
+    def dequantize_4bit_if_allowed(self) -> None:
         if self.dequantize == "no" or not generation.linear4bit_modules(self.model):
             return
         extra = generation.dequantized_bytes(self.model)
         if self.dequantize == "yes" or generation.dequantize_fits(extra):
             print(f"[model] dequantizing the 4-bit base to a 16-bit copy for generation (+{extra / 2**30:.1f} GiB; "
                   "same weight values, faster)", flush=True)
-            generation.dequantize_4bit(self.model)
+            self._originals = generation.dequantize_4bit(self.model)
             self._dequantized = True
+
+    def prepare_merge(self) -> None:
+        """Once: set up the MergeSwitch where every LoRA layer wraps a dense layer (see the class docstring)."""
+        if self.merge and self.switch is None and self.has_adapter and generation.MergeSwitch.supported(self.model):
+            self.switch = generation.MergeSwitch(self.model, self._originals)

@@ -90,3 +90,15 @@ def silence_harmless_logs() -> None:
         logger = logging.getLogger(name)
         if drop not in logger.filters:
             logger.addFilter(drop)
+
+
+def cpu_threads(requested: int | None = None) -> int:
+    """torch's CPU threads: `requested`, else the cores not already busy (os.getloadavg), at least 1.
+
+    On a shared machine, OpenMP threads that wait for a busy core spin: 2 threads on 1 free core measured 6.7x slower
+    than 1 thread (BENCHMARKS.md). Set once per process; returns the number set.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = requested or max(1, min(cores, cores - int(os.getloadavg()[0] + 0.5)))
+    torch.set_num_threads(threads)
+    return threads

@@ -1,26 +1,23 @@
-"""Generation speed: one-at-a-time vs naive batching vs eval.py's path, side by side, one command.
+"""Generation speed: the seed's paths vs merge-on-switch with each decoding engine, side by side, one command.
 
     python bench/make_random_llama.py --out /tmp/l7 --tokenizer .tok/llama2-tokenizer
-    python bench/generate_speed.py --model /tmp/l7 --out $OUT/generate_speed.json
+    python bench/generate_speed.py --model /tmp/l7 --out $OUT/generate_speed.json      # or: bench/gpu_generate.sh $OUT
 
-The model is loaded once through the project's path (4-bit NF4) with a LoRA adapter of r=16 on
-all linear layers whose B matrices are random and non-zero, so the adapter changes the outputs.
-Prompts are dolly-like (bench/train_speed.py's length model of ../shared/dolly-lengths.md, real
-Llama 2 tokenizer). Every variant produces exactly --new-tokens tokens per prompt (min_new_tokens
-= max_new_tokens: EOS cannot end a sequence early), greedy, so all variants do the same work.
+The model is loaded once through the project's path (4-bit NF4) with a LoRA adapter of r=16 on all linear layers whose
+B matrices are random and non-zero. Prompts are dolly-like (bench/train_speed.py's length model, real Llama 2 tokenizer).
+Forced length: every variant produces exactly --new-tokens tokens per prompt (EOS and stop strings cannot end a row), greedy.
 
-Variants, in this order on the same weights:
-- one_at_a_time: the seed's way, `generate` on one prompt at a time on 4-bit + unmerged LoRA
-  (timed on the first --single-prompts prompts, reported per token: all 256 would take an hour);
-- naive16: batches of 16 in input order, left-padded, 4-bit (timed on the first --naive-prompts);
-- eval_tuned / eval_base: what eval.py does by default, for the adapter's and the base's answers:
-  `Llama.generate` with eval.py's default batch size (64), longest prompts first, on the 16-bit
-  copy of the 4-bit weights (dequantize="auto"), all --prompts prompts;
-- merged (not used by eval.py; measured to decide whether it should be): the LoRA update added
-  into the 16-bit weights, generated with the LoRA branch off.
-Reported per variant: wall time, new tokens/s, time to first token (a batch's prefill plus one
-token), peak GPU memory; greedy answers of the fast paths compared with the plain 4-bit path's on
-every prompt both produced, and last-position logits compared on --logit-prompts prompts.
+Variants, in this order on the same weights (JSON written after each):
+- one_at_a_time: `generate` on one prompt at a time, 4-bit + unmerged LoRA (the first --single-prompts prompts);
+- naive16: batches of 16 in input order, 4-bit + unmerged LoRA (the first --naive-prompts);
+- unmerged64: the previous eval.py path: 16-bit copy + unmerged LoRA, batch 64, model.generate (the first --old-prompts);
+- ENGINE_tuned / ENGINE_base for ENGINE in --engines (evict, static, continuous): merge on switch (fine-tuned = LoRA merged
+  into the 16-bit copy; base = the copy rebuilt from the 4-bit weights), batch sized from free memory, all --prompts;
+- ENGINE_tuned_24gb: the first engine again under torch.cuda.set_per_process_memory_fraction(24 GiB / card).
+Reported per variant: new tokens/s, its share of the card's memory-bandwidth limit (weights + KV cache read once per
+decode step at the variant's batch), the projected time for dolly's validation split (--project-records, both models,
+every answer --new-tokens long: an upper bound), peak GPU memory; and last-position logits of the fast paths vs the 4-bit
+paths. --budget-s skips the remaining variants once the run has taken that long.
 """
 
 from __future__ import annotations
@@ -56,19 +53,21 @@ def build_llama(model_path: str, seed: int, gguf_file: str | None = None):
     return Llama(model, load_tokenizer(model_path), dequantize="no")
 
 
-def merge_lora(model) -> int:
-    """W += (alpha / r) * B @ A in every LoRA layer (computed in fp32, stored in the weight's dtype)."""
+BANDWIDTH_TBS = {"H200": 4.8, "H100 PCIe": 2.0, "H100": 3.35, "A100": 2.0, "L4": 0.3, "4090": 1.0}  # spec sheets, TB/s
+
+
+def bandwidth_limit(model, batch: int, mean_context: float) -> dict:
+    """Upper bound on decode tokens/s: every step reads the 16-bit weights and each row's KV cache once from HBM."""
     import torch
 
-    merged = 0
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                weight = module.get_base_layer().weight
-                delta = module.lora_B["default"].weight.float() @ module.lora_A["default"].weight.float()
-                weight.copy_((weight.float() + module.scaling["default"] * delta).to(weight.dtype))
-                merged += 1
-    return merged
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    tbs = next((v for k, v in BANDWIDTH_TBS.items() if k in name), None)
+    c = model.config
+    weights = sum(p.numel() for p in model.parameters()) * 2
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2 * mean_context
+    step_bytes = weights + batch * kv
+    return {"card": name, "bandwidth_tbs": tbs, "step_gb": step_bytes / 1e9,
+            "limit_tokens_per_s": batch * tbs * 1e12 / step_bytes if tbs else None}
 
 
 def gpu_sync() -> None:
@@ -78,35 +77,34 @@ def gpu_sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(llama, prompts: list[str], batch_size: int, sorted_path: bool, new_tokens: int, use_adapter: bool = True) -> dict:
-    """Generate for `prompts`: sorted_path = eval.py's `Llama.generate`, else plain input-order batches."""
+def timed(llama, prompts: list[str], batch_size: int | None, sorted_path: bool, new_tokens: int, use_adapter: bool = True,
+          engine: str = "padded") -> dict:
+    """Generate for `prompts`: sorted_path = `Llama.generate` (longest first), else plain input-order batches."""
     import torch
+
+    import generation
 
     gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
     llama.dequantize_if_allowed()  # a one-time conversion is not part of the timed generation (reported separately)
+    llama.adapter(use_adapter)  # so is the switch (timed apart: switch_s)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     gpu_sync()
     t0 = time.perf_counter()
-    llama._generate(prompts[:batch_size], use_adapter, max_new_tokens=1)
-    gpu_sync()
-    ttft = time.perf_counter() - t0
-    t0 = time.perf_counter()
     if sorted_path:
-        answers = [g["answer"] for g in llama.generate(prompts, batch_size, use_adapter, **gen)]
+        out = llama.generate(prompts, batch_size, use_adapter, engine=engine, **gen)
     else:
-        answers = [
-            g["answer"]
-            for s in range(0, len(prompts), batch_size)
-            for g in llama._generate(prompts[s : s + batch_size], use_adapter, **gen)
-        ]
+        with llama.adapter(use_adapter):
+            out = [g for s in range(0, len(prompts), batch_size)
+                   for g in generation.generate_batch(llama.model, llama.tokenizer, prompts[s : s + batch_size], engine=engine, **gen)]
     gpu_sync()
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    tokens = len(prompts) * new_tokens
-    result = {"prompts": len(prompts), "batch_size": batch_size, "wall_s": wall, "new_tokens": tokens, "tokens_per_s": tokens / wall,
-              "ttft_s": ttft, "peak_gpu_mem_gib": peak, "answers": answers}
-    print(f"[bench] {len(prompts)} prompts at batch {batch_size}: {tokens / wall:.1f} new tok/s, wall {wall:.1f} s", flush=True)
+    tokens = sum(g["answer_tokens"] for g in out)
+    result = {"prompts": len(prompts), "batch_size": batch_size, "engine": engine, "wall_s": wall, "new_tokens": tokens,
+              "tokens_per_s": tokens / wall, "peak_gpu_mem_gib": peak, "answers": [g["answer"] for g in out]}
+    print(f"[bench] {len(prompts)} prompts, {engine}, batch {batch_size or 'auto'}: {tokens / wall:.1f} new tok/s, wall {wall:.1f} s, "
+          f"peak {peak or 0:.1f} GiB", flush=True)
     return result
 
 
@@ -119,103 +117,115 @@ def last_logits(llama, prompts: list[str], use_adapter: bool = True):
         return llama.model(**batch).logits[:, -1].float().cpu()
 
 
-def same_share(answers: list[str], reference: list[str]) -> float:
-    n = min(len(answers), len(reference))
-    return sum(a == b for a, b in zip(answers[:n], reference[:n], strict=True)) / n
-
-
 def logit_agreement(a, b) -> dict:
     return {"max_abs_diff": float((a - b).abs().max()), "max_abs_logit": float(b.abs().max()),
             "argmax_equal": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="Local model directory (bench/make_random_llama.py for Llama-2-7B).")
+    parser.add_argument("--out", default="generate_speed.json", help="JSON results (rewritten after every variant).")
+    parser.add_argument("--prompts", type=int, default=256, help="Dolly-like prompts for the merge-on-switch variants.")
+    parser.add_argument("--new-tokens", type=int, default=256, help="Tokens generated per prompt (forced: no early EOS).")
+    parser.add_argument("--engines", default="evict,static,continuous", help="Decoding engines to measure (generation.pick_engine).")
+    parser.add_argument("--single-prompts", type=int, default=1, help="Prompts timed one at a time (the first N).")
+    parser.add_argument("--naive-prompts", type=int, default=16, help="Prompts timed in naive batches of 16 (the first N).")
+    parser.add_argument("--old-prompts", type=int, default=64, help="Prompts timed on the previous eval.py path (unmerged, batch 64).")
+    parser.add_argument("--logit-prompts", type=int, default=16, help="Prompts whose last-position logits are compared across paths.")
+    parser.add_argument("--project-records", type=int, default=750, help="Records of dolly's validation split, for the projection.")
+    parser.add_argument("--cap-gib", type=float, default=24.0, help="Memory cap of the capped variant (a 24 GB card).")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="Skip the remaining variants after this many seconds.")
+    parser.add_argument("--seed", type=int, default=42)
+    return parser.parse_args()
+
+
+def derived(r: dict, llama, mean_context: float, args, reference: dict) -> dict:
+    """Share of the bandwidth limit, projected dolly-validation time (both models), speed-ups, answers vs the plain path."""
+    batch = r["batch_size"] or min(r["prompts"], 256)
+    limit = bandwidth_limit(llama.model, batch, mean_context)
+    out = {"bandwidth": limit, "share_of_bandwidth_limit": r["tokens_per_s"] / limit["limit_tokens_per_s"]
+           if limit["limit_tokens_per_s"] else None,
+           "projected_dolly_validation_both_models_s": 2 * args.project_records * args.new_tokens / r["tokens_per_s"]}
+    for name, ref in reference.items():
+        out[f"speedup_vs_{name}"] = r["tokens_per_s"] / ref["tokens_per_s"]
+    return out
 
 
 def main() -> None:
     import torch
     from train_speed import make_records, versions
 
-    from runtime import silence_harmless_logs
-
-    silence_harmless_logs()  # before bitsandbytes logs its harmless start-up line
-
-    from config import EvalConfig
     from dataset import create_question
     from generation import dequantized_bytes
     from model import Llama
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="Local model directory (bench/make_random_llama.py for Llama-2-7B).")
-    parser.add_argument("--out", default="generate_speed.json", help="JSON results.")
-    parser.add_argument("--prompts", type=int, default=256, help="Dolly-like prompts for eval.py's path.")
-    parser.add_argument("--new-tokens", type=int, default=256, help="Tokens generated per prompt (forced: no early EOS).")
-    parser.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="eval.py path's batch size (eval.py's default).")
-    parser.add_argument("--single-prompts", type=int, default=4, help="Prompts timed one at a time (the first N).")
-    parser.add_argument("--naive-prompts", type=int, default=64, help="Prompts timed in naive batches of 16 (the first N).")
-    parser.add_argument("--logit-prompts", type=int, default=16, help="Prompts whose last-position logits are compared across paths.")
-    parser.add_argument(
-        "--gguf-file", default=None, help="GGUF file inside --model (e.g. the demo's SmolLM2 on a CPU: a real model, real answers)."
-    )
-    parser.add_argument("--seed", type=int, default=42)
-    args = parser.parse_args()
+    args = parse_args()
+    start = time.perf_counter()
     rng = random.Random(args.seed)
     prompts = [create_question(r) for r in make_records(args.prompts, args.seed)]
     rng.shuffle(prompts)
-    llama = build_llama(args.model, args.seed, args.gguf_file)
+    llama = build_llama(args.model, args.seed)
     lengths = sorted(len(ids) for ids in llama.tokenizer(prompts)["input_ids"])
-    print(f"[bench] {len(prompts)} prompts, tokens p50 {lengths[len(lengths) // 2]} p90 {lengths[int(0.9 * len(lengths))]} "
-          f"max {lengths[-1]}", flush=True)
+    mean_context = sum(lengths) / len(lengths) + args.new_tokens / 2
     probe = prompts[: args.logit_prompts]
-    logits = {"4bit": last_logits(llama, probe)}
+    logits = {"4bit_tuned": last_logits(llama, probe), "4bit_base": last_logits(llama, probe, use_adapter=False)}
     results: dict[str, dict] = {}
+    header = {"args": vars(args), "versions": versions(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "prompt_tokens": {"p50": lengths[len(lengths) // 2], "p90": lengths[int(0.9 * len(lengths))], "max": lengths[-1]}}
 
-    def partial(name: str, result: dict) -> None:  # written after every variant: a run cut short keeps what it measured
+    def record(name: str, result: dict, final: bool = False) -> None:  # a run cut short keeps what it measured
         results[name] = result
+        ref = {k: results[k] for k in ("one_at_a_time", "naive16", "unmerged64") if k in results and k != name}
+        result.update(derived(result, llama, mean_context, args, ref))
+        variants = {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in results.items()}
         with open(args.out, "w") as fh:
-            variants = {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in results.items()}
-            json.dump({"partial": True, "variants": variants}, fh, indent=2)
+            json.dump(header | {"partial": not final, "variants": variants}, fh, indent=2)
 
-    partial("one_at_a_time", timed(llama, prompts[: args.single_prompts], 1, False, args.new_tokens))
-    partial("naive16", timed(llama, prompts[: args.naive_prompts], 16, False, args.new_tokens))
+    record("one_at_a_time", timed(llama, prompts[: args.single_prompts], 1, False, args.new_tokens))
+    record("naive16", timed(llama, prompts[: args.naive_prompts], 16, False, args.new_tokens))
     extra_gib = dequantized_bytes(llama.model) / 2**30
-    # The same weights, now as eval.py uses them on a GPU (dequantize="auto"; forced on a CPU, where auto never converts).
-    llama = Llama(llama.model, llama.tokenizer, dequantize="auto" if torch.cuda.is_available() else "yes")
+    llama = Llama(llama.model, llama.tokenizer, dequantize="yes", merge=False)  # the previous eval.py path
     t0 = time.perf_counter()
     llama.dequantize_if_allowed()
     gpu_sync()
-    dequantize_s = time.perf_counter() - t0
-    logits["16bit"] = last_logits(llama, probe)
-    partial("eval_tuned", timed(llama, prompts, args.batch_size, True, args.new_tokens))
-    partial("eval_base", timed(llama, prompts, args.batch_size, True, args.new_tokens, use_adapter=False))
-    merge_lora(llama.model)
-    with llama.model.disable_adapter():
-        logits["merged"] = last_logits(llama, probe)
-        partial("merged", timed(llama, prompts, args.batch_size, True, args.new_tokens))
+    header |= {"dequantize_s": time.perf_counter() - t0, "dequantized_extra_gib": extra_gib}
+    record("unmerged64", timed(llama, prompts[: args.old_prompts], 64, True, args.new_tokens))
+    old = llama
+    llama = Llama(old.model, old.tokenizer, dequantize="yes")  # merge on switch on the same 16-bit copy
+    llama._originals = old._originals  # the kept 4-bit layers: the base is rebuilt from them exactly
+    llama.dequantize_if_allowed()
+    header["logits"] = switch_logits(llama, probe, logits)
+    engines = args.engines.split(",")
+    for engine in engines:
+        for side, use_adapter in (("tuned", True), ("base", False)):
+            if time.perf_counter() - start < args.budget_s:
+                record(f"{engine}_{side}", timed(llama, prompts, None, True, args.new_tokens, use_adapter, engine))
+    if torch.cuda.is_available() and time.perf_counter() - start < args.budget_s:
+        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+        torch.cuda.empty_cache()
+        record(f"{engines[0]}_tuned_24gb", timed(llama, prompts, None, True, args.new_tokens, True, engines[0]))
+    record("naive16", results["naive16"], final=True)
+    for name, r in results.items():
+        print(f"[bench] {name:<22} {r['tokens_per_s']:>9.1f} new tok/s  share of bandwidth limit {r['share_of_bandwidth_limit'] or 0:.0%}  "
+              f"dolly validation both models {r['projected_dolly_validation_both_models_s'] / 60:.1f} min  "
+              f"peak {r['peak_gpu_mem_gib'] or 0:.1f} GiB", flush=True)
+    print(f"[bench] logits: {json.dumps(header['logits'])}", flush=True)
 
-    plain = results["naive16"]["answers"]
-    one = results["one_at_a_time"]["answers"]
-    base_rate = results["one_at_a_time"]["tokens_per_s"]
-    for name, r in results.items():
-        r.update(
-            speedup_vs_one_at_a_time=r["tokens_per_s"] / base_rate,
-            speedup_vs_naive16=r["tokens_per_s"] / results["naive16"]["tokens_per_s"],
-        )
-        if name != "eval_base":
-            r.update(same_as_naive16=same_share(r["answers"], plain), same_as_one_at_a_time=same_share(r["answers"], one))
-    results["merged"]["same_as_eval_tuned"] = same_share(results["merged"]["answers"], results["eval_tuned"]["answers"])
-    for name, r in results.items():
-        same = f"same as naive16 {r['same_as_naive16']:.0%} (n={min(r['prompts'], len(plain))})" if "same_as_naive16" in r else ""
-        print(f"[bench] {name:<14} {r['tokens_per_s']:>9.1f} new tok/s  {r['speedup_vs_one_at_a_time']:>6.1f}x one-at-a-time  "
-              f"{r['speedup_vs_naive16']:>5.2f}x naive16  wall {r['wall_s']:.1f} s  TTFT {r['ttft_s']:.2f} s  "
-              f"peak {r['peak_gpu_mem_gib'] or 0:.1f} GiB  {same}", flush=True)
-    agreement = {
-        "16bit_vs_4bit": logit_agreement(logits["16bit"], logits["4bit"]),
-        "merged_vs_16bit": logit_agreement(logits["merged"], logits["16bit"]),
-    }
-    print(f"[bench] logits: {json.dumps(agreement)}; dequantizing took {dequantize_s:.1f} s (+{extra_gib:.1f} GiB)", flush=True)
-    with open(args.out, "w") as fh:
-        json.dump({"args": vars(args), "versions": versions(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                   "prompt_tokens": {"p50": lengths[len(lengths) // 2], "p90": lengths[int(0.9 * len(lengths))], "max": lengths[-1]},
-                   "dequantize_s": dequantize_s, "dequantized_extra_gib": extra_gib, "logits": agreement,
-                   "variants": {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in results.items()}}, fh, indent=2)
+
+def switch_logits(llama, probe: list[str], logits: dict) -> dict:
+    """Last-position logits after switching: merged vs unmerged 4-bit; base (rebuilt exactly) vs the 4-bit base; exactness."""
+    import time as _time
+
+    t0 = _time.perf_counter()
+    tuned = last_logits(llama, probe, use_adapter=True)
+    gpu_sync()
+    switch_s = _time.perf_counter() - t0
+    base = last_logits(llama, probe, use_adapter=False)
+    again = last_logits(llama, probe, use_adapter=True), last_logits(llama, probe, use_adapter=False)
+    return {"merged_vs_4bit_unmerged": logit_agreement(tuned, logits["4bit_tuned"]),
+            "base_vs_4bit_base": logit_agreement(base, logits["4bit_base"]),
+            "switch_back_and_forth_exact": bool((again[0] == tuned).all() and (again[1] == base).all()), "first_switch_s": switch_s}
 
 
 if __name__ == "__main__":

@@ -175,10 +175,11 @@ def test_dequantized_base_gives_the_4bit_logits_and_answers(trained):
         kwargs = {"batch_size": 3, "use_adapter": use_adapter, "max_new_tokens": 10}
         assert answers(fast, QUESTIONS, **kwargs) == answers(plain, QUESTIONS, **kwargs)
     with torch.no_grad():
-        tuned, base = fast.model(**batch).logits, None
+        with fast.adapter(True):  # the switch keeps its last state: a raw model call outside adapter() gets that side
+            tuned = fast.model(**batch).logits
         with fast.adapter(False):
             base = fast.model(**batch).logits
-    assert (tuned - base).abs().max() > 1e-3  # the adapter still changes the outputs: it was not lost or merged
+    assert (tuned - base).abs().max() > 1e-3  # the adapter still changes the outputs: it was not lost
 
 
 def test_out_of_memory_halves_the_batch_and_keeps_the_order(trained, monkeypatch, capsys):
@@ -215,3 +216,55 @@ def test_liger_backend_import_errors_for_other_hardware_are_dropped_and_nothing_
     assert [r.getMessage() for r in caplog.records] == [
         "Backend impl 'liger_kernel.ops.rms_norm' for op 'rms_norm' could not be imported: ImportError: triton is broken"
     ]
+
+
+def _logits(llama, use_adapter):
+    batch = llama.tokenizer(QUESTIONS[1:2], return_tensors="pt")
+    with torch.no_grad(), llama.adapter(use_adapter):
+        return llama.model(**batch).logits
+
+
+def test_merge_on_switch_base_is_exact_and_tuned_is_the_unmerged_adapter(trained):
+    """Fine-tuned = LoRA merged into the 16-bit copy; base = the copy rebuilt from the 4-bit weights, bit for bit, every time."""
+    _, _, out, _ = trained
+    plain = Llama.load_pretrained_model(out, dequantize="no")  # 4-bit + unmerged LoRA: the reference
+    fast = Llama.load_pretrained_model(out, dequantize="yes")
+    before = fast.ask_model(QUESTIONS[0], use_adapter=False, max_new_tokens=8)  # converts; the switch starts on the base
+    assert fast.switch is not None and fast.switch.state == "base"
+    base0 = _logits(fast, False)
+    weights0 = [layer.base_layer.weight.clone() for layer in fast.switch.layers]
+    tuned0 = _logits(fast, True)
+    assert fast.switch.state == "tuned" and (tuned0 - base0).abs().max() > 1e-3  # the merge changed the outputs
+    # merged (fp32 sum, cast once) vs unmerged LoRA on the 4-bit kernel: rounding only
+    torch.testing.assert_close(tuned0, _logits(plain, True), rtol=0, atol=5e-3)
+    torch.testing.assert_close(base0, _logits(plain, False), rtol=0, atol=5e-3)
+    for _ in range(2):  # back and forth: exact, never W - delta
+        assert torch.equal(_logits(fast, False), base0)
+        assert all(torch.equal(layer.base_layer.weight, w) for layer, w in zip(fast.switch.layers, weights0, strict=True))
+        assert torch.equal(_logits(fast, True), tuned0)
+        assert fast.ask_model(QUESTIONS[0], use_adapter=False, max_new_tokens=8) == before  # ask_model between switches
+        assert fast.ask_model(QUESTIONS[0], max_new_tokens=8) == plain.ask_model(QUESTIONS[0], max_new_tokens=8)
+    assert not fast.switch.layers[0].merged  # PEFT's own merge is never used (it would unmerge by subtraction)
+
+
+def test_merge_on_switch_on_an_unquantized_base_restores_the_saved_weights(trained):
+    _, _, out, _ = trained
+    reference = Llama.load_pretrained_model(out, quantization="none", merge=False)  # PEFT's disable_adapter(), branch on
+    fast = Llama.load_pretrained_model(out, quantization="none")
+    fast.dequantize_if_allowed()
+    assert fast.switch is not None and reference.switch is None
+    for _ in range(2):
+        torch.testing.assert_close(_logits(fast, True), _logits(reference, True), rtol=0, atol=1e-5)
+        assert torch.equal(_logits(fast, False), _logits(reference, False))  # exactly the base model's logits
+
+
+def test_evicting_decoder_gives_model_generate_answers_and_stop_rules(trained):
+    """engine="evict" (finished rows leave the batch) == model.generate in padded batches, stop strings and forced length too."""
+    model, tokenizer, _, _ = trained
+    llama = Llama(model, tokenizer)
+    for kwargs in ({"max_new_tokens": 12}, {"max_new_tokens": 12, "stop_strings": [" the", "."]},
+                   {"max_new_tokens": 6, "min_new_tokens": 6}):
+        padded = llama.generate(QUESTIONS, batch_size=3, engine="padded", **kwargs)
+        evict = llama.generate(QUESTIONS, batch_size=3, engine="evict", **kwargs)
+        assert evict == padded, kwargs
+    assert {g["answer_tokens"] for g in evict} == {6}
