@@ -68,7 +68,9 @@ summarize() {  # MODE: read every result present in OUT, write OUT/MODE_summary.
 }
 
 fsdp() {
-  local flags=(--base-model "$models/l13" --quant-storage bfloat16)
+  # The same settings on both sides (the memory plan is off under FSDP, so it is off for the one-process run too): the
+  # first run on 2x H100 compared a plan-chosen one process (no checkpointing, 8192 tokens) with FSDP (4096, checkpointing).
+  local flags=(--base-model "$models/l13" --quant-storage bfloat16 --memory-plan off --gradient-checkpointing --pack-tokens 4096)
   train single13 240 env CUDA_VISIBLE_DEVICES=0 "${launch[@]}" --config_file configs/accelerate/single_gpu.yaml main.py -- \
     "${flags[@]}" --max-steps 5 --save-steps 100000
   summarize fsdp
