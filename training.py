@@ -55,8 +55,12 @@ class ProjectTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if not model.training and hasattr(self, "_eval_sums"):  # evaluating: the batch's mean NLL x its supervised tokens
+        evaluating = not model.training and hasattr(self, "_eval_sums")
+        # Evaluating: the batch's own mean NLL (transformers >= 5.2x would divide by a count gathered across processes
+        # and rescale it), times its supervised tokens, is its NLL sum; evaluation_loop adds the sums up.
+        count = None if evaluating else num_items_in_batch
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=count)
+        if evaluating:
             loss = result[0] if return_outputs else result
             tokens = (inputs["labels"][..., 1:] != -100).sum()
             self._eval_sums += torch.stack([loss.detach().float() * tokens, tokens.float()]).to(self._eval_sums.device)

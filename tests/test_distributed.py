@@ -100,9 +100,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
     with open(os.path.join(ddp, "metrics.json")) as a, open(os.path.join(single, "metrics.json")) as b:
         two_metrics, one_metrics = json.load(a), json.load(b)
     assert two_metrics["train_loss"] == pytest.approx(one_metrics["train_loss"], abs=TOLERANCE)
-    # Held-out loss over the same 2 packed rows: DDP weights the rows by their supervised tokens (counts gathered
-    # across processes), one process averages the two row means; both lie between the two row losses.
-    assert two_metrics["eval_loss"] == pytest.approx(one_metrics["eval_loss"], abs=0.01)
+    # Held-out loss over the same 2 packed rows: token-weighted on both sides (NLL sums and token counts added across
+    # processes), so one number up to the float noise of the training itself.
+    assert two_metrics["eval_loss"] == pytest.approx(one_metrics["eval_loss"], abs=TOLERANCE)
     a, b = adapter_weights(ddp), adapter_weights(single)
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5

@@ -31,14 +31,9 @@ def side(answer, rouge, f1, em, nll, tokens, eos):
 @pytest.fixture
 def report():
     """3 items in 2 categories; one NLL is NaN (dropped record), one answer holds markup and a newline."""
-    metrics = {
-        "rougeL": {"label": "ROUGE-L F", "higher_is_better": True},
-        "f1": {"label": "token F1", "higher_is_better": True},
-        "em": {"label": "exact match", "higher_is_better": True},
-        "nll": {"label": "reference NLL", "higher_is_better": False},
-        "answer_tokens": {"label": "answer tokens", "higher_is_better": None},
-        "eos_rate": {"label": "ended with EOS", "higher_is_better": None},
-    }
+    from comparison import METRICS
+
+    metrics = copy.deepcopy(METRICS)  # what eval.py reports, in its display order
     items = [
         {"id": 0, "category": "closed_qa", "instruction": "When did the Wright brothers fly?",
          "context": "On December 17, 1903, near Kitty Hawk,\nthey made the first powered flight.", "reference": "December 17, 1903.",
