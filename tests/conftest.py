@@ -78,3 +78,10 @@ def run(script: str, *args: str, env: dict | None = None) -> subprocess.Complete
 def answers(llama, questions, **kwargs) -> list[str]:
     """The answer texts of Llama.generate, in input order."""
     return [g["answer"] for g in llama.generate(questions, **kwargs)]
+
+
+def step_losses(output_dir: str) -> list[float]:
+    checkpoints = os.path.join(output_dir, "checkpoints")
+    last = max(os.listdir(checkpoints), key=lambda name: int(name.split("-")[1]))
+    with open(os.path.join(checkpoints, last, "trainer_state.json")) as fh:
+        return [h["loss"] for h in json.load(fh)["log_history"] if "loss" in h]

@@ -8,17 +8,10 @@ import shutil
 
 import pytest
 
-from conftest import FAKE_TOKEN, run
+from conftest import FAKE_TOKEN, run, step_losses
 
 # Per-step training losses of `main.py --preset smoke` (tiny random Llama, 4-bit, packed rows, seed 42, CPU fp32).
 GOLDEN_LOSSES = [6.9355, 6.9357, 6.9303, 6.8890, 6.8612, 6.8886, 6.8561, 6.8558]
-
-
-def step_losses(output_dir: str) -> list[float]:
-    checkpoints = os.path.join(output_dir, "checkpoints")
-    last = max(os.listdir(checkpoints), key=lambda name: int(name.split("-")[1]))
-    with open(os.path.join(checkpoints, last, "trainer_state.json")) as fh:
-        return [h["loss"] for h in json.load(fh)["log_history"] if "loss" in h]
 
 
 @pytest.fixture(scope="module")

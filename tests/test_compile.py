@@ -8,10 +8,9 @@ import os
 import datasets
 import pytest
 import torch
-from test_cli import step_losses
 
 from compile_layers import CompileError, check_compiled
-from conftest import run
+from conftest import run, step_losses
 from dataset import IGNORE_INDEX, PaddedPackedCollator, collate_packed, pack_examples, tokenize_record
 
 ROWS = [{"input_ids": [1, 5], "labels": [-100, 5], "position_ids": [0, 1]},
