@@ -230,12 +230,17 @@ def linear4bit_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, st
         return []
     import bitsandbytes as bnb
 
-    return [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, bnb.nn.Linear4bit)
-    ]
+    return children_where(model, lambda child: isinstance(child, bnb.nn.Linear4bit))
+
+
+def children_where(model: torch.nn.Module, keep: Any) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(parent, attribute, module) for every submodule `keep(module)` accepts: what a layer swap needs to setattr."""
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children() if keep(child)]
+
+
+def is_lora_layer(module: torch.nn.Module) -> bool:
+    """A PEFT LoRA wrapper: its base layer plus the low-rank A and B."""
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
 
 
 def dequantized_bytes(model: torch.nn.Module) -> int:
@@ -299,9 +304,7 @@ def fold_lora(peft_model: torch.nn.Module, adapter: str = "default") -> torch.nn
 
     For a base whose 4-bit layers were dequantized (dequantize_4bit): PEFT's own merge expects bitsandbytes layers there.
     """
-    wrapped = [(parent, name, child) for parent in peft_model.modules() for name, child in parent.named_children()
-               if hasattr(child, "lora_A") and hasattr(child, "base_layer")]
-    for parent, name, layer in wrapped:
+    for parent, name, layer in children_where(peft_model, is_lora_layer):
         base = layer.base_layer
         if type(base) is not torch.nn.Linear:
             raise TypeError(f"{name}: fold_lora needs a dense base layer, got {type(base).__name__} (dequantize the base first)")
@@ -321,7 +324,7 @@ class MergeSwitch:
 
     def __init__(self, peft_model: torch.nn.Module, originals: dict[torch.nn.Module, torch.nn.Module], adapter: str = "default"):
         self.model, self.adapter, self.state = peft_model, adapter, "unmerged"
-        self.layers = [m for m in peft_model.modules() if hasattr(m, "lora_A") and adapter in m.lora_A and hasattr(m, "base_layer")]
+        self.layers = [m for m in peft_model.modules() if is_lora_layer(m) and adapter in m.lora_A]
         self.originals = originals  # dense base layer -> its 4-bit layer (dequantize_4bit)
         self.saved = {layer: layer.base_layer.weight.detach().to("cpu", copy=True)
                       for layer in self.layers if layer.base_layer not in originals}
@@ -329,7 +332,7 @@ class MergeSwitch:
     @staticmethod
     def supported(peft_model: torch.nn.Module) -> bool:
         """Every LoRA layer wraps a plain dense layer (a dequantized or unquantized base), and none is merged by PEFT."""
-        layers = [m for m in peft_model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+        layers = [m for m in peft_model.modules() if is_lora_layer(m)]
         return bool(layers) and all(type(m.base_layer) is torch.nn.Linear and not m.merged for m in layers)
 
     @torch.inference_mode()  # in place on weights that may be inference tensors (made under inference_mode)
