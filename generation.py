@@ -159,19 +159,26 @@ def row_ended(row: list[int], eos: int | None, tokenizer: PreTrainedTokenizerBas
 @torch.inference_mode()
 def generate_continuous(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                         stop_strings: list[str] | None = None, max_new_tokens: int = 256, min_new_tokens: int = 0,
-                        **_: Any) -> list[dict[str, Any]]:
+                        cuda_graphs: bool | None = True, **_: Any) -> list[dict[str, Any]]:
     """All prompts through transformers' continuous batching (model.generate_batch): paged KV cache sized from free
     memory, a finished sequence frees its slot for the next prompt at once. Greedy. It has no per-request stop strings:
     rows end at EOS or max_new_tokens, and end_answer cuts at the first stop string afterwards (the same answers).
-    min_new_tokens > 0 (forced length): EOS does not end a row.
+    min_new_tokens > 0 (forced length): EOS does not end a row. cuda_graphs (CUDA only): capture the forward passes in
+    CUDA graphs (True), or leave it to transformers' heuristic (None: off for SDPA, which needs a mask).
     """
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     eos = None if min_new_tokens else tokenizer.eos_token_id
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    cb = ContinuousBatchingConfig(max_memory_percent=memory_share()) if model.device.type == "cuda" else None
+    cb = None
+    if model.device.type == "cuda":
+        cb = ContinuousBatchingConfig(max_memory_percent=memory_share(), use_cuda_graph=cuda_graphs)
     inputs = [tokenizer(p)["input_ids"] for p in prompts]
     outputs = model.generate_batch(inputs, generation_config=config, continuous_batching_config=cb, progress_bar=False)
+    failed = [o.error for o in outputs.values() if getattr(o, "error", None) is not None]
+    if len(outputs) != len(prompts) or failed:  # generate_batch logs a failure and returns what it has: never misalign
+        raise RuntimeError(f"continuous batching returned {len(outputs)} of {len(prompts)} answers"
+                           + (f"; first error: {failed[0]}" if failed else "") + " (try --engine evict)")
     rows = [list(out.generated_tokens) for out in outputs.values()]  # in input order
     return [end_answer(row, tokenizer, stop_strings or []) for row in rows]
 

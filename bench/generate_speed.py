@@ -11,9 +11,13 @@ Variants, in this order on the same weights (JSON written after each):
 - one_at_a_time: `generate` on one prompt at a time, 4-bit + unmerged LoRA (the first --single-prompts prompts);
 - naive16: batches of 16 in input order, 4-bit + unmerged LoRA (the first --naive-prompts);
 - unmerged64: the previous eval.py path: 16-bit copy + unmerged LoRA, batch 64, model.generate (the first --old-prompts);
-- ENGINE_tuned / ENGINE_base for ENGINE in --engines (evict, static, continuous): merge on switch (fine-tuned = LoRA merged
-  into the 16-bit copy; base = the copy rebuilt from the 4-bit weights), batch sized from free memory, all --prompts;
-- ENGINE_tuned_24gb: the first engine again under torch.cuda.set_per_process_memory_fraction(24 GiB / card).
+- ENGINE_base / ENGINE_tuned for ENGINE in --engines (continuous, evict, continuous_nographs, static): merge on switch
+  (fine-tuned = LoRA merged into the 16-bit copy; base = the copy rebuilt from the 4-bit weights), batch sized from free
+  memory, all --prompts; the compiled engines (continuous: CUDA graphs; static) first run ENGINE_tuned_cold, which
+  carries the compilation and graph capture, so ENGINE_base and ENGINE_tuned are warm (header "tuned_vs_base");
+- BEST_tuned_24gb ("cap" in --engines): the fastest warm engine so far under torch.cuda.set_per_process_memory_fraction
+  (24 GiB / card).
+--single-prompts 0 / --old-prompts 0 skip those variants.
 Reported per variant: new tokens/s, its share of the card's memory-bandwidth limit (weights + KV cache read once per
 decode step at the variant's batch), the projected time for dolly's validation split (--project-records, both models,
 every answer --new-tokens long: an upper bound), peak GPU memory; and last-position logits of the fast paths vs the 4-bit
@@ -85,6 +89,9 @@ def timed(llama, prompts: list[str], batch_size: int | None, sorted_path: bool, 
     import generation
 
     gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+    if engine.startswith("continuous"):  # continuous = CUDA graphs on; continuous_nographs = transformers' own choice
+        gen["cuda_graphs"] = None if engine == "continuous_nographs" else True
+        engine = "continuous"
     llama.dequantize_if_allowed()  # a one-time conversion is not part of the timed generation (reported separately)
     llama.adapter(use_adapter)  # so is the switch (timed apart: switch_s)
     if torch.cuda.is_available():
@@ -128,7 +135,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="generate_speed.json", help="JSON results (rewritten after every variant).")
     parser.add_argument("--prompts", type=int, default=256, help="Dolly-like prompts for the merge-on-switch variants.")
     parser.add_argument("--new-tokens", type=int, default=256, help="Tokens generated per prompt (forced: no early EOS).")
-    parser.add_argument("--engines", default="evict,static,continuous", help="Decoding engines to measure (generation.pick_engine).")
+    parser.add_argument("--engines", default="continuous,evict,cap,continuous_nographs,static",
+                        help="Decoding engines to measure, in this order (generation.pick_engine; continuous_nographs: continuous "
+                             "batching with transformers' own CUDA-graph choice, off for SDPA).")
     parser.add_argument("--single-prompts", type=int, default=1, help="Prompts timed one at a time (the first N).")
     parser.add_argument("--naive-prompts", type=int, default=16, help="Prompts timed in naive batches of 16 (the first N).")
     parser.add_argument("--old-prompts", type=int, default=64, help="Prompts timed on the previous eval.py path (unmerged, batch 64).")
@@ -182,7 +191,8 @@ def main() -> None:
         with open(args.out, "w") as fh:
             json.dump(header | {"partial": not final, "variants": variants}, fh, indent=2)
 
-    record("one_at_a_time", timed(llama, prompts[: args.single_prompts], 1, False, args.new_tokens))
+    if args.single_prompts:
+        record("one_at_a_time", timed(llama, prompts[: args.single_prompts], 1, False, args.new_tokens))
     record("naive16", timed(llama, prompts[: args.naive_prompts], 16, False, args.new_tokens))
     extra_gib = dequantized_bytes(llama.model) / 2**30
     llama = Llama(llama.model, llama.tokenizer, dequantize="yes", merge=False)  # the previous eval.py path
@@ -190,7 +200,8 @@ def main() -> None:
     llama.dequantize_if_allowed()
     gpu_sync()
     header |= {"dequantize_s": time.perf_counter() - t0, "dequantized_extra_gib": extra_gib}
-    record("unmerged64", timed(llama, prompts[: args.old_prompts], 64, True, args.new_tokens))
+    if args.old_prompts:
+        record("unmerged64", timed(llama, prompts[: args.old_prompts], 64, True, args.new_tokens))
     old = llama
     llama = Llama(old.model, old.tokenizer, dequantize="yes")  # merge on switch on the same 16-bit copy
     llama._originals = old._originals  # the kept 4-bit layers: the base is rebuilt from them exactly
@@ -198,19 +209,41 @@ def main() -> None:
     header["logits"] = switch_logits(llama, probe, logits)
     engines = args.engines.split(",")
     for engine in engines:
-        for side, use_adapter in (("tuned", True), ("base", False)):
+        if time.perf_counter() - start >= args.budget_s:
+            break
+        if engine == "cap":  # the fastest warm engine so far, as a 24 GB card would run it
+            cap_variant(llama, prompts, args, results, record)
+            continue
+        # compiled engines: a cold fine-tuned run first (compilation, CUDA graph capture), then base and fine-tuned warm
+        sides = (("tuned_cold", True),) if engine in ("continuous", "static") else ()
+        for side, use_adapter in sides + (("base", False), ("tuned", True)):
             if time.perf_counter() - start < args.budget_s:
                 record(f"{engine}_{side}", timed(llama, prompts, None, True, args.new_tokens, use_adapter, engine))
-    if torch.cuda.is_available() and time.perf_counter() - start < args.budget_s:
-        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
-        torch.cuda.empty_cache()
-        record(f"{engines[0]}_tuned_24gb", timed(llama, prompts, None, True, args.new_tokens, True, engines[0]))
+        if f"{engine}_tuned" in results:
+            ratio = results[f"{engine}_tuned"]["tokens_per_s"] / results[f"{engine}_base"]["tokens_per_s"]
+            header.setdefault("tuned_vs_base", {})[engine] = ratio
     record("naive16", results["naive16"], final=True)
     for name, r in results.items():
         print(f"[bench] {name:<22} {r['tokens_per_s']:>9.1f} new tok/s  share of bandwidth limit {r['share_of_bandwidth_limit'] or 0:.0%}  "
               f"dolly validation both models {r['projected_dolly_validation_both_models_s'] / 60:.1f} min  "
               f"peak {r['peak_gpu_mem_gib'] or 0:.1f} GiB", flush=True)
     print(f"[bench] logits: {json.dumps(header['logits'])}", flush=True)
+
+
+def cap_variant(llama, prompts: list[str], args, results: dict, record) -> None:
+    """BEST_tuned_24gb: the fastest warm engine so far under a per-process memory cap of --cap-gib (then uncapped again)."""
+    import torch
+
+    warm = {k[: -len("_tuned")]: r["tokens_per_s"] for k, r in results.items() if k.endswith("_tuned")}
+    if not torch.cuda.is_available() or not warm:
+        return
+    best = max(warm, key=warm.get)
+    torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    torch.cuda.empty_cache()
+    try:
+        record(f"{best}_tuned_24gb", timed(llama, prompts, None, True, args.new_tokens, True, best))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
 
 
 def switch_logits(llama, probe: list[str], logits: dict) -> dict:

@@ -9,7 +9,7 @@
 set -u
 out=${1:?usage: bash bench/gpu_generate.sh OUT}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
+[ -n "${WHEELS_INSTALLED:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 [ -d /tmp/l7 ] || python3 bench/make_random_llama.py --out /tmp/l7 --tokenizer .tok/llama2-tokenizer 2>&1 | tee "$out/make_random_llama.log"
 python3 bench/generate_speed.py --model /tmp/l7 --out "$out/generate_speed.json" ${BENCH_ARGS:-} 2>&1 | tee "$out/generate_speed.log"

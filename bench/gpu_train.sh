@@ -22,7 +22,7 @@ deadline=$(($(date +%s) + ${DEADLINE_S:-530}))
 stages=${STAGES:-speed,parity}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ -z "${CPU_DRY_RUN:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  [ -n "${WHEELS_INSTALLED:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
   tok=.tok/llama2-tokenizer
   [ -f "$tok/tokenizer.model" ] || tok=../shared/llama2-tokenizer

@@ -19,7 +19,7 @@
 # Env: MODELS (default /tmp/models), RUNS (/tmp/runs), SNAPSHOT=1 (allocation snapshots of the capped run, large),
 # FSDP_AB=1 (adds fsdp13_gpu: the old placement, 4-bit base left on each GPU, LLAMA_DOLLY_FSDP_LOAD=gpu).
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
+[ -n "${WHEELS_INSTALLED:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
 mode=${1:-all}
 out=$(mkdir -p "${2:-bench_out}" && cd "${2:-bench_out}" && pwd)
 models=${MODELS:-/tmp/models}
@@ -67,10 +67,13 @@ summarize() {  # MODE: read every result present in OUT, write OUT/MODE_summary.
   python3 bench/multi_gpu_summary.py "$1" "$out" "$runs"
 }
 
+# The same settings for every FSDP-QLoRA and one-process memory figure (the memory plan is off under FSDP, so it is off
+# for the one-process run too): the first run on 2x H100 compared a plan-chosen one process (no checkpointing, 8192
+# tokens) with FSDP (4096, checkpointing). fsdp7 uses them too: 7B and 13B are the two points of the 70B extrapolation.
+same=(--quant-storage bfloat16 --memory-plan off --gradient-checkpointing --pack-tokens 4096)
+
 fsdp() {
-  # The same settings on both sides (the memory plan is off under FSDP, so it is off for the one-process run too): the
-  # first run on 2x H100 compared a plan-chosen one process (no checkpointing, 8192 tokens) with FSDP (4096, checkpointing).
-  local flags=(--base-model "$models/l13" --quant-storage bfloat16 --memory-plan off --gradient-checkpointing --pack-tokens 4096)
+  local flags=(--base-model "$models/l13" "${same[@]}")
   train single13 240 env CUDA_VISIBLE_DEVICES=0 "${launch[@]}" --config_file configs/accelerate/single_gpu.yaml main.py -- \
     "${flags[@]}" --max-steps 5 --save-steps 100000
   summarize fsdp
@@ -104,7 +107,7 @@ ddp() {
   train ddp2 180 "${launch[@]}" --config_file configs/accelerate/ddp.yaml --num_processes 2 main.py -- "${flags[@]}" --max-steps 12
   summarize ddp
   train fsdp7 180 "${launch[@]}" --config_file configs/accelerate/fsdp_qlora.yaml --num_processes 2 main.py -- \
-    "${flags[@]}" --quant-storage bfloat16 --max-steps 3
+    "${flags[@]}" "${same[@]}" --max-steps 3
   summarize ddp
 }
 

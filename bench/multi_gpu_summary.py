@@ -83,7 +83,7 @@ def fsdp(out: str, runs: str) -> dict:
 
 def ddp(out: str, runs: str) -> dict:
     one, two = steady_tokens(out, "ddp1"), steady_tokens(out, "ddp2")
-    result: dict = {"model": "random Llama-2-7B, 4-bit NF4, 1 packed row of 4096 tokens per micro-batch per GPU",
+    result: dict = {"model": "random Llama-2-7B, 4-bit NF4, main.py defaults (its memory plan) on each GPU",
                     "one_gpu_tokens_per_s": one, "two_gpu_tokens_per_s": two,
                     "scaling_efficiency": round(two / (2 * one), 3) if one and two else None,
                     "ddp_peaks": {"ddp1": per_rank(out, "ddp1"), "ddp2": per_rank(out, "ddp2")}, "fsdp7": per_rank(out, "fsdp7")}
