@@ -156,7 +156,7 @@ def row_ended(row: list[int], eos: int | None, tokenizer: PreTrainedTokenizerBas
     return any(s in tokenizer.decode(row, skip_special_tokens=True) for s in stop_strings)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: generate_batch's thread updates in place tensors made here (inference tensors fail)
 def generate_continuous(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                         stop_strings: list[str] | None = None, max_new_tokens: int = 256, min_new_tokens: int = 0,
                         cuda_graphs: bool | None = True, **_: Any) -> list[dict[str, Any]]:

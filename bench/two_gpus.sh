@@ -6,7 +6,7 @@
 # Each benchmark measures its own baselines on its own card in the same run, so its ratios hold as in a run alone; the
 # two share only the host (32 cores). The random-weight Llama-2-7B is written once to $MODELS/l7 (default /tmp/models,
 # /tmp/l7 links to it: bench/multi_gpu.sh finds it there). Env: VARIANTS (training), GEN_ARGS (generate_speed.py flags),
-# DEADLINE_S (seconds from now for both; default 540). Carry .whl and .tok as for the scripts it runs.
+# STAGES (gpu_train.sh's: speed,parity), DEADLINE_S (seconds from now for both; default 540). Carry .whl and .tok as for the scripts it runs.
 set -u
 out=$(mkdir -p "${1:?usage: bash bench/two_gpus.sh OUT}" && cd "$1" && pwd)
 start=$(date +%s)
@@ -20,7 +20,7 @@ mkdir -p "$models"
 [ -e /tmp/l7 ] || ln -s "$models/l7" /tmp/l7
 left=$((deadline - $(date +%s)))
 echo "[two_gpus] model ready after $(($(date +%s) - start)) s; $left s left"
-CUDA_VISIBLE_DEVICES=0 DEADLINE_S=$((left - 15)) bash bench/gpu_train.sh "$out/train" > "$out/train.log" 2>&1 &
+CUDA_VISIBLE_DEVICES=0 DEADLINE_S=$((left - 15)) timeout -k 10 $((left - 5)) bash bench/gpu_train.sh "$out/train" > "$out/train.log" 2>&1 &
 CUDA_VISIBLE_DEVICES=1 BENCH_ARGS="--budget-s $((left - 150)) ${GEN_ARGS:-}" timeout -k 10 $((left - 10)) \
   bash bench/gpu_generate.sh "$out/generate" > "$out/generate.log" 2>&1 &
 wait

@@ -268,3 +268,26 @@ def test_evicting_decoder_gives_model_generate_answers_and_stop_rules(trained):
         evict = llama.generate(QUESTIONS, batch_size=3, engine="evict", **kwargs)
         assert evict == padded, kwargs
     assert {g["answer_tokens"] for g in evict} == {6}
+
+
+def test_continuous_batching_gives_the_evicting_decoders_answers_in_input_order(trained):
+    """engine="continuous" (transformers' generate_batch) == engine="evict": every answer back, in input order, stop rules
+    applied afterwards. It refuses a partial result (generate_batch logs a failed request and returns the rest)."""
+    model, tokenizer, _, _ = trained
+    llama = Llama(model, tokenizer)
+    questions = QUESTIONS + QUESTIONS[::-1]  # more prompts than one scheduling step, repeated: order must still hold
+    for kwargs in ({"max_new_tokens": 8}, {"max_new_tokens": 8, "stop_strings": [" the", "."]}):
+        assert llama.generate(questions, engine="continuous", **kwargs) == llama.generate(questions, batch_size=3, engine="evict", **kwargs)
+
+
+def test_continuous_batching_refuses_a_partial_result(trained):
+    """generate_batch logs a failed request and returns what it has: generate_continuous must raise, never misalign."""
+    import types
+
+    import generation
+
+    _, tokenizer, _, _ = trained
+    failed = types.SimpleNamespace(generated_tokens=[5], error="Inplace update to inference tensor outside InferenceMode")
+    fake = types.SimpleNamespace(device=torch.device("cpu"), generate_batch=lambda inputs, **_: {"req_0": failed})
+    with pytest.raises(RuntimeError, match="returned 1 of 2 answers; first error: Inplace update"):
+        generation.generate_continuous(fake, tokenizer, ["a question", "another question"])
