@@ -218,8 +218,13 @@ def main() -> None:
         sides = (("tuned_cold", True),) if engine in ("continuous", "static") else ()
         for side, use_adapter in sides + (("base", False), ("tuned", True)):
             if time.perf_counter() - start < args.budget_s:
-                record(f"{engine}_{side}", timed(llama, prompts, None, True, args.new_tokens, use_adapter, engine))
-        if f"{engine}_tuned" in results:
+                try:
+                    record(f"{engine}_{side}", timed(llama, prompts, None, True, args.new_tokens, use_adapter, engine))
+                except Exception as e:  # one engine failing must not cost the others' figures
+                    header.setdefault("failed", {})[f"{engine}_{side}"] = f"{type(e).__name__}: {e}"[:2000]
+                    print(f"[bench] {engine}_{side} FAILED: {type(e).__name__}: {str(e)[:500]}", flush=True)
+                    break
+        if f"{engine}_tuned" in results and f"{engine}_base" in results:
             ratio = results[f"{engine}_tuned"]["tokens_per_s"] / results[f"{engine}_base"]["tokens_per_s"]
             header.setdefault("tuned_vs_base", {})[engine] = ratio
     record("naive16", results["naive16"], final=True)
