@@ -21,7 +21,7 @@ mkdir -p "$models"
 left=$((deadline - $(date +%s)))
 echo "[two_gpus] model ready after $(($(date +%s) - start)) s; $left s left"
 CUDA_VISIBLE_DEVICES=0 DEADLINE_S=$((left - 15)) timeout -k 10 $((left - 5)) bash bench/gpu_train.sh "$out/train" > "$out/train.log" 2>&1 &
-CUDA_VISIBLE_DEVICES=1 BENCH_ARGS="--budget-s $((left - 150)) ${GEN_ARGS:-}" timeout -k 10 $((left - 10)) \
+CUDA_VISIBLE_DEVICES=1 BENCH_ARGS="--budget-s $((left - ${GEN_TAIL_S:-150})) ${GEN_ARGS:-}" timeout -k 10 $((left - 10)) \
   bash bench/gpu_generate.sh "$out/generate" > "$out/generate.log" 2>&1 &
 wait
 echo "[two_gpus] done after $(($(date +%s) - start)) s"
