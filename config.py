@@ -238,8 +238,9 @@ class EvalConfig:
     )
     engine: Literal["auto", "padded", "evict", "static", "continuous"] = doc(
         "auto",
-        "How answers are decoded: evict = greedy, a finished answer leaves its batch at once (auto when greedy); padded = "
-        "model.generate; static = static KV cache + torch.compile (CUDA graphs); continuous = transformers' generate_batch.",
+        "How answers are decoded. auto: continuous on CUDA, evict elsewhere (greedy), padded when sampling. continuous = "
+        "transformers' generate_batch (paged KV cache, CUDA graphs; auto falls back to evict if it fails); evict = greedy, a "
+        "finished answer leaves its batch at once; padded = model.generate; static = static KV cache + torch.compile.",
     )
     threads: int | None = doc(None, "CPU threads for torch; default: the cores not already busy (load average), at least 1.")
     dequantize: Literal["auto", "yes", "no"] = doc(

@@ -40,7 +40,8 @@ ENGINES = ("auto", "padded", "evict", "static", "continuous")
 
 
 def pick_engine(engine: str, device: torch.device, greedy: bool) -> str:
-    """auto: evict (finished rows leave the batch) for greedy answers, padded (plain model.generate) when sampling.
+    """auto: greedy answers through continuous on CUDA (the fastest engine measured on an H100: BENCHMARKS.md) and evict
+    (finished rows leave the batch) elsewhere; sampled answers through padded (plain model.generate).
 
     static (a static KV cache, the decode step compiled into CUDA graphs) and continuous (transformers' generate_batch:
     paged attention, a finished sequence frees its slot at once) are the GPU alternatives, measured by bench/generate_speed.py.
@@ -48,7 +49,7 @@ def pick_engine(engine: str, device: torch.device, greedy: bool) -> str:
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)} (got {engine!r})")
     if engine == "auto":
-        return "evict" if greedy else "padded"
+        return ("continuous" if device.type == "cuda" else "evict") if greedy else "padded"
     if engine in ("evict", "continuous") and not greedy:
         return "padded"  # both decode greedily; sampling goes through model.generate
     return engine
@@ -58,13 +59,23 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
              progress: bool = False, label: str = "answers", engine: str = "auto", **generation: Any) -> list[dict[str, Any]]:
     """Each prompt's answer (new text only, cut at EOS or a stop string), its token count and how it ended, in input order.
 
-    batch_size None: sized from free memory (auto_batch_size). engine: see pick_engine.
+    batch_size None: sized from free memory (auto_batch_size). engine: see pick_engine; when auto's continuous batching
+    fails (out of memory, a failed request), the answers come from evict instead, said in one line.
     """
     from tqdm.auto import tqdm
 
-    engine = pick_engine(engine, model.device, generation.get("temperature", 0.0) <= 0)
-    if engine == "continuous" and prompts:
-        return generate_continuous(model, tokenizer, prompts, **generation)
+    chosen = pick_engine(engine, model.device, generation.get("temperature", 0.0) <= 0)
+    if chosen == "continuous" and prompts:
+        try:
+            return generate_continuous(model, tokenizer, prompts, progress=progress, **generation)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            if engine != "auto":
+                raise
+            print(f"[model] continuous batching failed ({type(e).__name__}: {str(e)[:200]}); answering with --engine evict",
+                  flush=True)
+            torch.cuda.empty_cache()
+            chosen = "evict"
+    engine = chosen
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     if batch_size is None:
@@ -159,7 +170,7 @@ def row_ended(row: list[int], eos: int | None, tokenizer: PreTrainedTokenizerBas
 @torch.no_grad()  # not inference_mode: generate_batch's thread updates in place tensors made here (inference tensors fail)
 def generate_continuous(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                         stop_strings: list[str] | None = None, max_new_tokens: int = 256, min_new_tokens: int = 0,
-                        cuda_graphs: bool | None = True, **_: Any) -> list[dict[str, Any]]:
+                        cuda_graphs: bool | None = True, progress: bool = False, **_: Any) -> list[dict[str, Any]]:
     """All prompts through transformers' continuous batching (model.generate_batch): paged KV cache sized from free
     memory, a finished sequence frees its slot for the next prompt at once. Greedy. It has no per-request stop strings:
     rows end at EOS or max_new_tokens, and end_answer cuts at the first stop string afterwards (the same answers).
@@ -174,7 +185,7 @@ def generate_continuous(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBa
     if model.device.type == "cuda":
         cb = ContinuousBatchingConfig(max_memory_percent=memory_share(), use_cuda_graph=cuda_graphs)
     inputs = [tokenizer(p)["input_ids"] for p in prompts]
-    outputs = model.generate_batch(inputs, generation_config=config, continuous_batching_config=cb, progress_bar=False)
+    outputs = model.generate_batch(inputs, generation_config=config, continuous_batching_config=cb, progress_bar=progress)
     failed = [o.error for o in outputs.values() if getattr(o, "error", None) is not None]
     if len(outputs) != len(prompts) or failed:  # generate_batch logs a failure and returns what it has: never misalign
         raise RuntimeError(f"continuous batching returned {len(outputs)} of {len(prompts)} answers"

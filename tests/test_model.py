@@ -291,3 +291,26 @@ def test_continuous_batching_refuses_a_partial_result(trained):
     fake = types.SimpleNamespace(device=torch.device("cpu"), generate_batch=lambda inputs, **_: {"req_0": failed})
     with pytest.raises(RuntimeError, match="returned 1 of 2 answers; first error: Inplace update"):
         generation.generate_continuous(fake, tokenizer, ["a question", "another question"])
+
+
+def test_auto_engine_is_continuous_on_cuda_and_falls_back_to_evict(trained, monkeypatch, capsys):
+    """auto: continuous on CUDA for greedy answers (the fastest measured there), evict on a CPU, padded when sampling;
+    when auto's continuous batching fails, the same answers come from evict, said in one line."""
+    import generation
+
+    assert generation.pick_engine("auto", torch.device("cuda"), greedy=True) == "continuous"
+    assert generation.pick_engine("auto", torch.device("cpu"), greedy=True) == "evict"
+    assert generation.pick_engine("auto", torch.device("cuda"), greedy=False) == "padded"
+    model, tokenizer, _, _ = trained
+    llama = Llama(model, tokenizer)
+    expected = llama.generate(QUESTIONS, batch_size=3, engine="evict", max_new_tokens=6)
+
+    def broken(*_, **__):
+        raise RuntimeError("continuous batching returned 1 of 3 answers")
+
+    monkeypatch.setattr(generation, "generate_continuous", broken)
+    monkeypatch.setattr(generation, "pick_engine", lambda engine, device, greedy: "continuous")
+    assert llama.generate(QUESTIONS, batch_size=3, max_new_tokens=6) == expected  # engine auto (the Llama's default)
+    assert "continuous batching failed (RuntimeError: continuous batching returned 1 of 3 answers)" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="returned 1 of 3"):  # asked for by name: no silent fallback
+        llama.generate(QUESTIONS, batch_size=3, engine="continuous", max_new_tokens=6)
