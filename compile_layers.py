@@ -28,8 +28,12 @@ class CompileError(RuntimeError):
     """The compiled layers did not stay compiled (eager fallback, recompiles, graph breaks)."""
 
 
-def compile_enabled(choice: str, rt: Runtime) -> bool:
-    return choice == "on" or (choice == "auto" and rt.cuda)
+def compile_enabled(choice: str, rt: Runtime, gradient_checkpointing: bool = False) -> bool:
+    """on; or auto where it was measured faster with equal losses (one H100, BENCHMARKS.md): CUDA, one process, no
+    gradient checkpointing (with checkpointing, compiled layers recompile: the known pitfall; several processes and FSDP
+    are not measured compiled)."""
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    return choice == "on" or (choice == "auto" and rt.cuda and single and not gradient_checkpointing)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

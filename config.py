@@ -129,9 +129,10 @@ class TrainConfig:
         "preset win. off: use the fields as set. CPU, FSDP and --no-packing: off.",
     )
     compile: Literal["auto", "on", "off"] = doc(
-        "off",
-        "torch.compile each decoder layer (regional, the 4-bit + LoRA layers inside); recompiles and graph breaks fail the "
-        "run instead of falling back to eager. auto = on with CUDA. Default off pending the GPU measurement (bench/gpu_train.sh).",
+        "auto",
+        "torch.compile each decoder layer (regional, the 4-bit + LoRA layers inside; about a minute at the first steps); "
+        "recompiles and graph breaks fail the run instead of falling back to eager. auto = on for one CUDA process without "
+        "gradient checkpointing (1.11x on an H100, same losses: BENCHMARKS.md), off otherwise.",
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = doc(
         "default",

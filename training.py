@@ -104,6 +104,7 @@ def peak_memory() -> dict[str, float]:
 def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Trainer:
     rt = runtime()
     evaluate = len(val_ds) > 0 and cfg.eval_steps > 0
+    compiled = compile_enabled(cfg.compile, rt, cfg.gradient_checkpointing)
     args = TrainingArguments(
         **checkpointing_args(cfg.gradient_checkpointing),
         output_dir=checkpoint_dir(cfg),
@@ -137,13 +138,13 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
         use_liger_kernel=cfg.liger and rt.cuda,
         # Liger's RMSNorm/RoPE/SwiGLU dispatchers are torch.compiler.disable'd (a graph break inside every compiled layer,
         # measured on the H100): with --compile, Inductor fuses those element-wise ops itself; the fused cross-entropy stays.
-        liger_kernel_config={"rope": False, "rms_norm": False, "swiglu": False} if compile_enabled(cfg.compile, rt) else None,
+        liger_kernel_config={"rope": False, "rms_norm": False, "swiglu": False} if compiled else None,
         dataloader_pin_memory=rt.cuda,
         use_cpu=not rt.cuda,  # on a CPU, several processes (torchrun, accelerate launch with ddp.yaml) then train with DDP over gloo
     )
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
     callbacks: list[TrainerCallback] = [CheckpointMarker(keep=cfg.save_total_limit), MemoryProbe()]  # probe: LLAMA_DOLLY_MEMORY_PROBE
-    if compile_enabled(cfg.compile, rt):  # compiled lazily at the first step; Liger's patches (Trainer init) are traced too
+    if compiled:  # compiled lazily at the first step; Liger's patches (Trainer init) are traced too
         callbacks.append(CompileWatch(compile_decoder_layers(model, cfg.compile_mode, dynamic=False if cfg.pad_to_budget else None)))
     return ProjectTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,

@@ -43,7 +43,7 @@ fi
 echo "[gpu_train] model $model, stages $stages, $((deadline - $(date +%s))) s left"
 if [[ $stages == *speed* ]]; then
   python bench/train_speed.py --model "$model" --out "$out/train_speed.json" "${speed[@]}" --variants "$variants" \
-    --profile default,compiled --deadline "$deadline" 2>&1 | tee "$out/train_speed.log"
+    --profile default,eager --deadline "$deadline" 2>&1 | tee "$out/train_speed.log"
 fi
 left=$((deadline - $(date +%s)))
 if [[ $stages == *parity* ]] && { [ $left -gt 240 ] || [ -n "${CPU_DRY_RUN:-}" ] || [[ $stages != *speed* ]]; }; then

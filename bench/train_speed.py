@@ -7,8 +7,8 @@ Each variant runs in its own process (fresh CUDA memory stats; Liger patches sta
 baseline) on the same synthetic dolly-like records, tokenized with the model's (real Llama 2)
 tokenizer and the project's template and label masking. VARIANTS lists them: plain Hugging Face as
 commonly run (`baseline`), well tuned (`hf_tuned`, `hf_tuned_nogc`: issue 12's exact settings), and
-main.py itself with flags (`default` = `python main.py`, its memory plan included; `default_cap24`/`_cap40`
-under a per-process memory cap, acting as a 24 / 40 GB card).
+main.py itself with flags (`default` = `python main.py`, its memory plan and `--compile auto` included; `eager` =
+the same with `--compile off`; `default_cap24`/`_cap40` under a per-process memory cap, acting as a 24 / 40 GB card).
 
 Reported per variant: tokens/s (non-padding tokens) and its ratio to baseline, hf_tuned and
 hf_tuned_nogc; seconds and tokens per optimizer step and per micro-batch; peak GPU memory; MFU
@@ -51,7 +51,8 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "baseline": "hf_common",  # plain HF as commonly run
     "hf_tuned": "hf_tuned",  # plain HF, well tuned (issue 12): batch 16, GC, group_by_length, Liger
     "hf_tuned_nogc": "hf_tuned_nogc",  # the same without GC, batch 8
-    "default": [],  # python main.py: --memory-plan auto
+    "default": [],  # python main.py: --memory-plan auto, --compile auto (on: one GPU, no checkpointing)
+    "eager": ["--compile", "off"],  # python main.py before --compile auto became the default: the plan, eager layers
     "default_cap24": [],  # the same under a 24 GiB cap (CAPS): a 24 GB card
     "default_cap40": [],  # a 40 GB card
     "default_4096": ["--tokens-per-step", "4096"],  # the recipe before issue 12, planned

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from config import TrainConfig, parse_config
 from memory_plan import CALIBRATION, GIB, LLAMA2_7B, ModelShape, PlanError, apply_memory_plan, plan_memory, predict_peak_gib, static_bytes
@@ -101,3 +102,18 @@ def test_parse_config_names_the_explicit_fields():
 def test_plan_is_off_on_the_cpu():
     cfg = TrainConfig()
     assert apply_memory_plan(cfg, set()) is cfg  # nothing changes without CUDA: the smoke/demo runs stay as they were
+
+
+def test_compile_auto_is_on_only_where_it_was_measured(monkeypatch):
+    """--compile auto: one CUDA process without gradient checkpointing (the H100 measurement); off on a CPU, with
+    checkpointing (compiled layers recompile there) and with several processes; on/off always win."""
+    from compile_layers import compile_enabled
+    from runtime import Runtime
+
+    gpu, cpu = Runtime("cuda:0", torch.bfloat16), Runtime("cpu", torch.float32)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert compile_enabled("auto", gpu) and not compile_enabled("auto", cpu)
+    assert not compile_enabled("auto", gpu, gradient_checkpointing=True)
+    assert compile_enabled("on", cpu, gradient_checkpointing=True) and not compile_enabled("off", gpu)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not compile_enabled("auto", gpu) and compile_enabled("on", gpu)
