@@ -23,6 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from compile_layers import CompileWatch, compile_decoder_layers, compile_enabled
 from config import CONFIG_NAME, FINGERPRINTS_NAME, TrainConfig, save_config
 from dataset import PaddedPackedCollator, collate_packed, make_collator
+from fsdp_state import gather_lora, load_lora, write_adapter
 from memory import MemoryProbe, dump_snapshot
 from resilience import (
     EXIT_TRAINING_FAILED,
@@ -75,6 +76,21 @@ class ProjectTrainer(Trainer):
             output.metrics[f"{metric_key_prefix}_loss"] = nll / tokens
             output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(nll / tokens)
         return output
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP: the LoRA weights gathered (every process) and written by rank 0 in PEFT's format, as a checkpoint
+        of one process holds them; Trainer's own FSDP checkpoint (pytorch_model_fsdp_0) holds none (fsdp_state.py)."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        weights = gather_lora(self.model)
+        if self.args.should_save:
+            write_adapter(self.model, weights, output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """--resume under FSDP: the checkpoint's LoRA weights into every process's shards (Trainer's own load restores none)."""
+        if not self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_lora(self.model if model is None else model, resume_from_checkpoint)
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return super()._prepare_inputs({k: v for k, v in inputs.items() if k != "num_tokens"})  # the host-side count stays here
@@ -242,13 +258,16 @@ def warn_if_other_process_count(checkpoint: str | None, world_size: int) -> None
 
 def save_outputs(trainer: Trainer, tokenizer, cfg: TrainConfig, metrics: dict[str, Any], fingerprints: dict[str, list[str]]) -> None:
     out = cfg.output_dir
-    # FSDP: every process hands in its shards (a collective), rank 0 gets the full state dict (on the CPU); else None
-    state_dict = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
+    # FSDP: every process hands in its shards of the LoRA weights (collectives), rank 0 gets them whole (on its CPU)
+    lora = gather_lora(trainer.model) if trainer.is_fsdp_enabled else None
     if not trainer.is_world_process_zero():  # several processes (DDP/FSDP): only the main one writes and reports
         return
     with staged(out) as tmp:  # written to OUTPUT_DIR/.saving, then moved in place file by file (os.replace)
-        # adapter_config.json + adapter_model.safetensors (PEFT format); PEFT keeps only the LoRA weights of state_dict
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=state_dict)
+        # adapter_config.json + adapter_model.safetensors (PEFT format)
+        if lora is not None:
+            write_adapter(trainer.model, lora, tmp)
+        else:
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_config(cfg, os.path.join(tmp, CONFIG_NAME))
         with open(os.path.join(tmp, "metrics.json"), "w", encoding="utf-8") as fh:
