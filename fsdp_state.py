@@ -1,10 +1,11 @@
 """What an FSDP run (configs/accelerate/fsdp_qlora.yaml) saves and restores beyond transformers' Trainer: the LoRA
 weights, gathered on rank 0 and written in PEFT's format (checkpoints and the final adapter) and read back into every
-process's shards (--resume).
+process's shards (--resume), and the optimizer's state on --resume.
 
     weights = gather_lora(model)             # every process (collectives); rank 0 gets {PEFT key: full tensor}, the rest None
     write_adapter(model, weights, folder)    # rank 0: adapter_config.json + adapter_model.safetensors, as PeftModel writes them
     load_lora(model, folder)                 # every process: the folder's LoRA weights into its shards
+    create_optimizer_state(optimizer)        # before Trainer loads a sharded optimizer checkpoint into it
 
 The LoRA weights: not PEFT's save_pretrained / set_peft_model_state_dict, nor accelerate's save_fsdp_model(adapter_only=True),
 which Trainer calls for SHARDED_STATE_DICT checkpoints. peft 0.21 picks an adapter's entries by module names
@@ -106,3 +107,28 @@ def load_lora(model: torch.nn.Module, folder: str) -> None:
                 raise ConfigError(f"{path}: {key} is {tuple(weights[key].shape)}, the model's {tuple(unit.weight.shape)}")
             unit.weight.copy_(weights[key])
 
+
+def create_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give a fresh optimizer its per-parameter state (AdamW: step and zero moments), leaving the weights as they are.
+
+    accelerate's load_fsdp_optimizer (SHARDED_STATE_DICT, accelerate/utils/fsdp_utils.py) reads the checkpoint into the
+    optimizer's own state dict, as a template (dist_cp.load fills only the entries it has). A fresh optimizer has no state
+    until its first step, so only the hyperparameters were read and AdamW went on from zero moments. One step with zero
+    gradients at learning rate 0 creates the state, as torch's get_optimizer_state_dict does for the same reason
+    (torch/distributed/checkpoint/state_dict.py, _init_optim_state); the load then overwrites all of it.
+    """
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's wrapper (its step also scales, counts)
+    if optimizer.state:
+        return
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+    try:
+        optimizer.step()
+    finally:
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)

@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from compile_layers import CompileWatch, compile_decoder_layers, compile_enabled
 from config import CONFIG_NAME, FINGERPRINTS_NAME, TrainConfig, save_config
 from dataset import PaddedPackedCollator, collate_packed, make_collator
-from fsdp_state import gather_lora, load_lora, write_adapter
+from fsdp_state import create_optimizer_state, gather_lora, load_lora, write_adapter
 from memory import MemoryProbe, dump_snapshot
 from resilience import (
     EXIT_TRAINING_FAILED,
@@ -91,6 +91,12 @@ class ProjectTrainer(Trainer):
         if not self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_lora(self.model if model is None else model, resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """--resume under FSDP: the optimizer gets its state first, else the sharded load restores none of it (fsdp_state.py)."""
+        if self.is_fsdp_enabled and checkpoint is not None:
+            create_optimizer_state(self.optimizer)
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return super()._prepare_inputs({k: v for k, v in inputs.items() if k != "num_tokens"})  # the host-side count stays here

@@ -86,3 +86,15 @@ def test_peft_still_finds_no_lora_weight_in_an_fsdp_model(fsdp_lora):
     assert sum(".lora_A." in k for k in full) == 14  # the weights are in the gathered state dict ...
     assert get_peft_model_state_dict(model.module, state_dict=full) == {}  # ... and PEFT picks none of them
 
+
+def test_create_optimizer_state_makes_adamws_state_and_leaves_the_weights():
+    from fsdp_state import create_optimizer_state
+
+    layer = torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in layer.parameters()]
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
+    create_optimizer_state(optimizer)
+    assert all(torch.equal(p, b) for p, b in zip(layer.parameters(), before, strict=True))
+    assert all(p.grad is None for p in layer.parameters()) and optimizer.param_groups[0]["lr"] == 1e-2
+    assert all(set(optimizer.state[p]) == {"step", "exp_avg", "exp_avg_sq"} for p in layer.parameters())
+    assert all(not optimizer.state[p]["exp_avg"].any() for p in layer.parameters())
