@@ -15,8 +15,12 @@ the number of processes (the logged grad norm is compared too, since AdamW hides
 from the losses) would fail it.
 
 4-bit on the CPU: bitsandbytes' CPU backend runs under DDP/gloo (DDP broadcasts the frozen uint8 4-bit
-weights once, at wrapping), so these tests use the real --quantization 4bit path. FSDP cannot be tested on a
-CPU: accelerate's FSDP plugin needs a GPU.
+weights once, at wrapping), so these tests use the real --quantization 4bit path.
+
+FSDP on the CPU: the shipped configs/accelerate/fsdp_qlora.yaml through tests/fsdp_on_cpu.py, which says what it changes
+for a CPU and why (accelerate makes FSDP on GPUs only; torch refuses sync_module_states for CPU tensors). Unquantized:
+the CPU computes in float32, and a 4-bit base stored in bf16 beside float32 norms is refused by FSDP ("Must flatten
+tensors with uniform dtype but got torch.bfloat16 and torch.float32"), which is why main.py refuses --fp32-upcast there.
 """
 
 from __future__ import annotations
@@ -36,13 +40,15 @@ from conftest import ROOT
 
 ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # one thread: bitwise-reproducible 4-bit CPU kernels; no GPU
 DDP_CONFIG = os.path.join(ROOT, "configs", "accelerate", "ddp.yaml")
+FSDP_CONFIG = os.path.join(ROOT, "configs", "accelerate", "fsdp_qlora.yaml")
+FSDP_ARGS = ("--preset", "smoke", "--quantization", "none", "--max-steps", "6", "--save-steps", "3", "--eval-steps", "6")
 TOLERANCE = 1e-4  # see the module docstring
 ADAPTER_MESSAGE = "[main] adapter, tokenizer"
 
 
-def launch(script: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+def launch(script: str, *args: str, processes: int = 2, config: str = DDP_CONFIG) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes N script args` (torchrun underneath)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG, "--num_processes", str(processes),
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", str(processes),
                "--main_process_port", str(free_port()), os.path.join(ROOT, script), *args]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=600)
 
@@ -210,6 +216,69 @@ def test_eval_split_across_two_processes_gives_the_one_process_report(runs, tmp_
     assert [i["id"] for i in split["items"]] == [i["id"] for i in single["items"]] and len(split["items"]) == 8
     # Each process gets 4 of the 8 records, i.e. exactly the one-process run's batches of --batch-size 4: same answers.
     assert split["items"] == single["items"] and split["aggregates"] == single["aggregates"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """6 optimizer steps under FSDP on 2 CPU processes (tests/fsdp_on_cpu.py), a checkpoint at step 3. (run dir, its process)."""
+    out = str(tmp_path_factory.mktemp("fsdp") / "full")
+    proc = launch(os.path.join("tests", "fsdp_on_cpu.py"), *FSDP_ARGS, "--output-dir", out, config=FSDP_CONFIG)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_fsdp_checkpoints_and_the_final_adapter_hold_every_lora_weight(fsdp_run):
+    """The final adapter (and each checkpoint's) in PEFT's format, with every LoRA weight, whole: what one process writes."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from config import TrainConfig, parse_config
+    from loading import add_lora
+    from model import Llama
+    from tiny_llama import ensure_tiny_llama
+
+    out, proc = fsdp_run
+    assert proc.stdout.count(ADAPTER_MESSAGE) == 1
+    cfg, _ = parse_config(TrainConfig, list(FSDP_ARGS), "")
+    one_process = get_peft_model_state_dict(add_lora(AutoModelForCausalLM.from_pretrained(ensure_tiny_llama()), cfg))
+    shapes = {k: v.shape for k, v in one_process.items()}
+    assert len(shapes) == 28  # 2 layers x 7 targets x (lora_A, lora_B)
+    for folder in (out, os.path.join(out, "checkpoints", "checkpoint-3")):
+        assert {k: v.shape for k, v in adapter_weights(folder).items()} == shapes, folder
+    weights = adapter_weights(out)
+    assert all(weights[k].any() for k in weights if ".lora_B." in k)  # trained: lora_B starts at zero
+    llama = Llama.load_pretrained_model(out)  # checks the adapter fits its base, then PeftModel.from_pretrained
+    params = dict(llama.model.named_parameters())
+    assert all(torch.equal(params[k.replace(".weight", ".default.weight")], v) for k, v in weights.items())
+
+
+def test_fsdp_resume_equals_the_uninterrupted_run(fsdp_run, tmp_path):
+    """The LoRA weights, the optimizer's moments, the data position and the RNG all come back: the same floats."""
+    import torch
+
+    out, _ = fsdp_run
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(out, "checkpoints", "checkpoint-3"), os.path.join(resumed, "checkpoints", "checkpoint-3"))
+    proc = launch(os.path.join("tests", "fsdp_on_cpu.py"), *FSDP_ARGS, "--output-dir", resumed, "--resume", config=FSDP_CONFIG)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout
+    for key in ("loss", "grad_norm"):  # bitwise: a lost LoRA or AdamW state shows from step 4 or 5 on
+        assert [h[key] for h in history(resumed, 6)] == [h[key] for h in history(out, 6)], key
+    a, b = adapter_weights(out), adapter_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_resume_from_a_checkpoint_without_lora_weights_stops_in_one_line(fsdp_run, tmp_path):
+    """A checkpoint of an FSDP run from before the fix holds no LoRA weights: say so, rather than train on from the initial ones."""
+    out, _ = fsdp_run
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(out, "checkpoints", "checkpoint-3"), os.path.join(resumed, "checkpoints", "checkpoint-3"))
+    os.remove(os.path.join(resumed, "checkpoints", "checkpoint-3", "adapter_model.safetensors"))
+    proc = launch(os.path.join("tests", "fsdp_on_cpu.py"), *FSDP_ARGS, "--output-dir", resumed, "--resume", config=FSDP_CONFIG)
+    assert proc.returncode != 0
+    assert "checkpoint-3 has no adapter_model.safetensors" in proc.stderr and "start again with --overwrite" in proc.stderr
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_accelerate_configs_and_the_70b_preset_parse():
