@@ -235,7 +235,7 @@ class EvalConfig:
     batch_size: int | None = doc(
         None,
         "Questions generated together (longest first; halved automatically on out-of-memory). Default: sized from free GPU "
-        "memory (KV cache + prefill per row), 16 on a CPU.",
+        "memory (KV cache + prefill per row), 64 on a CPU.",
     )
     engine: Literal["auto", "padded", "evict", "static", "continuous"] = doc(
         "auto",
