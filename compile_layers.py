@@ -9,7 +9,7 @@ compiled layer, torchtune's order). bitsandbytes 0.50's 4-bit matmul is a regist
 is plain tensor code, so the layer traces without graph breaks (fullgraph=True makes any break an error at step 1).
 
 Nothing falls back to eager silently: suppress_errors off, a recompile-limit hit raises, and CompileWatch checks the
-compiled entries of the layer's code after step `check_at` and at the end. Inductor's caches (FX graph, autotuning)
+compiled entries of the layer's code after step `check_at` (and reports them at the end). Inductor's caches (FX graph, autotuning)
 persist in TORCHINDUCTOR_CACHE_DIR (default: ~/.cache/llama-dolly/inductor), so a second run compiles faster.
 """
 
@@ -21,7 +21,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from runtime import Runtime
+from runtime import Runtime, launched_processes
 
 
 class CompileError(RuntimeError):
@@ -32,8 +32,7 @@ def compile_enabled(choice: str, rt: Runtime, gradient_checkpointing: bool = Fal
     """on; or auto where it was measured faster with equal losses (one H100, BENCHMARKS.md): CUDA, one process, no
     gradient checkpointing (with checkpointing, compiled layers recompile: the known pitfall; several processes and FSDP
     are not measured compiled)."""
-    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    return choice == "on" or (choice == "auto" and rt.cuda and single and not gradient_checkpointing)
+    return choice == "on" or (choice == "auto" and rt.cuda and launched_processes() == 1 and not gradient_checkpointing)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -28,7 +28,7 @@ from config import ConfigError, EvalConfig, TrainConfig, parse_config
 from dataset import create_question, section_markers
 from loading import read_train_config
 from model import Llama
-from runtime import cpu_threads, silence_harmless_logs
+from runtime import cpu_threads, launched_processes, silence_harmless_logs
 
 # A few dolly-style questions, one per kind of task, one with context.
 PREDEFINED: list[dict[str, str]] = [
@@ -86,7 +86,7 @@ def run(argv: list[str]) -> None:
 
 def distributed_state() -> Any:
     """accelerate's PartialState when launched as several processes (`accelerate launch eval.py`, torchrun), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_processes() <= 1:
         return None
     import torch
     from accelerate import PartialState

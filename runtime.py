@@ -54,6 +54,11 @@ def quantization_config(quantization: str, rt: Runtime, quant_storage: str = "ui
     return None
 
 
+def launched_processes() -> int:
+    """How many processes this job was launched as (accelerate launch, torchrun set WORLD_SIZE); 1 when run directly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def fsdp_active() -> bool:
     """Launched by `accelerate launch` with an FSDP config (configs/accelerate/fsdp_qlora.yaml)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
