@@ -89,7 +89,8 @@ def timed(llama, prompts: list[str], batch_size: int | None, sorted_path: bool, 
     import generation
 
     gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
-    if engine.startswith("continuous"):  # continuous = CUDA graphs on; continuous_nographs = transformers' own choice
+    name = engine  # continuous = CUDA graphs on; continuous_nographs = the same engine with transformers' own choice
+    if engine.startswith("continuous"):
         gen["cuda_graphs"] = None if engine == "continuous_nographs" else True
         engine = "continuous"
     llama.dequantize_if_allowed()  # a one-time conversion is not part of the timed generation (reported separately)
@@ -108,9 +109,9 @@ def timed(llama, prompts: list[str], batch_size: int | None, sorted_path: bool, 
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     tokens = sum(g["answer_tokens"] for g in out)
-    result = {"prompts": len(prompts), "batch_size": batch_size, "engine": engine, "wall_s": wall, "new_tokens": tokens,
+    result = {"prompts": len(prompts), "batch_size": batch_size, "engine": name, "wall_s": wall, "new_tokens": tokens,
               "tokens_per_s": tokens / wall, "peak_gpu_mem_gib": peak, "answers": [g["answer"] for g in out]}
-    print(f"[bench] {len(prompts)} prompts, {engine}, batch {batch_size or 'auto'}: {tokens / wall:.1f} new tok/s, wall {wall:.1f} s, "
+    print(f"[bench] {len(prompts)} prompts, {name}, batch {batch_size or 'auto'}: {tokens / wall:.1f} new tok/s, wall {wall:.1f} s, "
           f"peak {peak or 0:.1f} GiB", flush=True)
     return result
 
