@@ -56,11 +56,13 @@ def pick_engine(engine: str, device: torch.device, greedy: bool) -> str:
 
 
 def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], batch_size: int | None = 8,
-             progress: bool = False, label: str = "answers", engine: str = "auto", **generation: Any) -> list[dict[str, Any]]:
+             progress: bool = False, label: str = "answers", engine: str = "auto", stats: dict | None = None,
+             **generation: Any) -> list[dict[str, Any]]:
     """Each prompt's answer (new text only, cut at EOS or a stop string), its token count and how it ended, in input order.
 
-    batch_size None: sized from free memory (auto_batch_size). engine: see pick_engine; when auto's continuous batching
-    fails (out of memory, a failed request), the answers come from evict instead, said in one line.
+    batch_size None: each batch sized from free memory for its longest prompt (auto_batch_size). engine: see pick_engine;
+    when auto's continuous batching fails (out of memory, a failed request), the answers come from evict instead, said in
+    one line. stats (a dict): filled with the rows of each batch ("batches"), for the benchmark.
     """
     from tqdm.auto import tqdm
 
@@ -78,24 +80,29 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     engine = chosen
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    if batch_size is None:
-        batch_size = auto_batch_size(model, max(lengths, default=1), generation.get("max_new_tokens", 256), len(prompts))
+    sized = batch_size is None  # each batch sized from free memory for its own longest prompt (longest first: they grow)
+    cap = None  # after an out-of-memory error: at most this many rows per batch for the rest of the run
     results: list[dict[str, Any]] = [{}] * len(prompts)
     bar = tqdm(total=len(prompts), desc=f"generating ({label})", unit="answer", disable=not progress)
     start = 0
     while start < len(prompts):
+        if sized:
+            batch_size = auto_batch_size(model, lengths[order[start]], generation.get("max_new_tokens", 256), len(prompts) - start)
+        batch_size = min(batch_size, cap or batch_size)
         chunk = order[start : start + batch_size]
         try:
             generated = generate_batch(model, tokenizer, [prompts[i] for i in chunk], engine=engine, **generation)
         except torch.cuda.OutOfMemoryError:
             if batch_size == 1:
                 raise
-            batch_size = max(1, batch_size // 2)  # the longest prompts come first: what fits now fits for the rest
+            batch_size = cap = max(1, batch_size // 2)  # the longest prompts come first: what fits now fits for the rest
             torch.cuda.empty_cache()
             print(f"[model] out of GPU memory while generating; retrying with batch size {batch_size}", flush=True)
             continue
         for i, result in zip(chunk, generated, strict=True):
             results[i] = result
+        if stats is not None:
+            stats.setdefault("batches", []).append(len(chunk))
         start += len(chunk)
         bar.update(len(chunk))
     bar.close()
@@ -110,12 +117,12 @@ def generate_batch(
     """One left-padded batch: through model.generate (padded, static) or the evicting greedy loop (evict)."""
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    if engine == "evict":
-        rows = decode_evicting(model, tokenizer, batch, stop_strings or [], **generation)
+    if engine in ("evict", "static"):
+        decode = decode_evicting if engine == "evict" else decode_static
+        rows = decode(model, tokenizer, batch, stop_strings or [], **generation)
         return [end_answer(row, tokenizer, stop_strings or []) for row in rows]
     stops = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
-    static = {"cache_implementation": "static"} if engine == "static" else {}  # on CUDA, generate compiles the decode step
-    out = model.generate(**batch, **stops, **static, **generation_kwargs(tokenizer, **generation))
+    out = model.generate(**batch, **stops, **generation_kwargs(tokenizer, **generation))
     return [end_answer(row, tokenizer, stop_strings or []) for row in out[:, batch["input_ids"].shape[1] :].tolist()]
 
 
@@ -156,6 +163,109 @@ def decode_evicting(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
         positions = positions[:, -1:] + 1
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1)
     return rows
+
+
+@torch.inference_mode()
+def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: Any, stop_strings: list[str],
+                  max_new_tokens: int = 256, min_new_tokens: int = 0, cuda_graphs: bool | None = None, check_every: int = 8,
+                  **_: Any) -> list[list[int]]:
+    """Greedy decoding with a static KV cache (prompt + max_new_tokens, allocated once) and, on CUDA, the decode step
+    captured once per batch in a CUDA graph and replayed: one launch per generated token instead of ~1,000 kernels
+    launched from Python, which is what bounds the eager decoders at eval.py's batch sizes.
+
+    Every step has the same shapes: token (rows, 1), positions (rows, 1), a boolean mask over all cache positions
+    (rows, 1, 1, prompt + max_new_tokens), updated in place outside the graph; the cache advances itself. The same
+    tokens as decode_evicting up to rounding (the same left padding, positions and argmax); finished rows keep
+    decoding until every row has ended (checked every `check_every` steps); each row is then cut where decode_evicting
+    would have ended it, so `raw` is the same too.
+    cuda_graphs None: on CUDA. Without graphs (a CPU) the same steps run eagerly.
+    """
+    from transformers import StaticCache
+
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    rows, prompt = ids.shape
+    device, eos, length = ids.device, tokenizer.eos_token_id, prompt + max_new_tokens
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    visible = torch.zeros(rows, length, dtype=torch.bool, device=device)  # the cache positions each row attends to
+    visible[:, :prompt] = mask
+    causal = torch.ones(prompt, length, dtype=torch.bool, device=device).tril()
+    own = torch.eye(prompt, length, dtype=torch.bool, device=device)  # a padding query sees itself: no all-masked row (NaN)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    prefill_mask = ((causal[None] & visible[:, None]) | own[None])[:, None]
+    logits = model(input_ids=ids, attention_mask=prefill_mask, position_ids=positions, past_key_values=cache,
+                   logits_to_keep=1).logits[:, -1]
+    del prefill_mask
+
+    def next_tokens(logits: torch.Tensor, step: int) -> torch.Tensor:
+        if step < min_new_tokens and eos is not None:
+            logits[:, eos] = -float("inf")
+        return logits.argmax(-1)
+
+    history = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
+    history[:, 0] = next_tokens(logits, 0)
+    step_ids, step_positions, step_mask = history[:, :1].clone(), positions[:, -1:] + 1, visible[:, None, None]
+
+    def forward() -> torch.Tensor:
+        return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions, past_key_values=cache,
+                     logits_to_keep=1).logits[:, -1]
+
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda"
+    replay = capture_decode_step(forward, cache, prompt) if cuda_graphs and max_new_tokens > 1 else forward
+    ends: dict[int, int] = {}  # row -> its length: the first step at which decode_evicting would have ended it
+    checked = 0
+
+    def check(upto: int) -> list[list[int]]:
+        nonlocal checked
+        host = history[:, :upto].tolist()
+        for r, row in enumerate(host):
+            if r not in ends and row_ended_anywhere(row, eos, tokenizer, stop_strings):
+                first = max(checked + 1, min_new_tokens, 1)
+                ends[r] = next((k for k in range(first, upto + 1) if row_ended_anywhere(row[:k], eos, tokenizer, stop_strings)), upto)
+        checked = upto
+        return [row[: ends.get(r, upto)] for r, row in enumerate(host)]
+
+    for step in range(1, max_new_tokens):
+        visible[:, prompt + step - 1] = True  # the token fed now is written at cache position prompt + step - 1
+        tokens = next_tokens(replay(), step)
+        history[:, step] = tokens
+        step_ids.copy_(tokens[:, None])
+        step_positions.add_(1)
+        if (step + 1) % check_every == 0 and step + 1 >= min_new_tokens:
+            cut = check(step + 1)
+            if len(ends) == rows:
+                return cut
+    return check(max_new_tokens)
+
+
+def capture_decode_step(forward: Any, cache: Any, position: int) -> Any:
+    """forward() captured in a CUDA graph: a function that replays it and returns its (static) output tensor.
+
+    One eager warm-up on a side stream first (workspaces), as torch.cuda.graphs asks; it writes a throw-away key and value
+    at `position`, the one the first replay overwrites, and advances the cache's position, which is set back.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(position)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = forward()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
+
+
+def row_ended_anywhere(row: list[int], eos: int | None, tokenizer: PreTrainedTokenizerBase, stop_strings: list[str]) -> bool:
+    """Whether a row holds EOS or its text a stop string anywhere (decode_static checks every few steps, not every step)."""
+    return (eos is not None and eos in row) or (bool(stop_strings) and any(s in tokenizer.decode(row, skip_special_tokens=True)
+                                                                           for s in stop_strings))
 
 
 def row_ended(row: list[int], eos: int | None, tokenizer: PreTrainedTokenizerBase, stop_strings: list[str], tail: int = 16) -> bool:

@@ -11,15 +11,16 @@ Variants, in this order on the same weights (JSON written after each):
 - one_at_a_time: `generate` on one prompt at a time, 4-bit + unmerged LoRA (the first --single-prompts prompts);
 - naive16: batches of 16 in input order, 4-bit + unmerged LoRA (the first --naive-prompts);
 - unmerged64: the previous eval.py path: 16-bit copy + unmerged LoRA, batch 64, model.generate (the first --old-prompts);
-- ENGINE_base / ENGINE_tuned for ENGINE in --engines (continuous, evict, continuous_nographs, static): merge on switch
-  (fine-tuned = LoRA merged into the 16-bit copy; base = the copy rebuilt from the 4-bit weights), batch sized from free
-  memory, all --prompts; the compiled engines (continuous: CUDA graphs; static) first run ENGINE_tuned_cold, which
-  carries the compilation and graph capture, so ENGINE_base and ENGINE_tuned are warm (header "tuned_vs_base");
+- ENGINE_base / ENGINE_tuned for ENGINE in --engines (static, continuous, evict, continuous_nographs): merge on switch
+  (fine-tuned = LoRA merged into the 16-bit copy; base = the copy rebuilt from the 4-bit weights), each batch sized from
+  free memory for its longest prompt (the rows of each batch in "batches"), all --prompts; continuous first runs
+  ENGINE_tuned_cold, which carries its compilation and graph capture, so ENGINE_base and ENGINE_tuned are warm (header
+  "tuned_vs_base"); static captures its decode step per batch (part of every timed run: no cold run);
 - BEST_tuned_24gb ("cap" in --engines): the fastest warm engine so far under torch.cuda.set_per_process_memory_fraction
   (24 GiB / card).
 --single-prompts 0 / --old-prompts 0 skip those variants.
 Reported per variant: new tokens/s, its share of the card's memory-bandwidth limit (weights + KV cache read once per
-decode step at the variant's batch), the projected time for dolly's validation split (--project-records, both models,
+decode step at the variant's mean rows per batch), the projected time for dolly's validation split (--project-records, both models,
 every answer --new-tokens long: an upper bound), peak GPU memory; and last-position logits of the fast paths vs the 4-bit
 paths. --budget-s skips the remaining variants once the run has taken that long.
 """
@@ -99,8 +100,9 @@ def timed(llama, prompts: list[str], batch_size: int | None, sorted_path: bool, 
         torch.cuda.reset_peak_memory_stats()
     gpu_sync()
     t0 = time.perf_counter()
+    stats: dict = {}
     if sorted_path:
-        out = llama.generate(prompts, batch_size, use_adapter, engine=engine, **gen)
+        out = llama.generate(prompts, batch_size, use_adapter, engine=engine, stats=stats, **gen)
     else:
         with llama.adapter(use_adapter):
             out = [g for s in range(0, len(prompts), batch_size)
@@ -109,9 +111,11 @@ def timed(llama, prompts: list[str], batch_size: int | None, sorted_path: bool, 
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     tokens = sum(g["answer_tokens"] for g in out)
-    result = {"prompts": len(prompts), "batch_size": batch_size, "engine": name, "wall_s": wall, "new_tokens": tokens,
+    result = {"prompts": len(prompts), "batch_size": batch_size, "batches": stats.get("batches"), "engine": name, "wall_s": wall,
+              "new_tokens": tokens,
               "tokens_per_s": tokens / wall, "peak_gpu_mem_gib": peak, "answers": [g["answer"] for g in out]}
-    print(f"[bench] {len(prompts)} prompts, {name}, batch {batch_size or 'auto'}: {tokens / wall:.1f} new tok/s, wall {wall:.1f} s, "
+    rows = batch_size or stats.get("batches") or "auto"
+    print(f"[bench] {len(prompts)} prompts, {name}, batch {rows}: {tokens / wall:.1f} new tok/s, wall {wall:.1f} s, "
           f"peak {peak or 0:.1f} GiB", flush=True)
     return result
 
@@ -136,7 +140,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="generate_speed.json", help="JSON results (rewritten after every variant).")
     parser.add_argument("--prompts", type=int, default=256, help="Dolly-like prompts for the merge-on-switch variants.")
     parser.add_argument("--new-tokens", type=int, default=256, help="Tokens generated per prompt (forced: no early EOS).")
-    parser.add_argument("--engines", default="continuous,evict,cap,continuous_nographs,static",
+    parser.add_argument("--engines", default="static,continuous,cap,evict,continuous_nographs",
                         help="Decoding engines to measure, in this order (generation.pick_engine; continuous_nographs: continuous "
                              "batching with transformers' own CUDA-graph choice, off for SDPA).")
     parser.add_argument("--single-prompts", type=int, default=1, help="Prompts timed one at a time (the first N).")
@@ -152,7 +156,7 @@ def parse_args() -> argparse.Namespace:
 
 def derived(r: dict, llama, mean_context: float, args, reference: dict) -> dict:
     """Share of the bandwidth limit, projected dolly-validation time (both models), speed-ups, answers vs the plain path."""
-    batch = r["batch_size"] or min(r["prompts"], 256)
+    batch = r["batch_size"] or (r["prompts"] / len(r["batches"]) if r.get("batches") else min(r["prompts"], 256))  # mean rows
     limit = bandwidth_limit(llama.model, batch, mean_context)
     out = {"bandwidth": limit, "share_of_bandwidth_limit": r["tokens_per_s"] / limit["limit_tokens_per_s"]
            if limit["limit_tokens_per_s"] else None,
@@ -216,7 +220,7 @@ def main() -> None:
             cap_variant(llama, prompts, args, results, record)
             continue
         # compiled engines: a cold fine-tuned run first (compilation, CUDA graph capture), then base and fine-tuned warm
-        sides = (("tuned_cold", True),) if engine in ("continuous", "static") else ()
+        sides = (("tuned_cold", True),) if engine == "continuous" else ()
         for side, use_adapter in sides + (("base", False), ("tuned", True)):
             if time.perf_counter() - start < args.budget_s:
                 try:

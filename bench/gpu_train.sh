@@ -13,7 +13,7 @@
 #      nogc_2048 (with default: fixed_overhead_s, eager); compiled_nogc_2048 (the same, compiled); baseline (plain HF as
 #      commonly run). VARIANTS=a,b,... replaces the list.
 #   2. bench/loss_parity.py -> OUT/loss_parity.json + .png: project vs plain HF vs project --compile on, same records.
-# STAGES=parity runs only step 2 (a second command, if device time is left). CPU_DRY_RUN=1: the same plumbing on the
+# PROFILE=a,b (default: default,eager; empty: none) picks the profiled variants. STAGES=parity runs only step 2 (a second command, if device time is left). CPU_DRY_RUN=1: the same plumbing on the
 # tiny model on the CPU (a few steps, no wheels, nothing timed that means anything).
 set -u
 out=${1:?usage: bash bench/gpu_train.sh OUT}
@@ -43,7 +43,7 @@ fi
 echo "[gpu_train] model $model, stages $stages, $((deadline - $(date +%s))) s left"
 if [[ $stages == *speed* ]]; then
   python bench/train_speed.py --model "$model" --out "$out/train_speed.json" "${speed[@]}" --variants "$variants" \
-    --profile default,eager --deadline "$deadline" 2>&1 | tee "$out/train_speed.log"
+    --profile "${PROFILE-default,eager}" --deadline "$deadline" 2>&1 | tee "$out/train_speed.log"
 fi
 left=$((deadline - $(date +%s)))
 if [[ $stages == *parity* ]] && { [ $left -gt 240 ] || [ -n "${CPU_DRY_RUN:-}" ] || [[ $stages != *speed* ]]; }; then

@@ -8,6 +8,7 @@
 #       3 fsdp13_resume_capped  both processes capped at 0.75 x the one-process peak, --resume from fsdp13's step 3:
 #                   loads, wraps and trains steps 4-6 under the cap; its losses against fsdp13's; checkpoint and final adapter
 #       4 adapter13 the final adapter on ONE GPU: PeftModel.from_pretrained (model.Llama) and an answer
+#       5 fsdp13_offload  FSDP with --fsdp_offload_params true (shards in CPU RAM): per-GPU peak and tokens/s
 #   bash bench/multi_gpu.sh ddp  OUT    # random Llama-2-7B: 1 GPU vs DDP on 2 GPUs (scaling), and FSDP 7B's per-rank peak
 #                                       # (with 13B's: the two points the 70B figure is extrapolated from)
 #
@@ -93,6 +94,11 @@ fsdp() {
   CUDA_VISIBLE_DEVICES=0 timeout 180 python3 bench/multi_gpu_summary.py adapter "$out" "$runs/fsdp13_resume_capped" \
     > "$out/adapter13.log" 2>&1
   echo "[multi_gpu] adapter13: exit $? after $((SECONDS - t0)) s"; tail -3 "$out/adapter13.log"
+  # 5 fsdp13_offload: the same FSDP run with the shards in CPU RAM (fsdp_offload_params): what takes the per-GPU peak
+  #   below the 2-GPU floor of plain sharding (activations do not shard); its speed beside it; the final adapter written
+  train fsdp13_offload 240 "${launch[@]}" --config_file configs/accelerate/fsdp_qlora.yaml --num_processes 2 \
+    --fsdp_offload_params true main.py -- "${flags[@]}" --max-steps 5 --save-steps 100000
+  summarize fsdp
   if [ "${FSDP_AB:-0}" = 1 ]; then
     LLAMA_DOLLY_FSDP_LOAD=gpu train fsdp13_gpu 300 "${launch[@]}" --config_file configs/accelerate/fsdp_qlora.yaml \
       --num_processes 2 main.py -- "${flags[@]}" --max-steps 5 --save-steps 100000

@@ -55,6 +55,17 @@ def losses(runs: str, name: str, step: int = 6) -> list[float] | None:
     return None if state is None else [h["loss"] for h in state["log_history"] if "loss" in h]
 
 
+def adapter_tensors(folder: str) -> int | None:
+    """How many tensors a run's final adapter holds (560 for Llama-2-13B's 40 layers x 7 linear layers x A and B)."""
+    path = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as fh:
+        return len(list(fh.keys()))
+
+
 def fsdp(out: str, runs: str) -> dict:
     single, sharded, capped = per_rank(out, "single13"), per_rank(out, "fsdp13"), per_rank(out, "fsdp13_resume_capped")
     result: dict = {"model": "random Llama-2-13B, 4-bit NF4 stored as bf16, 1 packed row of 4096 tokens per micro-batch per GPU",
@@ -66,14 +77,23 @@ def fsdp(out: str, runs: str) -> dict:
         ratio = sharded["max_steady_peak_gib"] / single["max_steady_peak_gib"]
         result["steady_peak_ratio_fsdp_to_one_process"] = round(ratio, 3)
         result["goal_ratio_met"] = ratio <= GOAL_RATIO
-    one_tps, two_tps = steady_tokens(out, "single13"), steady_tokens(out, "fsdp13")
-    result["tokens_per_s"] = {"one_process": one_tps, "fsdp_2_gpus_total": two_tps, "fsdp_per_gpu": two_tps and two_tps / 2}
+    offload = result["fsdp13_offload"] = per_rank(out, "fsdp13_offload")
+    if single and offload and offload["max_steady_peak_gib"]:
+        ratio = offload["max_steady_peak_gib"] / single["max_steady_peak_gib"]
+        result["steady_peak_ratio_fsdp_offload_to_one_process"] = round(ratio, 3)
+        result["goal_ratio_met_with_offload"] = ratio <= GOAL_RATIO
+    one_tps, two_tps, off_tps = (steady_tokens(out, n) for n in ("single13", "fsdp13", "fsdp13_offload"))
+    result["tokens_per_s"] = {"one_process": one_tps, "fsdp_2_gpus_total": two_tps, "fsdp_per_gpu": two_tps and two_tps / 2,
+                              "fsdp_offload_per_gpu": off_tps and off_tps / 2}
+    result["offload_adapter_tensors"] = adapter_tensors(f"{runs}/fsdp13_offload")
     full, resumed = losses(runs, "fsdp13"), losses(runs, "fsdp13_resume_capped")
     if full and resumed:
         diff = max(abs(a - b) for a, b in zip(full[3:], resumed[3:], strict=True))
         result["resume"] = {"uninterrupted": full, "resumed_from_3_under_cap": resumed, "max_abs_diff_steps_4_6": diff}
     done = f"{runs}/fsdp13_resume_capped"
     result["capped_run_finished"] = os.path.isfile(f"{done}/adapter_config.json")
+    result["checkpoint_3_adapter_tensors"] = adapter_tensors(f"{runs}/fsdp13/checkpoints/checkpoint-3")
+    result["final_adapter_tensors"] = adapter_tensors(done)
     result["capped_checkpoint_6_files"] = sorted(os.listdir(f"{done}/checkpoints/checkpoint-6")) if os.path.isdir(
         f"{done}/checkpoints/checkpoint-6") else None
     result["adapter_on_one_gpu"] = load(f"{out}/adapter13.json")
@@ -131,7 +151,7 @@ def main() -> None:
         json.dump(result, fh, indent=2)
     brief = {k: v for k, v in result.items() if not isinstance(v, dict) or k in ("tokens_per_s", "resume")}
     print(f"[multi_gpu] {mode}: " + json.dumps(brief))
-    for name in ("single13", "fsdp13", "fsdp13_resume_capped", "fsdp13_gpu", "fsdp7"):
+    for name in ("single13", "fsdp13", "fsdp13_resume_capped", "fsdp13_offload", "fsdp13_gpu", "fsdp7"):
         if isinstance(result.get(name), dict):
             print(f"[multi_gpu] {name} per rank (GiB): " + json.dumps(result[name]["ranks"]))
 

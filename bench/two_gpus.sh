@@ -4,7 +4,7 @@
 #   bash bench/two_gpus.sh OUT       # GPU 0: bench/gpu_train.sh (training); GPU 1: bench/gpu_generate.sh (generation)
 #
 # Each benchmark measures its own baselines on its own card in the same run, so its ratios hold as in a run alone; the
-# two share only the host (32 cores). The random-weight Llama-2-7B is written once to $MODELS/l7 (default /tmp/models,
+# two share only the host: each runs on its own half of the cores (taskset). The random-weight Llama-2-7B is written once to $MODELS/l7 (default /tmp/models,
 # /tmp/l7 links to it: bench/multi_gpu.sh finds it there). Env: VARIANTS (training), GEN_ARGS (generate_speed.py flags),
 # STAGES (gpu_train.sh's: speed,parity), DEADLINE_S (seconds from now for both; default 540). Carry .whl and .tok as for the scripts it runs.
 set -u
@@ -20,9 +20,13 @@ mkdir -p "$models"
 [ -e /tmp/l7 ] || ln -s "$models/l7" /tmp/l7
 left=$((deadline - $(date +%s)))
 echo "[two_gpus] model ready after $(($(date +%s) - start)) s; $left s left"
-CUDA_VISIBLE_DEVICES=0 DEADLINE_S=$((left - 15)) timeout -k 10 $((left - 5)) bash bench/gpu_train.sh "$out/train" > "$out/train.log" 2>&1 &
-CUDA_VISIBLE_DEVICES=1 BENCH_ARGS="--budget-s $((left - ${GEN_TAIL_S:-150})) ${GEN_ARGS:-}" timeout -k 10 $((left - 10)) \
-  bash bench/gpu_generate.sh "$out/generate" > "$out/generate.log" 2>&1 &
+half=$(($(nproc) / 2))  # each benchmark on its own half of the cores (both are host-bound at small steps)
+pin0=() pin1=()
+command -v taskset > /dev/null && [ "$half" -ge 2 ] && pin0=(taskset -c "0-$((half - 1))") pin1=(taskset -c "$half-$((2 * half - 1))")
+CUDA_VISIBLE_DEVICES=0 DEADLINE_S=$((left - 15)) OMP_NUM_THREADS=$half timeout -k 10 $((left - 5)) "${pin0[@]}" \
+  bash bench/gpu_train.sh "$out/train" > "$out/train.log" 2>&1 &
+CUDA_VISIBLE_DEVICES=1 BENCH_ARGS="--budget-s $((left - ${GEN_TAIL_S:-150})) ${GEN_ARGS:-}" OMP_NUM_THREADS=$half \
+  timeout -k 10 $((left - 10)) "${pin1[@]}" bash bench/gpu_generate.sh "$out/generate" > "$out/generate.log" 2>&1 &
 wait
 echo "[two_gpus] done after $(($(date +%s) - start)) s"
 grep -h "^\[bench\]\|^\[train_speed\]\|ratio\|tokens/s" "$out/train.log" | tail -25

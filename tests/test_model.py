@@ -200,6 +200,19 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_order(trained, monkeypatch
     assert capsys.readouterr().out.count("retrying with batch size") == 2
 
 
+def test_free_memory_sizes_each_batch_for_its_own_longest_prompt(trained, monkeypatch):
+    """batch_size None: longest prompts first, each batch sized (auto_batch_size) for its own longest prompt, so the
+    batches of shorter prompts hold more rows; the answers and their order do not change."""
+    model, tokenizer, _, _ = trained
+    llama = Llama(model, tokenizer, dequantize="no")
+    longest = max(len(ids) for ids in tokenizer(QUESTIONS)["input_ids"])
+    expected = answers(llama, QUESTIONS, batch_size=1, max_new_tokens=6)
+    monkeypatch.setattr(generation, "auto_batch_size", lambda model, prompt_tokens, *_: 1 if prompt_tokens == longest else 8)
+    stats: dict = {}
+    assert [g["answer"] for g in llama.generate(QUESTIONS, batch_size=None, max_new_tokens=6, stats=stats)] == expected
+    assert stats["batches"] == [1, 2]
+
+
 def test_liger_backend_import_errors_for_other_hardware_are_dropped_and_nothing_else(caplog):
     """liger-kernel 0.8.5 logs one line per kernel for other hardware (CuTe DSL, Ascend, cuTile) in every process."""
     import logging
@@ -268,6 +281,32 @@ def test_evicting_decoder_gives_model_generate_answers_and_stop_rules(trained):
         evict = llama.generate(QUESTIONS, batch_size=3, engine="evict", **kwargs)
         assert evict == padded, kwargs
     assert {g["answer_tokens"] for g in evict} == {6}
+
+
+def test_static_decoder_gives_the_evicting_decoders_answers(trained):
+    """engine="static" (static KV cache, one mask over every cache position; on CUDA the decode step replayed from a CUDA
+    graph, here the same steps eagerly) == engine="evict": stop strings, forced length, and rows that end before others."""
+    model, tokenizer, _, _ = trained
+    llama = Llama(model, tokenizer)
+    for kwargs in ({"max_new_tokens": 12}, {"max_new_tokens": 12, "stop_strings": [" the", "."]},
+                   {"max_new_tokens": 6, "min_new_tokens": 6}, {"max_new_tokens": 20, "stop_strings": ["\x19\x19"]}):
+        evict = llama.generate(QUESTIONS, batch_size=3, engine="evict", **kwargs)
+        assert llama.generate(QUESTIONS, batch_size=3, engine="static", **kwargs) == evict, kwargs
+    assert len({len(g["raw"]) for g in evict}) > 1  # the last case: rows end at different steps (raw: up to the end)
+
+
+@pytest.mark.gpu
+def test_static_decoder_replays_a_cuda_graph_with_the_evicting_decoders_answers(trained):
+    """On CUDA engine="static" captures the decode step in a CUDA graph (generation.capture_decode_step) and replays it:
+    the same answers as engine="evict", fine-tuned (merged on switch) and base, stop strings and forced length."""
+    _, _, out, _ = trained
+    llama = Llama.load_pretrained_model(out)
+    assert llama.model.device.type == "cuda"
+    for use_adapter in (True, False, True):
+        for kwargs in ({"max_new_tokens": 12}, {"max_new_tokens": 20, "stop_strings": ["\x19\x19"]},
+                       {"max_new_tokens": 6, "min_new_tokens": 6}):
+            evict = llama.generate(QUESTIONS, batch_size=3, engine="evict", use_adapter=use_adapter, **kwargs)
+            assert llama.generate(QUESTIONS, batch_size=3, engine="static", use_adapter=use_adapter, **kwargs) == evict
 
 
 def test_continuous_batching_gives_the_evicting_decoders_answers_in_input_order(trained):
