@@ -11,7 +11,7 @@ set -u
 out=$(mkdir -p "${1:?usage: bash bench/two_gpus.sh OUT}" && cd "$1" && pwd)
 start=$(date +%s)
 deadline=$((start + ${DEADLINE_S:-540}))
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+[ -n "${WHEELS_INSTALLED:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site WHEELS_INSTALLED=1 PYTHONUNBUFFERED=1
 models=${MODELS:-/tmp/models}
 mkdir -p "$models"
