@@ -136,7 +136,8 @@ class TrainConfig:
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = doc(
         "default",
-        "torch.compile mode for --compile; reduce-overhead adds CUDA graphs (one shape: use it with --pad-to-budget).",
+        "torch.compile mode for --compile; reduce-overhead adds CUDA graphs (one shape: use it with --pad-to-budget). Measured "
+        "15x SLOWER than default on an H200 (1,118 vs 16,533 tokens/s: BENCHMARKS.md); kept for experiments.",
     )
     pad_to_budget: bool = doc(
         False,
@@ -239,9 +240,10 @@ class EvalConfig:
     )
     engine: Literal["auto", "padded", "evict", "static", "continuous"] = doc(
         "auto",
-        "How answers are decoded. auto: continuous on CUDA, evict elsewhere (greedy), padded when sampling. continuous = "
-        "transformers' generate_batch (paged KV cache, CUDA graphs; auto falls back to evict if it fails); evict = greedy, a "
-        "finished answer leaves its batch at once; padded = model.generate; static = static KV cache + torch.compile.",
+        "How answers are decoded. auto: static on a GPU once the base is a 16-bit copy (see --dequantize), evict otherwise "
+        "(greedy); padded when sampling. static = a static KV cache with the decode step replayed from a CUDA graph (auto "
+        "falls back to evict if it fails); evict = greedy, a finished answer leaves its batch at once; padded = "
+        "model.generate; continuous = transformers' generate_batch (paged KV cache; measured 3.6x slower than static).",
     )
     threads: int | None = doc(None, "CPU threads for torch; default: the cores not already busy (load average), at least 1.")
     dequantize: Literal["auto", "yes", "no"] = doc(

@@ -39,19 +39,20 @@ def generation_kwargs(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 
 ENGINES = ("auto", "padded", "evict", "static", "continuous")
 
 
-def pick_engine(engine: str, device: torch.device, greedy: bool) -> str:
-    """auto: greedy answers through continuous on CUDA (the fastest engine measured on an H100: BENCHMARKS.md) and evict
-    (finished rows leave the batch) elsewhere; sampled answers through padded (plain model.generate).
+def pick_engine(engine: str, device: torch.device, greedy: bool, four_bit: bool = False) -> str:
+    """auto, greedy answers: static on CUDA when no bitsandbytes 4-bit layer is left in the model (a 16-bit copy or an
+    unquantized base: the fastest engine measured, BENCHMARKS.md), else evict (finished rows leave the batch: a CPU, or a
+    4-bit base whose capture in a CUDA graph was never measured); sampled answers: padded (plain model.generate).
 
-    static (a static KV cache, the decode step compiled into CUDA graphs) and continuous (transformers' generate_batch:
-    paged attention, a finished sequence frees its slot at once) are the GPU alternatives, measured by bench/generate_speed.py.
+    static: a static KV cache, the decode step captured in a CUDA graph per batch. continuous: transformers' generate_batch
+    (paged attention, a finished sequence frees its slot at once), 3.6x slower than static on an H200. Both decode greedily.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)} (got {engine!r})")
+    if not greedy:
+        return "padded"  # evict, static and continuous decode greedily; sampling goes through model.generate
     if engine == "auto":
-        return ("continuous" if device.type == "cuda" else "evict") if greedy else "padded"
-    if engine in ("evict", "continuous") and not greedy:
-        return "padded"  # both decode greedily; sampling goes through model.generate
+        return "static" if device.type == "cuda" and not four_bit else "evict"
     return engine
 
 
@@ -61,22 +62,16 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     """Each prompt's answer (new text only, cut at EOS or a stop string), its token count and how it ended, in input order.
 
     batch_size None: each batch sized from free memory for its longest prompt (auto_batch_size). engine: see pick_engine;
-    when auto's continuous batching fails (out of memory, a failed request), the answers come from evict instead, said in
-    one line. stats (a dict): filled with the rows of each batch ("batches"), for the benchmark.
+    when auto's static engine fails other than by running out of memory, the rest of the answers come from evict, said
+    in one line. stats (a dict): filled with the rows of each batch ("batches"), for the benchmark.
     """
     from tqdm.auto import tqdm
 
-    chosen = pick_engine(engine, model.device, generation.get("temperature", 0.0) <= 0)
+    greedy = generation.get("temperature", 0.0) <= 0
+    chosen = pick_engine(engine, model.device, greedy, four_bit=engine == "auto" and bool(linear4bit_modules(model)))
     if chosen == "continuous" and prompts:
-        try:
-            return generate_continuous(model, tokenizer, prompts, progress=progress, **generation)
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-            if engine != "auto":
-                raise
-            print(f"[model] continuous batching failed ({type(e).__name__}: {str(e)[:200]}); answering with --engine evict",
-                  flush=True)
-            torch.cuda.empty_cache()
-            chosen = "evict"
+        return generate_continuous(model, tokenizer, prompts, progress=progress, **generation)
+    fallback = engine == "auto" and chosen == "static"
     engine = chosen
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
@@ -98,6 +93,13 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
             batch_size = cap = max(1, batch_size // 2)  # the longest prompts come first: what fits now fits for the rest
             torch.cuda.empty_cache()
             print(f"[model] out of GPU memory while generating; retrying with batch size {batch_size}", flush=True)
+            continue
+        except RuntimeError as e:
+            if not fallback:
+                raise
+            fallback, engine = False, "evict"
+            print(f"[model] the static engine failed ({type(e).__name__}: {str(e)[:200]}); answering with --engine evict",
+                  flush=True)
             continue
         for i, result in zip(chunk, generated, strict=True):
             results[i] = result

@@ -332,24 +332,30 @@ def test_continuous_batching_refuses_a_partial_result(trained):
         generation.generate_continuous(fake, tokenizer, ["a question", "another question"])
 
 
-def test_auto_engine_is_continuous_on_cuda_and_falls_back_to_evict(trained, monkeypatch, capsys):
-    """auto: continuous on CUDA for greedy answers (the fastest measured there), evict on a CPU, padded when sampling;
-    when auto's continuous batching fails, the same answers come from evict, said in one line."""
+def test_auto_engine_is_static_on_cuda_without_4bit_layers_and_falls_back_to_evict(trained, monkeypatch, capsys):
+    """auto, greedy: static on CUDA once no 4-bit layer is left (the fastest measured there), evict on a CPU or with 4-bit
+    layers; padded when sampling. When auto's static engine fails (not out of memory), the remaining answers come from
+    evict, said in one line; an engine asked for by name never falls back."""
     import generation
 
-    assert generation.pick_engine("auto", torch.device("cuda"), greedy=True) == "continuous"
+    assert generation.pick_engine("auto", torch.device("cuda"), greedy=True) == "static"
+    assert generation.pick_engine("auto", torch.device("cuda"), greedy=True, four_bit=True) == "evict"
     assert generation.pick_engine("auto", torch.device("cpu"), greedy=True) == "evict"
     assert generation.pick_engine("auto", torch.device("cuda"), greedy=False) == "padded"
+    assert generation.pick_engine("static", torch.device("cuda"), greedy=False) == "padded"
     model, tokenizer, _, _ = trained
     llama = Llama(model, tokenizer)
-    expected = llama.generate(QUESTIONS, batch_size=3, engine="evict", max_new_tokens=6)
+    expected = llama.generate(QUESTIONS, batch_size=2, engine="evict", max_new_tokens=6)
 
     def broken(*_, **__):
-        raise RuntimeError("continuous batching returned 1 of 3 answers")
+        raise RuntimeError("operation not permitted when stream is capturing")
 
+    monkeypatch.setattr(generation, "decode_static", broken)
+    monkeypatch.setattr(generation, "pick_engine", lambda engine, device, greedy, four_bit=False: "static")
+    assert llama.generate(QUESTIONS, batch_size=2, max_new_tokens=6) == expected  # engine auto (the Llama's default)
+    assert capsys.readouterr().out.count("the static engine failed (RuntimeError: operation not permitted") == 1
+    with pytest.raises(RuntimeError, match="not permitted"):  # asked for by name: no silent fallback
+        llama.generate(QUESTIONS, batch_size=2, engine="static", max_new_tokens=6)
     monkeypatch.setattr(generation, "generate_continuous", broken)
-    monkeypatch.setattr(generation, "pick_engine", lambda engine, device, greedy: "continuous")
-    assert llama.generate(QUESTIONS, batch_size=3, max_new_tokens=6) == expected  # engine auto (the Llama's default)
-    assert "continuous batching failed (RuntimeError: continuous batching returned 1 of 3 answers)" in capsys.readouterr().out
-    with pytest.raises(RuntimeError, match="returned 1 of 3"):  # asked for by name: no silent fallback
-        llama.generate(QUESTIONS, batch_size=3, engine="continuous", max_new_tokens=6)
+    with pytest.raises(RuntimeError, match="not permitted"):
+        llama.generate(QUESTIONS, batch_size=2, engine="continuous", max_new_tokens=6)
