@@ -61,7 +61,8 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
              **generation: Any) -> list[dict[str, Any]]:
     """Each prompt's answer (new text only, cut at EOS or a stop string), its token count and how it ended, in input order.
 
-    batch_size None: each batch sized from free memory for its longest prompt (auto_batch_size). engine: see pick_engine;
+    batch_size None: on a GPU, batches planned from free memory and the prompts' lengths (plan_batches: long prompts
+    apart from short ones, so that few rows are padded far); on a CPU, auto_batch_size. engine: see pick_engine;
     when auto's static engine fails other than by running out of memory, the rest of the answers come from evict, said
     in one line. stats (a dict): filled with the rows of each batch ("batches"), for the benchmark.
     """
@@ -75,14 +76,17 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     engine = chosen
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    sized = batch_size is None  # each batch sized from free memory for its own longest prompt (longest first: they grow)
+    sized = batch_size is None  # batches planned from free memory and the prompts' lengths (planned_batches)
     cap = None  # after an out-of-memory error: at most this many rows per batch for the rest of the run
+    plan: list[int] = []  # rows of the coming batches (sized)
     results: list[dict[str, Any]] = [{}] * len(prompts)
     bar = tqdm(total=len(prompts), desc=f"generating ({label})", unit="answer", disable=not progress)
     start = 0
     while start < len(prompts):
         if sized:
-            batch_size = auto_batch_size(model, lengths[order[start]], generation.get("max_new_tokens", 256), len(prompts) - start)
+            if not plan:  # once, and again for what is left after an out-of-memory error
+                plan = planned_batches(model, [lengths[i] for i in order[start:]], generation.get("max_new_tokens", 256), cap)
+            batch_size = plan[0]
         batch_size = min(batch_size, cap or batch_size)
         chunk = order[start : start + batch_size]
         try:
@@ -91,6 +95,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
             if batch_size == 1:
                 raise
             batch_size = cap = max(1, batch_size // 2)  # the longest prompts come first: what fits now fits for the rest
+            plan = []
             torch.cuda.empty_cache()
             print(f"[model] out of GPU memory while generating; retrying with batch size {batch_size}", flush=True)
             continue
@@ -105,6 +110,8 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
             results[i] = result
         if stats is not None:
             stats.setdefault("batches", []).append(len(chunk))
+        if plan:
+            plan = plan[1:] if len(chunk) == plan[0] else []
         start += len(chunk)
         bar.update(len(chunk))
     bar.close()
@@ -330,11 +337,55 @@ def auto_batch_size(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: 
     """
     if model.device.type != "cuda":
         return max(1, min(64, prompts))
+    return max(1, min(prompts, 256, int(use * free_memory(model.device) // row_bytes(model, prompt_tokens, max_new_tokens))))
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of 16-bit KV cache one token takes in every layer."""
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2 * (prompt_tokens + max_new_tokens)  # bytes, 16-bit
-    prefill = prompt_tokens * (c.hidden_size + 3 * c.intermediate_size) * 2  # one layer's activations at a time
-    return max(1, min(prompts, 256, int(use * free_memory(model.device) // (kv + prefill))))
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2
+
+
+def row_bytes(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: int) -> int:
+    """GPU memory one row of a batch needs: its KV cache (prompt + answer) and its prefill activations (one layer's)."""
+    c = model.config
+    return kv_bytes_per_token(model) * (prompt_tokens + max_new_tokens) + prompt_tokens * (c.hidden_size + 3 * c.intermediate_size) * 2
+
+
+def plan_batches(lengths: list[int], new_tokens: int, rows_fit: Any, weight_bytes: int, kv_per_token: int,
+                 max_rows: int = 256) -> list[int]:
+    """Rows per batch, in order, for prompts sorted longest first: the split that reads the least memory in all.
+
+    A batch of n rows whose longest prompt has P tokens is left-padded to P, and each of its decoding steps (new_tokens of
+    them at most) reads every weight once and n KV caches of P + new_tokens positions. One batch for everything reads the
+    weights least but pads short prompts to the longest; one batch per length pads nothing but reads the weights most.
+    Exact minimum by dynamic programming over the sorted lengths (O(len x max_rows)), each batch within rows_fit(P) rows
+    (free memory) and max_rows; a batch also costs its prefill and set-up, counted as 8 more weight reads.
+    """
+    m = len(lengths)
+    best, take = [0.0] * (m + 1), [0] * (m + 1)
+    for i in range(m - 1, -1, -1):
+        fit = max(1, min(max_rows, rows_fit(lengths[i]), m - i))
+        per_row = new_tokens * kv_per_token * (lengths[i] + new_tokens)
+        fixed = (new_tokens + 8) * weight_bytes
+        best[i], take[i] = min((fixed + n * per_row + best[i + n], n) for n in range(1, fit + 1))
+    sizes, i = [], 0
+    while i < m:
+        sizes.append(take[i])
+        i += take[i]
+    return sizes
+
+
+def planned_batches(model: torch.nn.Module, lengths: list[int], max_new_tokens: int, cap: int | None) -> list[int]:
+    """Rows per batch for prompts sorted longest first: plan_batches on a CUDA GPU (free memory read once); elsewhere
+    the next batch only, auto_batch_size rows for its longest prompt (a CPU decodes best in one batch: see there)."""
+    if model.device.type != "cuda":
+        return [min(auto_batch_size(model, lengths[0], max_new_tokens, len(lengths)), cap or len(lengths))]  # then again
+    free = 0.6 * free_memory(model.device)  # auto_batch_size's share
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows_fit = lambda length: int(free // row_bytes(model, length, max_new_tokens))  # noqa: E731
+    return plan_batches(lengths, max_new_tokens, rows_fit, weights, kv_bytes_per_token(model), max_rows=cap or 256)
 
 
 def end_answer(new_tokens: list[int], tokenizer: PreTrainedTokenizerBase, stop_strings: list[str]) -> dict[str, Any]:
