@@ -110,8 +110,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
             results[i] = result
         if stats is not None:
             stats.setdefault("batches", []).append(len(chunk))
-        if plan:
-            plan = plan[1:] if len(chunk) == plan[0] else []
+        plan = plan[1:]  # planned sizes already respect the cap, so this batch was plan[0]
         start += len(chunk)
         bar.update(len(chunk))
     bar.close()
@@ -221,7 +220,7 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
     replay = capture_decode_step(forward, cache, prompt) if cuda_graphs and max_new_tokens > 1 else forward
-    ends: dict[int, int] = {}  # row -> its length: the first step at which decode_evicting would have ended it
+    ends: dict[int, int] = {}  # row -> its length: the first step at which decode_evicting would have ended it (row_ended)
     checked = 0
 
     def check(upto: int) -> list[list[int]]:
@@ -230,7 +229,7 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
         for r, row in enumerate(host):
             if r not in ends and row_ended_anywhere(row, eos, tokenizer, stop_strings):
                 first = max(checked + 1, min_new_tokens, 1)
-                ends[r] = next((k for k in range(first, upto + 1) if row_ended_anywhere(row[:k], eos, tokenizer, stop_strings)), upto)
+                ends[r] = next((k for k in range(first, upto + 1) if row_ended(row[:k], eos, tokenizer, stop_strings)), upto)
         checked = upto
         return [row[: ends.get(r, upto)] for r, row in enumerate(host)]
 
@@ -272,7 +271,8 @@ def capture_decode_step(forward: Any, cache: Any, position: int) -> Any:
 
 
 def row_ended_anywhere(row: list[int], eos: int | None, tokenizer: PreTrainedTokenizerBase, stop_strings: list[str]) -> bool:
-    """Whether a row holds EOS or its text a stop string anywhere (decode_static checks every few steps, not every step)."""
+    """Whether a row holds EOS or its text a stop string anywhere: decode_static's cheap test, every few steps, before it
+    looks for the exact step with decode_evicting's own rule (row_ended)."""
     return (eos is not None and eos in row) or (bool(stop_strings) and any(s in tokenizer.decode(row, skip_special_tokens=True)
                                                                            for s in stop_strings))
 
@@ -328,7 +328,11 @@ def memory_share(use: float = 0.8) -> float:
     return max(0.05, min(0.9, use * free_memory(torch.device("cuda", torch.cuda.current_device())) / max(free, 1)))
 
 
-def auto_batch_size(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: int, prompts: int, use: float = 0.6) -> int:
+MEMORY_USE = 0.6  # the share of free GPU memory a generation batch may take (KV cache + prefill activations)
+MAX_ROWS = 256  # rows per batch at most
+
+
+def auto_batch_size(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: int, prompts: int, use: float = MEMORY_USE) -> int:
     """Rows per batch from free memory: each row's KV cache (prompt + answer) and prefill activations within `use` of it.
 
     On the CPU, 64: a decoding step there costs about the same for 16 rows as for 50 (it reads every weight once), and
@@ -337,7 +341,7 @@ def auto_batch_size(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: 
     """
     if model.device.type != "cuda":
         return max(1, min(64, prompts))
-    return max(1, min(prompts, 256, int(use * free_memory(model.device) // row_bytes(model, prompt_tokens, max_new_tokens))))
+    return max(1, min(prompts, MAX_ROWS, int(use * free_memory(model.device) // row_bytes(model, prompt_tokens, max_new_tokens))))
 
 
 def kv_bytes_per_token(model: torch.nn.Module) -> int:
@@ -354,7 +358,7 @@ def row_bytes(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: int) -
 
 
 def plan_batches(lengths: list[int], new_tokens: int, rows_fit: Any, weight_bytes: int, kv_per_token: int,
-                 max_rows: int = 256) -> list[int]:
+                 max_rows: int = MAX_ROWS) -> list[int]:
     """Rows per batch, in order, for prompts sorted longest first: the split that reads the least memory in all.
 
     A batch of n rows whose longest prompt has P tokens is left-padded to P, and each of its decoding steps (new_tokens of
@@ -382,10 +386,10 @@ def planned_batches(model: torch.nn.Module, lengths: list[int], max_new_tokens: 
     the next batch only, auto_batch_size rows for its longest prompt (a CPU decodes best in one batch: see there)."""
     if model.device.type != "cuda":
         return [min(auto_batch_size(model, lengths[0], max_new_tokens, len(lengths)), cap or len(lengths))]  # then again
-    free = 0.6 * free_memory(model.device)  # auto_batch_size's share
+    free = MEMORY_USE * free_memory(model.device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     rows_fit = lambda length: int(free // row_bytes(model, length, max_new_tokens))  # noqa: E731
-    return plan_batches(lengths, max_new_tokens, rows_fit, weights, kv_bytes_per_token(model), max_rows=cap or 256)
+    return plan_batches(lengths, max_new_tokens, rows_fit, weights, kv_bytes_per_token(model), max_rows=cap or MAX_ROWS)
 
 
 def end_answer(new_tokens: list[int], tokenizer: PreTrainedTokenizerBase, stop_strings: list[str]) -> dict[str, Any]:
