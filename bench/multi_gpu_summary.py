@@ -73,15 +73,12 @@ def fsdp(out: str, runs: str) -> dict:
     if single:
         one = max(single["max_steady_peak_gib"] or 0, single["max_load_peak_gib"] or 0)
         result["one_process_peak_gib"], result["cap_gib"] = one, round(CAP_SHARE * one, 2)
-    if single and sharded and sharded["max_steady_peak_gib"]:
-        ratio = sharded["max_steady_peak_gib"] / single["max_steady_peak_gib"]
-        result["steady_peak_ratio_fsdp_to_one_process"] = round(ratio, 3)
-        result["goal_ratio_met"] = ratio <= GOAL_RATIO
     offload = result["fsdp13_offload"] = per_rank(out, "fsdp13_offload")
-    if single and offload and offload["max_steady_peak_gib"]:
-        ratio = offload["max_steady_peak_gib"] / single["max_steady_peak_gib"]
-        result["steady_peak_ratio_fsdp_offload_to_one_process"] = round(ratio, 3)
-        result["goal_ratio_met_with_offload"] = ratio <= GOAL_RATIO
+    for run, ratio_key, goal_key in ((sharded, "steady_peak_ratio_fsdp_to_one_process", "goal_ratio_met"),
+                                     (offload, "steady_peak_ratio_fsdp_offload_to_one_process", "goal_ratio_met_with_offload")):
+        if single and run and run["max_steady_peak_gib"]:
+            ratio = run["max_steady_peak_gib"] / single["max_steady_peak_gib"]
+            result[ratio_key], result[goal_key] = round(ratio, 3), ratio <= GOAL_RATIO
     one_tps, two_tps, off_tps = (steady_tokens(out, n) for n in ("single13", "fsdp13", "fsdp13_offload"))
     result["tokens_per_s"] = {"one_process": one_tps, "fsdp_2_gpus_total": two_tps, "fsdp_per_gpu": two_tps and two_tps / 2,
                               "fsdp_offload_per_gpu": off_tps and off_tps / 2}

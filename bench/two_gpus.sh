@@ -4,9 +4,10 @@
 #   bash bench/two_gpus.sh OUT       # GPU 0: bench/gpu_train.sh (training); GPU 1: bench/gpu_generate.sh (generation)
 #
 # Each benchmark measures its own baselines on its own card in the same run, so its ratios hold as in a run alone; the
-# two share only the host: each runs on its own half of the cores (taskset). The random-weight Llama-2-7B is written once to $MODELS/l7 (default /tmp/models,
-# /tmp/l7 links to it: bench/multi_gpu.sh finds it there). Env: VARIANTS (training), GEN_ARGS (generate_speed.py flags),
-# STAGES (gpu_train.sh's: speed,parity), DEADLINE_S (seconds from now for both; default 540). Carry .whl and .tok as for the scripts it runs.
+# two share only the host, each on its own half of the cores (taskset). The random-weight Llama-2-7B is written once to
+# $MODELS/l7 (default /tmp/models; /tmp/l7 links to it: bench/multi_gpu.sh finds it there). Env: VARIANTS (training),
+# GEN_ARGS (generate_speed.py flags), STAGES (gpu_train.sh's: speed,parity), DEADLINE_S (seconds from now for both;
+# default 540), WHEELS_INSTALLED (skip the install). Carry .whl and .tok as for the scripts it runs.
 set -u
 out=$(mkdir -p "${1:?usage: bash bench/two_gpus.sh OUT}" && cd "$1" && pwd)
 start=$(date +%s)
