@@ -13,11 +13,14 @@ stopped no longer decides when its batch ends. `raw` keeps the decoded text befo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import time
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import PreTrainedTokenizerBase, StaticCache
 
 
 def generation_kwargs(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -64,7 +67,8 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     batch_size None: on a GPU, batches planned from free memory and the prompts' lengths (plan_batches: long prompts
     apart from short ones, so that few rows are padded far); on a CPU, auto_batch_size. engine: see pick_engine;
     when auto's static engine fails other than by running out of memory, the rest of the answers come from evict, said
-    in one line. stats (a dict): filled with the rows of each batch ("batches"), for the benchmark.
+    in one line. stats (a dict), for the benchmark: the rows of each batch ("batches"); with static, the CUDA graphs
+    captured ("captures") and the seconds that took ("capture_s").
     """
     from tqdm.auto import tqdm
 
@@ -77,7 +81,8 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     sized = batch_size is None  # batches planned from free memory and the prompts' lengths (planned_batches)
-    cap = None  # after an out-of-memory error: at most this many rows per batch for the rest of the run
+    new_tokens = generation.get("max_new_tokens", 256)
+    cap = None  # after an out-of-memory error: rows per batch (batch_size given), cache positions per batch (sized)
     plan: list[int] = []  # rows of the coming batches (sized)
     results: list[dict[str, Any]] = [{}] * len(prompts)
     bar = tqdm(total=len(prompts), desc=f"generating ({label})", unit="answer", disable=not progress)
@@ -85,21 +90,24 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     while start < len(prompts):
         if sized:
             if not plan:  # once, and again for what is left after an out-of-memory error
-                plan = planned_batches(model, [lengths[i] for i in order[start:]], generation.get("max_new_tokens", 256), cap)
+                plan = planned_batches(model, [lengths[i] for i in order[start:]], new_tokens, cap)
             batch_size = plan[0]
-        batch_size = min(batch_size, cap or batch_size)
+        elif cap:
+            batch_size = min(batch_size, cap)
         chunk = order[start : start + batch_size]
         try:
-            generated = generate_batch(model, tokenizer, [prompts[i] for i in chunk], engine=engine, **generation)
-        except torch.cuda.OutOfMemoryError:
-            if batch_size == 1:
+            generated = generate_batch(model, tokenizer, [prompts[i] for i in chunk], engine=engine, stats=stats, **generation)
+        except torch.cuda.OutOfMemoryError as e:
+            if len(chunk) == 1:
                 raise
-            batch_size = cap = max(1, batch_size // 2)  # the longest prompts come first: what fits now fits for the rest
-            plan = []
+            half, longest = max(1, batch_size // 2), lengths[chunk[0]]
+            # sized: half the rows at this prompt length, as cache positions, so shorter prompts still get more rows
+            cap, plan = half * (longest + new_tokens) if sized else half, []
             torch.cuda.empty_cache()
-            print(f"[model] out of GPU memory while generating; retrying with batch size {batch_size}", flush=True)
+            print(f"[model] out of GPU memory at {len(chunk)} rows of up to {longest} prompt tokens ({str(e).splitlines()[0][:120]}); "
+                  f"retrying with batch size {half}", flush=True)
             continue
-        except RuntimeError as e:
+        except (RuntimeError, AttributeError) as e:  # AttributeError: a transformers whose StaticCache changed (cumulative_length)
             if not fallback:
                 raise
             fallback, engine = False, "evict"
@@ -120,14 +128,16 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
 @torch.inference_mode()
 def generate_batch(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], stop_strings: list[str] | None = None,
-    engine: str = "padded", **generation: Any,
+    engine: str = "padded", stats: dict | None = None, **generation: Any,
 ) -> list[dict[str, Any]]:
-    """One left-padded batch: through model.generate (padded, static) or the evicting greedy loop (evict)."""
+    """One left-padded batch: through model.generate (padded), decode_static (static) or decode_evicting (evict)."""
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     if engine in ("evict", "static"):
-        decode = decode_evicting if engine == "evict" else decode_static
-        rows = decode(model, tokenizer, batch, stop_strings or [], **generation)
+        if engine == "static":
+            rows = decode_static(model, tokenizer, batch, stop_strings or [], stats=stats, **generation)
+        else:
+            rows = decode_evicting(model, tokenizer, batch, stop_strings or [], **generation)
         return [end_answer(row, tokenizer, stop_strings or []) for row in rows]
     stops = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
     out = model.generate(**batch, **stops, **generation_kwargs(tokenizer, **generation))
@@ -173,33 +183,39 @@ def decode_evicting(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     return rows
 
 
+WINDOW_STEP = 64  # decode_static: attention reads the cache up to the next multiple of this many new positions
+
+
 @torch.inference_mode()
 def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: Any, stop_strings: list[str],
                   max_new_tokens: int = 256, min_new_tokens: int = 0, cuda_graphs: bool | None = None, check_every: int = 8,
+                  window_step: int = WINDOW_STEP, attention: str | None = None, stats: dict | None = None,
                   **_: Any) -> list[list[int]]:
     """Greedy decoding with a static KV cache (prompt + max_new_tokens, allocated once) and, on CUDA, the decode step
-    captured once per batch in a CUDA graph and replayed: one launch per generated token instead of ~1,000 kernels
-    launched from Python, which is what bounds the eager decoders at eval.py's batch sizes.
+    captured in a CUDA graph and replayed: one launch per generated token instead of ~1,000 kernels launched from
+    Python, which is what bounds the eager decoders at eval.py's batch sizes.
 
-    Every step has the same shapes: token (rows, 1), positions (rows, 1), a boolean mask over all cache positions
-    (rows, 1, 1, prompt + max_new_tokens), updated in place outside the graph; the cache advances itself. The same
-    tokens as decode_evicting up to rounding (the same left padding, positions and argmax); finished rows keep
-    decoding until every row has ended (checked every `check_every` steps); each row is then cut where decode_evicting
-    would have ended it, so `raw` is the same too.
-    cuda_graphs None: on CUDA. Without graphs (a CPU) the same steps run eagerly.
+    Every step has the same shapes: token (rows, 1), positions (rows, 1), a boolean mask over the cache positions
+    attended to, updated in place outside the graph; the cache advances itself. Attention reads the cache only up to a
+    window that grows by `window_step` new positions (WindowedStaticCache; one graph per window, captured when decoding
+    reaches it), not the whole reservation: at batch 128 the cache, not the weights, is most of what a step reads.
+    window_step 0: one window, the whole cache. The same tokens as decode_evicting up to rounding (the same left padding,
+    positions and argmax); finished rows keep decoding until every row has ended (checked every `check_every` steps);
+    each row is then cut where decode_evicting would have ended it, so `raw` is the same too.
+    cuda_graphs None: on CUDA. Without graphs (a CPU) the same steps run eagerly. attention: the SDPA kernel of the decode
+    steps ("efficient", "cudnn", "flash", "math"; None: PyTorch's choice). stats: "captures" and "capture_s" added.
     """
-    from transformers import StaticCache
-
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
     rows, prompt = ids.shape
     device, eos, length = ids.device, tokenizer.eos_token_id, prompt + max_new_tokens
-    cache = StaticCache(config=model.config, max_cache_len=length)
+    cache = WindowedStaticCache(config=model.config, max_cache_len=length)
     visible = torch.zeros(rows, length, dtype=torch.bool, device=device)  # the cache positions each row attends to
     visible[:, :prompt] = mask
-    causal = torch.ones(prompt, length, dtype=torch.bool, device=device).tril()
-    own = torch.eye(prompt, length, dtype=torch.bool, device=device)  # a padding query sees itself: no all-masked row (NaN)
+    causal = torch.ones(prompt, prompt, dtype=torch.bool, device=device).tril()
+    own = torch.eye(prompt, dtype=torch.bool, device=device)  # a padding query sees itself: no all-masked row (NaN)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    prefill_mask = ((causal[None] & visible[:, None]) | own[None])[:, None]
+    cache.window = prompt  # the prompt attends to the prompt only
+    prefill_mask = ((causal[None] & mask[:, None]) | own[None])[:, None]
     logits = model(input_ids=ids, attention_mask=prefill_mask, position_ids=positions, past_key_values=cache,
                    logits_to_keep=1).logits[:, -1]
     del prefill_mask
@@ -211,15 +227,9 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
 
     history = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
     history[:, 0] = next_tokens(logits, 0)
-    step_ids, step_positions, step_mask = history[:, :1].clone(), positions[:, -1:] + 1, visible[:, None, None]
-
-    def forward() -> torch.Tensor:
-        return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions, past_key_values=cache,
-                     logits_to_keep=1).logits[:, -1]
-
-    if cuda_graphs is None:
-        cuda_graphs = device.type == "cuda"
-    replay = capture_decode_step(forward, cache, prompt) if cuda_graphs and max_new_tokens > 1 else forward
+    step_ids, step_positions = history[:, :1].clone(), positions[:, -1:] + 1
+    cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    steps = StaticSteps(model, cache, visible, step_ids, step_positions, cuda_graphs, attention)
     ends: dict[int, int] = {}  # row -> its length: the first step at which decode_evicting would have ended it (row_ended)
     checked = 0
 
@@ -235,33 +245,87 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
 
     for step in range(1, max_new_tokens):
         visible[:, prompt + step - 1] = True  # the token fed now is written at cache position prompt + step - 1
-        tokens = next_tokens(replay(), step)
+        window = length if window_step <= 0 else min(length, prompt + -(-step // window_step) * window_step)
+        tokens = next_tokens(steps(window, prompt + step - 1), step)
         history[:, step] = tokens
         step_ids.copy_(tokens[:, None])
         step_positions.add_(1)
         if (step + 1) % check_every == 0 and step + 1 >= min_new_tokens:
             cut = check(step + 1)
             if len(ends) == rows:
-                return cut
-    return check(max_new_tokens)
+                break
+    else:
+        cut = check(max_new_tokens)
+    if stats is not None:
+        stats["captures"] = stats.get("captures", 0) + len(steps.graphs)
+        stats["capture_s"] = stats.get("capture_s", 0.0) + steps.capture_s
+    return cut
 
 
-def capture_decode_step(forward: Any, cache: Any, position: int) -> Any:
-    """forward() captured in a CUDA graph: a function that replays it and returns its (static) output tensor.
+SDPA_BACKENDS = {"efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "math": "MATH"}
 
-    One eager warm-up on a side stream first (workspaces), as torch.cuda.graphs asks; it writes a throw-away key and value
-    at `position`, the one the first replay overwrites, and advances the cache's position, which is set back.
+
+class WindowedStaticCache(StaticCache):
+    """transformers' StaticCache whose attention reads only the first `window` positions (None: all of them): a view, so
+    a decode step captured in a CUDA graph with one window reads that many positions at every replay."""
+
+    window: int | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        return (keys, values) if self.window is None else (keys[:, :, : self.window], values[:, :, : self.window])
+
+
+class StaticSteps:
+    """decode_static's decode step for a window: run eagerly, or on CUDA replayed from the CUDA graph of that window
+    (captured the first time decoding reaches it, all of a batch's graphs in one memory pool: windows only grow, so a
+    graph is never replayed once the next one exists)."""
+
+    def __init__(self, model: torch.nn.Module, cache: WindowedStaticCache, visible: torch.Tensor, ids: torch.Tensor,
+                 positions: torch.Tensor, cuda_graphs: bool, attention: str | None = None):
+        self.model, self.cache, self.visible, self.ids, self.positions = model, cache, visible, ids, positions
+        self.cuda_graphs, self.graphs, self.capture_s = cuda_graphs, {}, 0.0
+        self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self.backend = None if attention is None else getattr(SDPBackend, SDPA_BACKENDS[attention])
+
+    def forward(self, window: int) -> torch.Tensor:
+        self.cache.window = window
+        with contextlib.nullcontext() if self.backend is None else sdpa_kernel(self.backend):
+            return self.model(input_ids=self.ids, attention_mask=self.visible[:, None, None, :window], position_ids=self.positions,
+                              past_key_values=self.cache, logits_to_keep=1).logits[:, -1]
+
+    def __call__(self, window: int, position: int) -> torch.Tensor:
+        """The logits of the step whose token is written at cache position `position`."""
+        if not self.cuda_graphs:
+            return self.forward(window)
+        if window not in self.graphs:
+            start = time.perf_counter()
+            self.graphs[window] = capture_decode_step(lambda: self.forward(window), self.cache, position, self.pool)
+            self.capture_s += time.perf_counter() - start
+        return self.graphs[window]()
+
+
+def capture_decode_step(forward: Any, cache: Any, position: int, pool: Any = None) -> Any:
+    """forward() captured in a CUDA graph (in memory pool `pool`): a function that replays it and returns its (static)
+    output tensor.
+
+    One eager warm-up first (workspaces), as torch.cuda.graphs asks; it writes the key and value of the step at `position`,
+    which the first replay writes again, and advances the cache's position, which is set back. Captured with
+    capture_begin/capture_end on a side stream rather than `with torch.cuda.graph`, which synchronizes the device and
+    empties the allocator's cache before every capture (a batch captures one graph per attention window).
     """
-    stream = torch.cuda.Stream()
+    stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         forward()
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(position)
+        graph.capture_begin(*(() if pool is None else (pool,)))
+        try:
+            out = forward()
+        finally:
+            graph.capture_end()
     torch.cuda.current_stream().wait_stream(stream)
-    for layer in cache.layers:
-        layer.cumulative_length.fill_(position)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = forward()
 
     def replay() -> torch.Tensor:
         graph.replay()
@@ -381,15 +445,19 @@ def plan_batches(lengths: list[int], new_tokens: int, rows_fit: Any, weight_byte
     return sizes
 
 
-def planned_batches(model: torch.nn.Module, lengths: list[int], max_new_tokens: int, cap: int | None) -> list[int]:
+def planned_batches(model: torch.nn.Module, lengths: list[int], max_new_tokens: int, cap: int | None = None) -> list[int]:
     """Rows per batch for prompts sorted longest first: plan_batches on a CUDA GPU (free memory read once); elsewhere
-    the next batch only, auto_batch_size rows for its longest prompt (a CPU decodes best in one batch: see there)."""
+    the next batch only, auto_batch_size rows for its longest prompt (a CPU decodes best in one batch: see there).
+    cap: at most this many cache positions (rows x (prompt + max_new_tokens)) per batch, after an out-of-memory error."""
+    def within_cap(rows: int, length: int) -> int:
+        return rows if cap is None else max(1, min(rows, cap // (length + max_new_tokens)))
+
     if model.device.type != "cuda":
-        return [min(auto_batch_size(model, lengths[0], max_new_tokens, len(lengths)), cap or len(lengths))]  # then again
+        return [within_cap(auto_batch_size(model, lengths[0], max_new_tokens, len(lengths)), lengths[0])]  # then again
     free = MEMORY_USE * free_memory(model.device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    rows_fit = lambda length: int(free // row_bytes(model, length, max_new_tokens))  # noqa: E731
-    return plan_batches(lengths, max_new_tokens, rows_fit, weights, kv_bytes_per_token(model), max_rows=cap or MAX_ROWS)
+    rows_fit = lambda length: within_cap(int(free // row_bytes(model, length, max_new_tokens)), length)  # noqa: E731
+    return plan_batches(lengths, max_new_tokens, rows_fit, weights, kv_bytes_per_token(model))
 
 
 def end_answer(new_tokens: list[int], tokenizer: PreTrainedTokenizerBase, stop_strings: list[str]) -> dict[str, Any]:

@@ -16,8 +16,13 @@ Variants, in this order on the same weights (JSON written after each):
   free memory for its longest prompt (the rows of each batch in "batches"), all --prompts; continuous first runs
   ENGINE_tuned_cold, which carries its compilation and graph capture, so ENGINE_base and ENGINE_tuned are warm (header
   "tuned_vs_base"); static captures its decode step per batch (part of every timed run: no cold run);
+- ENGINE static_nowindow / static_unplanned: static with its attention over the whole cache at every step (window_step
+  0), and that with each batch sized for its own longest prompt, as before generation.plan_batches; static_efficient,
+  static_cudnn (also static_nowindow_efficient, ...): the decode steps with that SDPA kernel (decode_static's attention);
 - BEST_tuned_24gb ("cap" in --engines): the fastest warm engine so far under torch.cuda.set_per_process_memory_fraction
-  (24 GiB / card).
+  (24 GiB / card);
+- then (--profile-prompts, CUDA) one static fine-tuned run of that many prompts x 64 new tokens under torch.profiler:
+  the kernels by GPU time in OUT-static-profile.txt.
 --single-prompts 0 / --old-prompts 0 skip those variants.
 Reported per variant: new tokens/s, its share of the card's memory-bandwidth limit (weights + KV cache read once per
 decode step at the variant's mean rows per batch), the projected time for dolly's validation split (--project-records, both models,
@@ -94,6 +99,12 @@ def timed(llama, prompts: list[str], batch_size: int | None, sorted_path: bool, 
     if engine.startswith("continuous"):
         gen["cuda_graphs"] = None if engine == "continuous_nographs" else True
         engine = "continuous"
+    parts = set(name.split("_")[1:])  # static_nowindow, static_unplanned (= nowindow, batches sized one at a time),
+    if engine.startswith("static"):  # static_efficient / static_cudnn (the SDPA kernel of the decode steps), combined
+        gen["window_step"] = 0 if parts & {"nowindow", "unplanned"} else generation.WINDOW_STEP
+        gen["attention"] = next((p for p in parts if p in generation.SDPA_BACKENDS), None)
+        engine = "static"
+    unplanned = "unplanned" in parts
     llama.dequantize_if_allowed()  # a one-time conversion is not part of the timed generation (reported separately)
     llama.adapter(use_adapter)  # so is the switch (timed apart: switch_s)
     if torch.cuda.is_available():
@@ -102,7 +113,14 @@ def timed(llama, prompts: list[str], batch_size: int | None, sorted_path: bool, 
     t0 = time.perf_counter()
     stats: dict = {}
     if sorted_path:
-        out = llama.generate(prompts, batch_size, use_adapter, engine=engine, stats=stats, **gen)
+        planned = generation.planned_batches
+        if unplanned:  # session 3's sizing: each batch as many rows as fit with its own longest prompt (longest first)
+            generation.planned_batches = lambda model, lengths, new, cap: [max(1, min(  # cap: cache positions
+                generation.auto_batch_size(model, lengths[0], new, len(lengths)), cap // (lengths[0] + new) if cap else 256))]
+        try:
+            out = llama.generate(prompts, batch_size, use_adapter, engine=engine, stats=stats, **gen)
+        finally:
+            generation.planned_batches = planned
     else:
         with llama.adapter(use_adapter):
             out = [g for s in range(0, len(prompts), batch_size)
@@ -112,7 +130,7 @@ def timed(llama, prompts: list[str], batch_size: int | None, sorted_path: bool, 
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     tokens = sum(g["answer_tokens"] for g in out)
     result = {"prompts": len(prompts), "batch_size": batch_size, "batches": stats.get("batches"), "engine": name, "wall_s": wall,
-              "new_tokens": tokens,
+              "new_tokens": tokens, "graphs_captured": stats.get("captures"), "capture_s": stats.get("capture_s"),
               "tokens_per_s": tokens / wall, "peak_gpu_mem_gib": peak, "answers": [g["answer"] for g in out]}
     rows = batch_size or stats.get("batches") or "auto"
     print(f"[bench] {len(prompts)} prompts, {name}, batch {rows}: {tokens / wall:.1f} new tok/s, wall {wall:.1f} s, "
@@ -140,9 +158,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="generate_speed.json", help="JSON results (rewritten after every variant).")
     parser.add_argument("--prompts", type=int, default=256, help="Dolly-like prompts for the merge-on-switch variants.")
     parser.add_argument("--new-tokens", type=int, default=256, help="Tokens generated per prompt (forced: no early EOS).")
-    parser.add_argument("--engines", default="static,continuous,cap,evict,continuous_nographs",
-                        help="Decoding engines to measure, in this order (generation.pick_engine; continuous_nographs: continuous "
-                             "batching with transformers' own CUDA-graph choice, off for SDPA).")
+    parser.add_argument("--engines", default="static,static_nowindow,static_unplanned,continuous,cap,evict,continuous_nographs",
+                        help="Decoding engines to measure, in this order (generation.pick_engine; static_nowindow: static with "
+                             "attention over the whole cache (window_step 0); static_unplanned: that, with each batch sized "
+                             "for its own longest prompt (before plan_batches); continuous_nographs: continuous batching with "
+                             "transformers' own CUDA-graph choice, off for SDPA).")
     parser.add_argument("--single-prompts", type=int, default=1, help="Prompts timed one at a time (the first N).")
     parser.add_argument("--naive-prompts", type=int, default=16, help="Prompts timed in naive batches of 16 (the first N).")
     parser.add_argument("--old-prompts", type=int, default=64, help="Prompts timed on the previous eval.py path (unmerged, batch 64).")
@@ -150,6 +170,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--project-records", type=int, default=750, help="Records of dolly's validation split, for the projection.")
     parser.add_argument("--cap-gib", type=float, default=24.0, help="Memory cap of the capped variant (a 24 GB card).")
     parser.add_argument("--budget-s", type=float, default=420.0, help="Skip the remaining variants after this many seconds.")
+    parser.add_argument("--profile-prompts", type=int, default=128, help="Prompts of the profiled static run (0: none).")
     parser.add_argument("--seed", type=int, default=42)
     return parser.parse_args()
 
@@ -233,6 +254,8 @@ def main() -> None:
             ratio = results[f"{engine}_tuned"]["tokens_per_s"] / results[f"{engine}_base"]["tokens_per_s"]
             header.setdefault("tuned_vs_base", {})[engine] = ratio
     record("naive16", results["naive16"], final=True)
+    if args.profile_prompts and torch.cuda.is_available():
+        profile_static(llama, prompts[: args.profile_prompts], args.out.removesuffix(".json") + "-static-profile.txt")
     for name, r in results.items():
         print(f"[bench] {name:<22} {r['tokens_per_s']:>9.1f} new tok/s  share of bandwidth limit {r['share_of_bandwidth_limit'] or 0:.0%}  "
               f"dolly validation both models {r['projected_dolly_validation_both_models_s'] / 60:.1f} min  "
@@ -254,6 +277,21 @@ def cap_variant(llama, prompts: list[str], args, results: dict, record) -> None:
         record(f"{best}_tuned_24gb", timed(llama, prompts, None, True, args.new_tokens, True, best))
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def profile_static(llama, prompts: list[str], path: str) -> None:
+    """One warm static fine-tuned run (64 forced new tokens) under torch.profiler: the kernels by GPU time, to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = {"max_new_tokens": 64, "min_new_tokens": 64, "engine": "static"}
+    llama.generate(prompts, None, True, **gen)
+    gpu_sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=False) as prof:
+        llama.generate(prompts, None, True, **gen)
+        gpu_sync()
+    with open(path, "w") as fh:
+        fh.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30) + "\n")
+    print(f"[bench] static profile ({len(prompts)} prompts x 64 tokens) -> {path}", flush=True)
 
 
 def switch_logits(llama, probe: list[str], logits: dict) -> dict:

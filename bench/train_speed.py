@@ -53,6 +53,7 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "hf_tuned_nogc": "hf_tuned_nogc",  # the same without GC, batch 8
     "default": [],  # python main.py: --memory-plan auto, --compile auto (on: one GPU, no checkpointing)
     "eager": ["--compile", "off"],  # python main.py before --compile auto became the default: the plan, eager layers
+    "default_foreach": ["--optimizer", "adamw_torch"],  # python main.py before AdamW fused became its default (session 4)
     "default_cap24": [],  # the same under a 24 GiB cap (CAPS): a 24 GB card
     "default_cap40": [],  # a 40 GB card
     "default_4096": ["--tokens-per-step", "4096"],  # the recipe before issue 12, planned
