@@ -259,6 +259,8 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     if stats is not None:
         stats["captures"] = stats.get("captures", 0) + len(steps.graphs)
         stats["capture_s"] = stats.get("capture_s", 0.0) + steps.capture_s
+        for name, seconds in steps.times.items():
+            stats[f"capture_{name}"] = stats.get(f"capture_{name}", 0.0) + seconds
     return cut
 
 
@@ -284,8 +286,8 @@ class StaticSteps:
     def __init__(self, model: torch.nn.Module, cache: WindowedStaticCache, visible: torch.Tensor, ids: torch.Tensor,
                  positions: torch.Tensor, cuda_graphs: bool, attention: str | None = None):
         self.model, self.cache, self.visible, self.ids, self.positions = model, cache, visible, ids, positions
-        self.cuda_graphs, self.graphs, self.capture_s = cuda_graphs, {}, 0.0
-        self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self.cuda_graphs, self.graphs, self.capture_s, self.times = cuda_graphs, {}, 0.0, {}
+        self.pool, self.stream = (torch.cuda.graph_pool_handle(), torch.cuda.Stream()) if cuda_graphs else (None, None)
         self.backend = None if attention is None else getattr(SDPBackend, SDPA_BACKENDS[attention])
 
     def forward(self, window: int) -> torch.Tensor:
@@ -300,32 +302,43 @@ class StaticSteps:
             return self.forward(window)
         if window not in self.graphs:
             start = time.perf_counter()
-            self.graphs[window] = capture_decode_step(lambda: self.forward(window), self.cache, position, self.pool)
+            self.graphs[window] = capture_decode_step(lambda: self.forward(window), self.cache, position, self.pool, self.times,
+                                                      self.stream)
             self.capture_s += time.perf_counter() - start
         return self.graphs[window]()
 
 
-def capture_decode_step(forward: Any, cache: Any, position: int, pool: Any = None) -> Any:
+def capture_decode_step(forward: Any, cache: Any, position: int, pool: Any = None, times: dict | None = None,
+                        stream: Any = None) -> Any:
     """forward() captured in a CUDA graph (in memory pool `pool`): a function that replays it and returns its (static)
     output tensor.
 
     One eager warm-up first (workspaces), as torch.cuda.graphs asks; it writes the key and value of the step at `position`,
     which the first replay writes again, and advances the cache's position, which is set back. Captured with
     capture_begin/capture_end on a side stream rather than `with torch.cuda.graph`, which synchronizes the device and
-    empties the allocator's cache before every capture (a batch captures one graph per attention window).
+    empties the allocator's cache before every capture (a batch captures one graph per attention window; `stream`, the
+    side stream, is shared by a batch's captures, so the warm-ups reuse its cached memory). times (a dict):
+    the host seconds of the warm-up, the capture and the instantiation (capture_end) added up, for the benchmark.
     """
-    stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+    stream, graph = stream or torch.cuda.Stream(), torch.cuda.CUDAGraph()
     stream.wait_stream(torch.cuda.current_stream())
+    marks = [time.perf_counter()]
     with torch.cuda.stream(stream):
         forward()
         for layer in cache.layers:
             layer.cumulative_length.fill_(position)
+        marks.append(time.perf_counter())
         graph.capture_begin(*(() if pool is None else (pool,)))
         try:
             out = forward()
+            marks.append(time.perf_counter())
         finally:
             graph.capture_end()
+            marks.append(time.perf_counter())
     torch.cuda.current_stream().wait_stream(stream)
+    if times is not None:
+        for name, a, b in zip(("warmup_s", "record_s", "instantiate_s"), marks, marks[1:], strict=False):
+            times[name] = times.get(name, 0.0) + b - a
 
     def replay() -> torch.Tensor:
         graph.replay()

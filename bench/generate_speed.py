@@ -130,7 +130,8 @@ def timed(llama, prompts: list[str], batch_size: int | None, sorted_path: bool, 
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     tokens = sum(g["answer_tokens"] for g in out)
     result = {"prompts": len(prompts), "batch_size": batch_size, "batches": stats.get("batches"), "engine": name, "wall_s": wall,
-              "new_tokens": tokens, "graphs_captured": stats.get("captures"), "capture_s": stats.get("capture_s"),
+              "new_tokens": tokens, "graphs_captured": stats.get("captures"),
+              **{k: v for k, v in stats.items() if k.startswith("capture_")},
               "tokens_per_s": tokens / wall, "peak_gpu_mem_gib": peak, "answers": [g["answer"] for g in out]}
     rows = batch_size or stats.get("batches") or "auto"
     print(f"[bench] {len(prompts)} prompts, {name}, batch {rows}: {tokens / wall:.1f} new tok/s, wall {wall:.1f} s, "
