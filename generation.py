@@ -13,14 +13,12 @@ stopped no longer decides when its batch ends. `raw` keeps the decoded text befo
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import time
 from typing import Any
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import PreTrainedTokenizerBase, StaticCache
+from transformers import PreTrainedTokenizerBase
 
 
 def generation_kwargs(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -68,7 +66,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     apart from short ones, so that few rows are padded far); on a CPU, auto_batch_size. engine: see pick_engine;
     when auto's static engine fails other than by running out of memory, the rest of the answers come from evict, said
     in one line. stats (a dict), for the benchmark: the rows of each batch ("batches"); with static, the CUDA graphs
-    captured ("captures") and the seconds that took ("capture_s").
+    captured ("captures") and the host seconds their capture took (decode_static).
     """
     from tqdm.auto import tqdm
 
@@ -183,39 +181,34 @@ def decode_evicting(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     return rows
 
 
-WINDOW_STEP = 64  # decode_static: attention reads the cache up to the next multiple of this many new positions
-
-
 @torch.inference_mode()
 def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: Any, stop_strings: list[str],
                   max_new_tokens: int = 256, min_new_tokens: int = 0, cuda_graphs: bool | None = None, check_every: int = 8,
-                  window_step: int = WINDOW_STEP, attention: str | None = None, stats: dict | None = None,
-                  **_: Any) -> list[list[int]]:
+                  stats: dict | None = None, **_: Any) -> list[list[int]]:
     """Greedy decoding with a static KV cache (prompt + max_new_tokens, allocated once) and, on CUDA, the decode step
-    captured in a CUDA graph and replayed: one launch per generated token instead of ~1,000 kernels launched from
-    Python, which is what bounds the eager decoders at eval.py's batch sizes.
+    captured once per batch in a CUDA graph and replayed: one launch per generated token instead of ~1,000 kernels
+    launched from Python, which is what bounds the eager decoders at eval.py's batch sizes.
 
-    Every step has the same shapes: token (rows, 1), positions (rows, 1), a boolean mask over the cache positions
-    attended to, updated in place outside the graph; the cache advances itself. Attention reads the cache only up to a
-    window that grows by `window_step` new positions (WindowedStaticCache; one graph per window, captured when decoding
-    reaches it), not the whole reservation: at batch 128 the cache, not the weights, is most of what a step reads.
-    window_step 0: one window, the whole cache. The same tokens as decode_evicting up to rounding (the same left padding,
-    positions and argmax); finished rows keep decoding until every row has ended (checked every `check_every` steps);
-    each row is then cut where decode_evicting would have ended it, so `raw` is the same too.
-    cuda_graphs None: on CUDA. Without graphs (a CPU) the same steps run eagerly. attention: the SDPA kernel of the decode
-    steps ("efficient", "cudnn", "flash", "math"; None: PyTorch's choice). stats: "captures" and "capture_s" added.
+    Every step has the same shapes: token (rows, 1), positions (rows, 1), a boolean mask over all cache positions
+    (rows, 1, 1, prompt + max_new_tokens), updated in place outside the graph; the cache advances itself. The same
+    tokens as decode_evicting up to rounding (the same left padding, positions and argmax); finished rows keep
+    decoding until every row has ended (checked every `check_every` steps); each row is then cut where decode_evicting
+    would have ended it, so `raw` is the same too.
+    cuda_graphs None: on CUDA. Without graphs (a CPU) the same steps run eagerly. stats (a dict): "captures" and the host
+    seconds of the captures' warm-up, recording and instantiation ("capture_*_s") added up, for the benchmark.
     """
+    from transformers import StaticCache
+
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
     rows, prompt = ids.shape
     device, eos, length = ids.device, tokenizer.eos_token_id, prompt + max_new_tokens
-    cache = WindowedStaticCache(config=model.config, max_cache_len=length)
+    cache = StaticCache(config=model.config, max_cache_len=length)
     visible = torch.zeros(rows, length, dtype=torch.bool, device=device)  # the cache positions each row attends to
     visible[:, :prompt] = mask
-    causal = torch.ones(prompt, prompt, dtype=torch.bool, device=device).tril()
-    own = torch.eye(prompt, dtype=torch.bool, device=device)  # a padding query sees itself: no all-masked row (NaN)
+    causal = torch.ones(prompt, length, dtype=torch.bool, device=device).tril()
+    own = torch.eye(prompt, length, dtype=torch.bool, device=device)  # a padding query sees itself: no all-masked row (NaN)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache.window = prompt  # the prompt attends to the prompt only
-    prefill_mask = ((causal[None] & mask[:, None]) | own[None])[:, None]
+    prefill_mask = ((causal[None] & visible[:, None]) | own[None])[:, None]
     logits = model(input_ids=ids, attention_mask=prefill_mask, position_ids=positions, past_key_values=cache,
                    logits_to_keep=1).logits[:, -1]
     del prefill_mask
@@ -227,9 +220,16 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
 
     history = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
     history[:, 0] = next_tokens(logits, 0)
-    step_ids, step_positions = history[:, :1].clone(), positions[:, -1:] + 1
-    cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
-    steps = StaticSteps(model, cache, visible, step_ids, step_positions, cuda_graphs, attention)
+    step_ids, step_positions, step_mask = history[:, :1].clone(), positions[:, -1:] + 1, visible[:, None, None]
+
+    def forward() -> torch.Tensor:
+        return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions, past_key_values=cache,
+                     logits_to_keep=1).logits[:, -1]
+
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda"
+    times: dict[str, float] = {}
+    replay = capture_decode_step(forward, cache, prompt, times) if cuda_graphs and max_new_tokens > 1 else forward
     ends: dict[int, int] = {}  # row -> its length: the first step at which decode_evicting would have ended it (row_ended)
     checked = 0
 
@@ -245,8 +245,7 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
 
     for step in range(1, max_new_tokens):
         visible[:, prompt + step - 1] = True  # the token fed now is written at cache position prompt + step - 1
-        window = length if window_step <= 0 else min(length, prompt + -(-step // window_step) * window_step)
-        tokens = next_tokens(steps(window, prompt + step - 1), step)
+        tokens = next_tokens(replay(), step)
         history[:, step] = tokens
         step_ids.copy_(tokens[:, None])
         step_positions.add_(1)
@@ -257,70 +256,22 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     else:
         cut = check(max_new_tokens)
     if stats is not None:
-        stats["captures"] = stats.get("captures", 0) + len(steps.graphs)
-        stats["capture_s"] = stats.get("capture_s", 0.0) + steps.capture_s
-        for name, seconds in steps.times.items():
-            stats[f"capture_{name}"] = stats.get(f"capture_{name}", 0.0) + seconds
+        stats["captures"] = stats.get("captures", 0) + int(replay is not forward)
+        for name, seconds in times.items():
+            stats[name] = stats.get(name, 0.0) + seconds
     return cut
 
 
-SDPA_BACKENDS = {"efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "math": "MATH"}
+def capture_decode_step(forward: Any, cache: Any, position: int, times: dict | None = None) -> Any:
+    """forward() captured in a CUDA graph: a function that replays it and returns its (static) output tensor.
 
-
-class WindowedStaticCache(StaticCache):
-    """transformers' StaticCache whose attention reads only the first `window` positions (None: all of them): a view, so
-    a decode step captured in a CUDA graph with one window reads that many positions at every replay."""
-
-    window: int | None = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        return (keys, values) if self.window is None else (keys[:, :, : self.window], values[:, :, : self.window])
-
-
-class StaticSteps:
-    """decode_static's decode step for a window: run eagerly, or on CUDA replayed from the CUDA graph of that window
-    (captured the first time decoding reaches it, all of a batch's graphs in one memory pool: windows only grow, so a
-    graph is never replayed once the next one exists)."""
-
-    def __init__(self, model: torch.nn.Module, cache: WindowedStaticCache, visible: torch.Tensor, ids: torch.Tensor,
-                 positions: torch.Tensor, cuda_graphs: bool, attention: str | None = None):
-        self.model, self.cache, self.visible, self.ids, self.positions = model, cache, visible, ids, positions
-        self.cuda_graphs, self.graphs, self.capture_s, self.times = cuda_graphs, {}, 0.0, {}
-        self.pool, self.stream = (torch.cuda.graph_pool_handle(), torch.cuda.Stream()) if cuda_graphs else (None, None)
-        self.backend = None if attention is None else getattr(SDPBackend, SDPA_BACKENDS[attention])
-
-    def forward(self, window: int) -> torch.Tensor:
-        self.cache.window = window
-        with contextlib.nullcontext() if self.backend is None else sdpa_kernel(self.backend):
-            return self.model(input_ids=self.ids, attention_mask=self.visible[:, None, None, :window], position_ids=self.positions,
-                              past_key_values=self.cache, logits_to_keep=1).logits[:, -1]
-
-    def __call__(self, window: int, position: int) -> torch.Tensor:
-        """The logits of the step whose token is written at cache position `position`."""
-        if not self.cuda_graphs:
-            return self.forward(window)
-        if window not in self.graphs:
-            start = time.perf_counter()
-            self.graphs[window] = capture_decode_step(lambda: self.forward(window), self.cache, position, self.pool, self.times,
-                                                      self.stream)
-            self.capture_s += time.perf_counter() - start
-        return self.graphs[window]()
-
-
-def capture_decode_step(forward: Any, cache: Any, position: int, pool: Any = None, times: dict | None = None,
-                        stream: Any = None) -> Any:
-    """forward() captured in a CUDA graph (in memory pool `pool`): a function that replays it and returns its (static)
-    output tensor.
-
-    One eager warm-up first (workspaces), as torch.cuda.graphs asks; it writes the key and value of the step at `position`,
-    which the first replay writes again, and advances the cache's position, which is set back. Captured with
-    capture_begin/capture_end on a side stream rather than `with torch.cuda.graph`, which synchronizes the device and
-    empties the allocator's cache before every capture (a batch captures one graph per attention window; `stream`, the
-    side stream, is shared by a batch's captures, so the warm-ups reuse its cached memory). times (a dict):
-    the host seconds of the warm-up, the capture and the instantiation (capture_end) added up, for the benchmark.
+    One eager warm-up on a side stream first (workspaces), as torch.cuda.graphs asks; it writes a throw-away key and value
+    at `position`, the one the first replay overwrites, and advances the cache's position, which is set back. Recorded
+    with capture_begin/capture_end on that stream rather than `with torch.cuda.graph`, which also synchronizes the
+    device and empties the allocator's cache. times (a dict): the host seconds of the warm-up, the recording and the
+    instantiation, added as "capture_warmup_s", "capture_record_s", "capture_instantiate_s".
     """
-    stream, graph = stream or torch.cuda.Stream(), torch.cuda.CUDAGraph()
+    stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
     stream.wait_stream(torch.cuda.current_stream())
     marks = [time.perf_counter()]
     with torch.cuda.stream(stream):
@@ -328,7 +279,7 @@ def capture_decode_step(forward: Any, cache: Any, position: int, pool: Any = Non
         for layer in cache.layers:
             layer.cumulative_length.fill_(position)
         marks.append(time.perf_counter())
-        graph.capture_begin(*(() if pool is None else (pool,)))
+        graph.capture_begin()
         try:
             out = forward()
             marks.append(time.perf_counter())
@@ -337,8 +288,8 @@ def capture_decode_step(forward: Any, cache: Any, position: int, pool: Any = Non
             marks.append(time.perf_counter())
     torch.cuda.current_stream().wait_stream(stream)
     if times is not None:
-        for name, a, b in zip(("warmup_s", "record_s", "instantiate_s"), marks, marks[1:], strict=False):
-            times[name] = times.get(name, 0.0) + b - a
+        for name, a, b in zip(("warmup", "record", "instantiate"), marks, marks[1:], strict=False):
+            times[f"capture_{name}_s"] = times.get(f"capture_{name}_s", 0.0) + b - a
 
     def replay() -> torch.Tensor:
         graph.replay()

@@ -16,9 +16,7 @@ Variants, in this order on the same weights (JSON written after each):
   free memory for its longest prompt (the rows of each batch in "batches"), all --prompts; continuous first runs
   ENGINE_tuned_cold, which carries its compilation and graph capture, so ENGINE_base and ENGINE_tuned are warm (header
   "tuned_vs_base"); static captures its decode step per batch (part of every timed run: no cold run);
-- ENGINE static_nowindow / static_unplanned: static with its attention over the whole cache at every step (window_step
-  0), and that with each batch sized for its own longest prompt, as before generation.plan_batches; static_efficient,
-  static_cudnn (also static_nowindow_efficient, ...): the decode steps with that SDPA kernel (decode_static's attention);
+- ENGINE static_unplanned: static with each batch sized for its own longest prompt, as before generation.plan_batches;
 - BEST_tuned_24gb ("cap" in --engines): the fastest warm engine so far under torch.cuda.set_per_process_memory_fraction
   (24 GiB / card);
 - then (--profile-prompts, CUDA) one static fine-tuned run of that many prompts x 64 new tokens under torch.profiler:
@@ -99,12 +97,8 @@ def timed(llama, prompts: list[str], batch_size: int | None, sorted_path: bool, 
     if engine.startswith("continuous"):
         gen["cuda_graphs"] = None if engine == "continuous_nographs" else True
         engine = "continuous"
-    parts = set(name.split("_")[1:])  # static_nowindow, static_unplanned (= nowindow, batches sized one at a time),
-    if engine.startswith("static"):  # static_efficient / static_cudnn (the SDPA kernel of the decode steps), combined
-        gen["window_step"] = 0 if parts & {"nowindow", "unplanned"} else generation.WINDOW_STEP
-        gen["attention"] = next((p for p in parts if p in generation.SDPA_BACKENDS), None)
-        engine = "static"
-    unplanned = "unplanned" in parts
+    unplanned = engine == "static_unplanned"  # batches sized one at a time, as before generation.plan_batches
+    engine = "static" if unplanned else engine
     llama.dequantize_if_allowed()  # a one-time conversion is not part of the timed generation (reported separately)
     llama.adapter(use_adapter)  # so is the switch (timed apart: switch_s)
     if torch.cuda.is_available():
@@ -159,11 +153,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="generate_speed.json", help="JSON results (rewritten after every variant).")
     parser.add_argument("--prompts", type=int, default=256, help="Dolly-like prompts for the merge-on-switch variants.")
     parser.add_argument("--new-tokens", type=int, default=256, help="Tokens generated per prompt (forced: no early EOS).")
-    parser.add_argument("--engines", default="static,static_nowindow,static_unplanned,continuous,cap,evict,continuous_nographs",
-                        help="Decoding engines to measure, in this order (generation.pick_engine; static_nowindow: static with "
-                             "attention over the whole cache (window_step 0); static_unplanned: that, with each batch sized "
-                             "for its own longest prompt (before plan_batches); continuous_nographs: continuous batching with "
-                             "transformers' own CUDA-graph choice, off for SDPA).")
+    parser.add_argument("--engines", default="static,static_unplanned,continuous,cap,evict,continuous_nographs",
+                        help="Decoding engines to measure, in this order (generation.pick_engine; static_unplanned: static with "
+                             "each batch sized for its own longest prompt (before plan_batches); continuous_nographs: "
+                             "continuous batching with transformers' own CUDA-graph choice, off for SDPA).")
     parser.add_argument("--single-prompts", type=int, default=1, help="Prompts timed one at a time (the first N).")
     parser.add_argument("--naive-prompts", type=int, default=16, help="Prompts timed in naive batches of 16 (the first N).")
     parser.add_argument("--old-prompts", type=int, default=64, help="Prompts timed on the previous eval.py path (unmerged, batch 64).")
