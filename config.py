@@ -144,10 +144,11 @@ class TrainConfig:
         "Pad every packed row to exactly --pack-tokens (pad id, label -100, its own positions): one shape per micro-batch for "
         "--compile / CUDA graphs. Padding is computed, never trained on.",
     )
-    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = doc(
+    attention: Literal["auto", "sdpa", "flex_attention", "varlen", "eager"] = doc(
         "auto",
         "Attention kernel for training. auto: flex_attention on CUDA with packing (its block-sparse mask skips the other "
-        "records; BENCHMARKS.md), else sdpa.",
+        "records; BENCHMARKS.md), else sdpa. varlen (packing, CUDA sm80+, torch >= 2.10): PyTorch's variable-length "
+        "FlashAttention over each row's record bounds, no mask; not yet measured on a GPU.",
     )
     liger: bool = doc(
         True,
@@ -207,6 +208,7 @@ class TrainConfig:
             ("max_steps", self.max_steps == -1 or self.max_steps > 0, "must be -1 or positive"),
             ("batch_size", self.batch_size > 0, "must be positive"),
             ("pack_tokens", self.pack_tokens >= self.max_length, "must be >= max_length, so that every record fits a packed row"),
+            ("attention", self.attention != "varlen" or self.packing, "varlen needs --packing (it reads each packed row's record bounds)"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps > 0, "must be positive"),
             ("tokens_per_step", self.tokens_per_step >= self.max_length, "must be >= max_length"),
             ("learning_rate", self.learning_rate > 0, "must be positive"),

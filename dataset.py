@@ -512,3 +512,23 @@ class PaddedPackedCollator:
                 "position_ids": torch.arange(pad)[None]}
         padded = {key: torch.cat([batch[key], fill[key].to(batch[key].dtype)], dim=1) for key in fill}
         return padded | {"num_tokens": real}
+
+
+class DocumentBounds:
+    """A packed collator's batch plus where each record lies in its one row, for --attention varlen: cu_seq_lens_q/k
+    (int32: each record's first token, then the row's end) and max_length_q/k (the longest record), from the position_ids
+    that restart at 0 at every record. transformers hands them to the attention function (runtime.varlen_attention)."""
+
+    def __init__(self, collate: Any):
+        self.collate = collate
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        batch = self.collate(features)
+        positions = batch["position_ids"][0]
+        starts = (positions == 0).nonzero().flatten().tolist() + [len(positions)]
+        longest = max(b - a for a, b in zip(starts, starts[1:], strict=False))
+        cu = torch.tensor(starts, dtype=torch.int32)
+        return batch | {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+

@@ -7,12 +7,16 @@ GPU under accelerate/torchrun (LOCAL_RANK). On the CPU (the documented fallback)
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import BitsAndBytesConfig
+
+from cli import UserError
 
 
 @dataclass(frozen=True)
@@ -33,11 +37,77 @@ def runtime() -> Runtime:
     return Runtime("cpu", torch.float32)
 
 
+VARLEN = "varlen"  # --attention varlen: packed rows through PyTorch's variable-length FlashAttention kernel
+
+
 def attention_kernel(choice: str, packing: bool, rt: Runtime) -> str:
-    """auto: flex attention where packed rows need a block-diagonal mask on CUDA, SDPA elsewhere."""
+    """auto: flex attention where packed rows need a block-diagonal mask on CUDA, SDPA elsewhere. varlen: registered
+    with transformers here (register_varlen); the packed collator then passes each row's record bounds."""
+    if choice == VARLEN:
+        register_varlen()
+        return VARLEN
     if choice != "auto":
         return choice
     return "flex_attention" if packing and rt.cuda else "sdpa"
+
+
+def register_varlen(kernel: Any = None) -> None:
+    """Make attn_implementation="varlen" known to transformers: each packed record attends causally to itself only,
+    through torch.nn.attention.varlen (FlashAttention over cu_seq_lens: no mask built, no block skipped by a mask).
+
+    kernel(q, k, v, cu_seq_lens, max_length, scale) -> output, all (tokens, heads, head_dim): the tests pass a reference
+    on the CPU; None: PyTorch's kernel, which needs CUDA (compute capability 8.0+) and torch >= 2.10.
+    """
+    from transformers import AttentionInterface
+
+    global _varlen_kernel
+    if kernel is None:
+        if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+            raise UserError(f"--attention varlen needs torch >= 2.10 (torch.nn.attention.varlen); this is torch {torch.__version__}")
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+            raise UserError("--attention varlen needs a CUDA GPU of compute capability 8.0 or later (FlashAttention); use --attention auto")
+        kernel = flash_varlen
+        _varlen_flash.update(varlen_flash_kernel())
+    _varlen_kernel = kernel
+    AttentionInterface.register(VARLEN, varlen_attention)
+
+
+_varlen_kernel: Any = None
+
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int, scale: float | None) -> torch.Tensor:
+    """Causal attention within each [cu[i], cu[i+1]) span of the tokens, by PyTorch's varlen FlashAttention kernel
+    (torch.nn.attention.varlen.varlen_attn, looked up once by register_varlen: nothing imported under torch.compile)."""
+    return _varlen_flash["varlen_attn"](q, k, v, cu, cu, longest, longest, **_varlen_flash["causal"])
+
+
+def varlen_flash_kernel() -> dict[str, Any]:
+    """PyTorch's varlen_attn and how this torch asks it for causal attention: torch 2.10 spells it is_causal=True, later
+    versions window_size=(-1, 0). The scale stays at its default, 1/sqrt(head_dim), which is Llama's."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    causal = {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {"window_size": (-1, 0)}
+    return {"varlen_attn": varlen_attn, "causal": causal}
+
+
+_varlen_flash: dict[str, Any] = {}
+
+
+def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface for attn_implementation="varlen": one packed row (batch 1) whose record bounds
+    come from the collator (dataset.DocumentBounds: cu_seq_lens_q, max_length_q). Returns (batch, tokens, heads, dim)."""
+    cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None or longest is None or query.shape[0] != 1:
+        raise ValueError("--attention varlen needs packed rows (one row per micro-batch) with their record bounds "
+                         "(cu_seq_lens_q, max_length_q from dataset.DocumentBounds); got none. Use --packing.")
+    if dropout or (scaling is not None and abs(scaling - query.shape[-1] ** -0.5) > 1e-6):
+        raise ValueError("--attention varlen supports neither attention dropout nor a scale other than 1/sqrt(head_dim)")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (1, heads, tokens, dim) -> (tokens, heads, dim)
+    return _varlen_kernel(q, k, v, cu, longest, scaling)[None], None
 
 
 def quantization_config(quantization: str, rt: Runtime, quant_storage: str = "uint8") -> BitsAndBytesConfig | None:

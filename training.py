@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from compile_layers import CompileWatch, compile_decoder_layers, compile_enabled
 from config import CONFIG_NAME, FINGERPRINTS_NAME, TrainConfig, save_config
-from dataset import PaddedPackedCollator, collate_packed, make_collator
+from dataset import DocumentBounds, PaddedPackedCollator, collate_packed, make_collator
 from fsdp_state import create_optimizer_state, gather_lora, load_lora, write_adapter
 from memory import MemoryProbe, dump_snapshot
 from resilience import (
@@ -37,7 +37,7 @@ from resilience import (
     raise_if_stopped_early,
     staged,
 )
-from runtime import runtime
+from runtime import VARLEN, runtime
 
 
 class ProjectTrainer(Trainer):
@@ -178,7 +178,8 @@ def collator(cfg: TrainConfig, tokenizer):
     """One packed row per micro-batch (padded to --pack-tokens with --pad-to-budget), or padded batches of records."""
     if not cfg.packing:
         return make_collator(tokenizer)
-    return PaddedPackedCollator(cfg.pack_tokens, tokenizer.pad_token_id) if cfg.pad_to_budget else collate_packed
+    packed = PaddedPackedCollator(cfg.pack_tokens, tokenizer.pad_token_id) if cfg.pad_to_budget else collate_packed
+    return DocumentBounds(packed) if cfg.attention == VARLEN else packed
 
 
 def checkpointing_args(on: bool) -> dict[str, Any]:

@@ -54,6 +54,8 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "default": [],  # python main.py: --memory-plan auto, --compile auto (on: one GPU, no checkpointing)
     "eager": ["--compile", "off"],  # python main.py before --compile auto became the default: the plan, eager layers
     "default_foreach": ["--optimizer", "adamw_torch"],  # python main.py before AdamW fused became its default (session 4)
+    "varlen": ["--attention", "varlen"],  # the default with PyTorch's varlen FlashAttention instead of flex attention
+    "varlen_eager": ["--attention", "varlen", "--compile", "off"],
     "default_cap24": [],  # the same under a 24 GiB cap (CAPS): a 24 GB card
     "default_cap40": [],  # a 40 GB card
     "default_4096": ["--tokens-per-step", "4096"],  # the recipe before issue 12, planned

@@ -55,6 +55,7 @@ def test_eval_preset_points_at_the_preset_adapter():
         (["--learning-rate", "-1"], "learning_rate must be positive"),
         (["--val-fraction", "1"], r"val_fraction must be in \[0, 1\)"),
         (["--max-length", "4"], "max_length must be at least 16"),
+        (["--attention", "varlen", "--no-packing"], r"attention varlen needs --packing .*\(got varlen\)"),
     ],
 )
 def test_impossible_values_are_rejected(flags, message):

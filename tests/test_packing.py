@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import record
-from dataset import IGNORE_INDEX, collate_packed, pack_examples, tokenize_record
+from dataset import IGNORE_INDEX, DocumentBounds, PaddedPackedCollator, collate_packed, pack_examples, tokenize_record
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,109 @@ def test_the_training_model_keeps_packed_records_apart(tiny_tokenizer):
     expected = sum(loss * n for loss, n in per_record) / sum(n for _, n in per_record)
     # fp32 compute on the CPU; bf16 on CUDA rounds differently for different sequence lengths.
     assert packed == pytest.approx(expected, rel=1e-4 if model.device.type == "cpu" else 1e-2)
+
+
+def reference_varlen(q, k, v, cu, longest, scale):
+    """What FlashAttention's varlen kernel computes: each [cu[i], cu[i+1]) span of tokens attends causally to itself."""
+    out, bounds = torch.empty_like(q), cu.tolist()
+    assert longest == max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        span = [t[a:b].transpose(0, 1) for t in (q, k, v)]  # (heads, tokens, dim)
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(*span, is_causal=True, scale=scale).transpose(0, 1)
+    return out
+
+
+@pytest.fixture
+def varlen_model(monkeypatch):
+    """The tiny model with attn_implementation="varlen" (runtime.register_varlen), the CPU reference kernel in place of
+    PyTorch's FlashAttention one (CUDA only)."""
+    from transformers import AutoModelForCausalLM
+
+    import runtime
+    from tiny_llama import ensure_tiny_llama
+
+    monkeypatch.setattr(runtime, "_varlen_kernel", None)
+    runtime.register_varlen(reference_varlen)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(ensure_tiny_llama(), dtype=torch.float32, attn_implementation="varlen")
+    model.config.use_cache = False
+    return model.eval()
+
+
+def test_varlen_attention_runs_each_packed_record_on_its_own(varlen_model, tiny_model, tiny_tokenizer):
+    """--attention varlen: DocumentBounds gives each packed row's record bounds, transformers hands them to
+    runtime.varlen_attention, and the logits and loss equal the SDPA model's with its packed-sequence mask."""
+    exs = examples(tiny_tokenizer)
+    batch = DocumentBounds(collate_packed)([pack_examples(datasets.Dataset.from_list(exs), max_tokens=100_000, seed=0)[0]])
+    starts = [i for i, p in enumerate(batch["position_ids"][0].tolist()) if p == 0]
+    lengths = [b - a for a, b in zip(starts, starts[1:] + [batch["input_ids"].shape[1]], strict=True)]
+    assert batch["cu_seq_lens_q"].tolist() == starts + [sum(lengths)] and batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == max(lengths) and len(lengths) == len(exs)
+    with torch.no_grad():
+        varlen = varlen_model(**batch)
+        sdpa = tiny_model(**{k: batch[k] for k in ("input_ids", "labels", "position_ids")})
+    torch.testing.assert_close(varlen.logits, sdpa.logits, rtol=1e-5, atol=1e-5)
+    assert varlen.loss.item() == pytest.approx(sdpa.loss.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="needs packed rows"):  # no bounds: refused, never attention across records
+        varlen_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+
+
+def test_the_varlen_training_model_gets_the_bounds_through_peft_and_the_collator(tiny_tokenizer, monkeypatch):
+    """main.py's path with --attention varlen (4-bit base + LoRA from load_for_training, training.collator): the bounds
+    pass through PEFT down to every attention layer, and the loss equals the SDPA training model's."""
+    import runtime
+    from config import TrainConfig
+    from hub import TINY_MODEL
+    from loading import load_for_training
+    from training import collator
+
+    register = runtime.register_varlen
+    monkeypatch.setattr(runtime, "register_varlen", lambda kernel=None: register(reference_varlen))
+    losses = {}
+    for attention in ("varlen", "sdpa"):
+        cfg = TrainConfig(base_model=TINY_MODEL, attention=attention, seed=0)
+        model, tokenizer, _ = load_for_training(cfg)
+        rows = pack_examples(datasets.Dataset.from_list(examples(tokenizer, 3)), 100_000, 0)
+        batch = collator(cfg, tokenizer)([rows[0]])
+        assert ("cu_seq_lens_q" in batch) == (attention == "varlen")
+        with torch.no_grad():
+            losses[attention] = model.eval()(**batch).loss.item()
+    assert losses["varlen"] == pytest.approx(losses["sdpa"], rel=1e-5)
+
+
+def test_document_bounds_count_the_padding_of_a_padded_row_as_a_record():
+    batch = DocumentBounds(PaddedPackedCollator(budget=8, pad_id=0))(
+        [{"input_ids": [1, 5], "labels": [-100, 5], "position_ids": [0, 1]},
+         {"input_ids": [1, 7, 8], "labels": [-100, 7, 8], "position_ids": [0, 1, 2]}])
+    assert batch["cu_seq_lens_q"].tolist() == [0, 2, 5, 8] and batch["max_length_q"] == 3 and batch["num_tokens"] == 5
+
+
+def test_varlen_without_a_cuda_gpu_is_refused_in_one_line(monkeypatch):
+    import runtime
+    from cli import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="needs a CUDA GPU of compute capability 8.0"):
+        runtime.register_varlen()
+
+
+@pytest.mark.gpu
+def test_varlen_flash_kernel_matches_sdpa_and_trains_on_a_gpu(tiny_tokenizer):
+    """PyTorch's varlen FlashAttention (the kernel --attention varlen runs) vs SDPA with the packed-sequence mask, bf16,
+    on the tiny model: the same logits up to bf16 rounding, and gradients flow."""
+    from transformers import AutoModelForCausalLM
+
+    import runtime
+    from tiny_llama import ensure_tiny_llama
+
+    runtime.register_varlen()
+    models = {name: AutoModelForCausalLM.from_pretrained(ensure_tiny_llama(), dtype=torch.bfloat16, attn_implementation=name).cuda()
+              for name in ("varlen", "sdpa")}
+    batch = DocumentBounds(collate_packed)([pack_examples(datasets.Dataset.from_list(examples(tiny_tokenizer)), 100_000, 0)[0]])
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    out = {name: m(**(batch if name == "varlen" else {k: batch[k] for k in ("input_ids", "labels", "position_ids")}), use_cache=False)
+           for name, m in models.items()}
+    torch.testing.assert_close(out["varlen"].logits.float(), out["sdpa"].logits.float(), rtol=0, atol=3e-2)
+    out["varlen"].loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in models["varlen"].parameters() if p.requires_grad)
+
