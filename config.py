@@ -244,12 +244,14 @@ class EvalConfig:
         "Questions generated together (longest first; halved automatically on out-of-memory). Default: sized from free GPU "
         "memory (KV cache + prefill per row), 64 on a CPU.",
     )
-    engine: Literal["auto", "padded", "evict", "static", "continuous"] = doc(
+    engine: Literal["auto", "padded", "evict", "static", "compiled", "continuous"] = doc(
         "auto",
         "How answers are decoded. auto: static on a GPU once the base is a 16-bit copy (see --dequantize), evict otherwise "
         "(greedy); padded when sampling. static = a static KV cache with the decode step replayed from a CUDA graph (auto "
-        "falls back to evict if it fails); evict = greedy, a finished answer leaves its batch at once; padded = "
-        "model.generate; continuous = transformers' generate_batch (paged KV cache; measured 3.6x slower than static).",
+        "falls back to evict if it fails); compiled = static with the decoder layers compiled for the decode steps "
+        "(fused element-wise kernels; compiles once per run; not yet measured on a GPU); evict = greedy, a finished answer "
+        "leaves its batch at once; padded = model.generate; continuous = transformers' generate_batch (paged KV cache; "
+        "measured 3.6x slower than static).",
     )
     threads: int | None = doc(None, "CPU threads for torch; default: the cores not already busy (load average), at least 1.")
     dequantize: Literal["auto", "yes", "no"] = doc(

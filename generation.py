@@ -14,6 +14,7 @@ stopped no longer decides when its batch ends. `raw` keeps the decoded text befo
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from typing import Any
 
@@ -37,7 +38,7 @@ def generation_kwargs(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 
     return kwargs | extra
 
 
-ENGINES = ("auto", "padded", "evict", "static", "continuous")
+ENGINES = ("auto", "padded", "evict", "static", "compiled", "continuous")
 
 
 def pick_engine(engine: str, device: torch.device, greedy: bool, four_bit: bool = False) -> str:
@@ -45,8 +46,11 @@ def pick_engine(engine: str, device: torch.device, greedy: bool, four_bit: bool 
     unquantized base: the fastest engine measured, BENCHMARKS.md), else evict (finished rows leave the batch: a CPU, or a
     4-bit base whose capture in a CUDA graph was never measured); sampled answers: padded (plain model.generate).
 
-    static: a static KV cache, the decode step captured in a CUDA graph per batch. continuous: transformers' generate_batch
-    (paged attention, a finished sequence frees its slot at once), 3.6x slower than static on an H200. Both decode greedily.
+    static: a static KV cache, the decode step captured in a CUDA graph per batch. compiled: static with the decoder
+    layers compiled for the decode steps (decoder_step_layers: Inductor fuses the element-wise kernels, ~40% of a decode
+    step's GPU time on an H200; compiling takes time once per process; not yet measured on a GPU). continuous:
+    transformers' generate_batch (paged attention, a finished sequence frees its slot at once), 3.6x slower than static
+    on an H200. All decode greedily.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)} (got {engine!r})")
@@ -74,7 +78,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     chosen = pick_engine(engine, model.device, greedy, four_bit=engine == "auto" and bool(linear4bit_modules(model)))
     if chosen == "continuous" and prompts:
         return generate_continuous(model, tokenizer, prompts, progress=progress, **generation)
-    fallback = engine == "auto" and chosen == "static"
+    fallback = engine == "auto" and chosen == "static"  # (compiled is never auto's choice: not yet measured)
     engine = chosen
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
@@ -131,9 +135,10 @@ def generate_batch(
     """One left-padded batch: through model.generate (padded), decode_static (static) or decode_evicting (evict)."""
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    if engine in ("evict", "static"):
-        if engine == "static":
-            rows = decode_static(model, tokenizer, batch, stop_strings or [], stats=stats, **generation)
+    if engine in ("evict", "static", "compiled"):
+        if engine != "evict":
+            rows = decode_static(model, tokenizer, batch, stop_strings or [], stats=stats, compiled=engine == "compiled",
+                                 **generation)
         else:
             rows = decode_evicting(model, tokenizer, batch, stop_strings or [], **generation)
         return [end_answer(row, tokenizer, stop_strings or []) for row in rows]
@@ -184,7 +189,7 @@ def decode_evicting(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
 @torch.inference_mode()
 def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: Any, stop_strings: list[str],
                   max_new_tokens: int = 256, min_new_tokens: int = 0, cuda_graphs: bool | None = None, check_every: int = 8,
-                  stats: dict | None = None, **_: Any) -> list[list[int]]:
+                  compiled: bool = False, stats: dict | None = None, **_: Any) -> list[list[int]]:
     """Greedy decoding with a static KV cache (prompt + max_new_tokens, allocated once) and, on CUDA, the decode step
     captured once per batch in a CUDA graph and replayed: one launch per generated token instead of ~1,000 kernels
     launched from Python, which is what bounds the eager decoders at eval.py's batch sizes.
@@ -194,8 +199,10 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     tokens as decode_evicting up to rounding (the same left padding, positions and argmax); finished rows keep
     decoding until every row has ended (checked every `check_every` steps); each row is then cut where decode_evicting
     would have ended it, so `raw` is the same too.
-    cuda_graphs None: on CUDA. Without graphs (a CPU) the same steps run eagerly. stats (a dict): "captures" and the host
-    seconds of the captures' warm-up, recording and instantiation ("capture_*_s") added up, for the benchmark.
+    cuda_graphs None: on CUDA. Without graphs (a CPU) the same steps run eagerly. compiled: the decode steps run the
+    decoder layers compiled (decoder_step_layers); the prompt runs eagerly. stats (a dict): "captures" and the host
+    seconds of the captures' warm-up (with compiled, the first one compiles), recording and instantiation
+    ("capture_*_s") added up, for the benchmark.
     """
     from transformers import StaticCache
 
@@ -228,6 +235,8 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
 
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
+    if compiled:
+        forward = decoder_step_layers(model, forward)
     times: dict[str, float] = {}
     replay = capture_decode_step(forward, cache, prompt, times) if cuda_graphs and max_new_tokens > 1 else forward
     ends: dict[int, int] = {}  # row -> its length: the first step at which decode_evicting would have ended it (row_ended)
@@ -260,6 +269,31 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
         for name, seconds in times.items():
             stats[name] = stats.get(name, 0.0) + seconds
     return cut
+
+
+def decoder_step_layers(model: torch.nn.Module, forward: Any) -> Any:
+    """forward() with every decoder layer of `model` running its compiled forward: torch.compile of the layer's forward,
+    dynamic shapes (rows and cache length change from batch to batch), no graph break allowed. All layers share one code
+    object, so one compiled graph serves them all (compile_layers.py); it is made once per model and kept on it, so the
+    prompt (run before) and the other engines stay eager. Inductor's cache: TORCHINDUCTOR_CACHE_DIR, as for training."""
+    from compile_layers import decoder_layers
+
+    layers = decoder_layers(model)
+    compiled = model.__dict__.setdefault("_decode_step_layers", {})
+    if not compiled:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "llama-dolly", "inductor"))
+        compiled.update({id(layer): torch.compile(layer.forward, dynamic=True, fullgraph=True) for layer in layers})
+
+    def run() -> torch.Tensor:
+        for layer in layers:
+            layer.forward = compiled[id(layer)]
+        try:
+            return forward()
+        finally:
+            for layer in layers:
+                del layer.forward  # the class's forward again
+
+    return run
 
 
 def capture_decode_step(forward: Any, cache: Any, position: int, times: dict | None = None) -> Any:

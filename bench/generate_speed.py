@@ -17,6 +17,8 @@ Variants, in this order on the same weights (JSON written after each):
   ENGINE_tuned_cold, which carries its compilation and graph capture, so ENGINE_base and ENGINE_tuned are warm (header
   "tuned_vs_base"); static captures its decode step per batch (part of every timed run: no cold run);
 - ENGINE static_unplanned: static with each batch sized for its own longest prompt, as before generation.plan_batches;
+  compiled (static with the decoder layers compiled for the decode steps) runs compiled_tuned_cold first, which carries
+  the compilation;
 - BEST_tuned_24gb ("cap" in --engines): the fastest warm engine so far under torch.cuda.set_per_process_memory_fraction
   (24 GiB / card);
 - then (--profile-prompts, CUDA) one static fine-tuned run of that many prompts x 64 new tokens under torch.profiler:
@@ -153,7 +155,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="generate_speed.json", help="JSON results (rewritten after every variant).")
     parser.add_argument("--prompts", type=int, default=256, help="Dolly-like prompts for the merge-on-switch variants.")
     parser.add_argument("--new-tokens", type=int, default=256, help="Tokens generated per prompt (forced: no early EOS).")
-    parser.add_argument("--engines", default="static,static_unplanned,continuous,cap,evict,continuous_nographs",
+    parser.add_argument("--engines", default="static,compiled,static_unplanned,cap,continuous,evict,continuous_nographs",
                         help="Decoding engines to measure, in this order (generation.pick_engine; static_unplanned: static with "
                              "each batch sized for its own longest prompt (before plan_batches); continuous_nographs: "
                              "continuous batching with transformers' own CUDA-graph choice, off for SDPA).")
@@ -235,7 +237,7 @@ def main() -> None:
             cap_variant(llama, prompts, args, results, record)
             continue
         # compiled engines: a cold fine-tuned run first (compilation, CUDA graph capture), then base and fine-tuned warm
-        sides = (("tuned_cold", True),) if engine == "continuous" else ()
+        sides = (("tuned_cold", True),) if engine in ("continuous", "compiled") else ()
         for side, use_adapter in sides + (("base", False), ("tuned", True)):
             if time.perf_counter() - start < args.budget_s:
                 try:

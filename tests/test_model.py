@@ -321,6 +321,43 @@ def test_static_decoder_gives_the_evicting_decoders_answers(trained):
     assert len({len(g["raw"]) for g in evict}) > 1  # the last case: rows end at different steps (raw: up to the end)
 
 
+@pytest.mark.slow
+def test_compiled_engine_gives_the_static_engines_answers_and_compiles_once(trained):
+    """engine="compiled": the decode steps run the decoder layers compiled (one graph for all layers, dynamic shapes),
+    the prompt and the other engines eager. The same answers as static across batches of different rows and lengths,
+    stop strings and forced length; the layers' forward is the class's again afterwards."""
+    model, tokenizer, _, _ = trained
+    llama = Llama(model, tokenizer)
+    layer = generation_layers(model)[0]
+    for kwargs in ({"max_new_tokens": 12}, {"max_new_tokens": 12, "stop_strings": [" the", "."]},
+                   {"max_new_tokens": 6, "min_new_tokens": 6}):
+        static = llama.generate(QUESTIONS, batch_size=2, engine="static", **kwargs)  # batches of 2 rows, then 1
+        assert llama.generate(QUESTIONS, batch_size=2, engine="compiled", **kwargs) == static, kwargs
+        assert "forward" not in layer.__dict__  # eager again outside the decode steps
+    assert len(model.__dict__["_decode_step_layers"]) == len(generation_layers(model))
+
+
+def generation_layers(model):
+    from compile_layers import decoder_layers
+
+    return decoder_layers(model)
+
+
+@pytest.mark.gpu
+def test_compiled_engine_replays_compiled_layers_in_a_cuda_graph(trained):
+    """engine="compiled" on CUDA: the compiled decoder layers captured in the decode step's CUDA graph give static's
+    answers, fine-tuned and base (marked gpu: Inductor's kernels inside a CUDA graph). 3 new tokens: in bf16 the fused
+    kernels round differently from eager ones, so longer greedy answers of a tiny model may part."""
+    _, _, out, _ = trained
+    llama = Llama.load_pretrained_model(out)
+    for use_adapter in (True, False):
+        static = llama.generate(QUESTIONS, batch_size=3, engine="static", use_adapter=use_adapter, max_new_tokens=3, min_new_tokens=3)
+        stats = {}
+        compiled = llama.generate(QUESTIONS, batch_size=3, engine="compiled", use_adapter=use_adapter, stats=stats, max_new_tokens=3,
+                                  min_new_tokens=3)
+        assert compiled == static and stats["captures"] == 1
+
+
 @pytest.mark.gpu
 def test_static_decoder_replays_a_cuda_graph_with_the_evicting_decoders_answers(trained):
     """On CUDA engine="static" captures the decode step in a CUDA graph (generation.capture_decode_step) and replays it:
