@@ -13,7 +13,8 @@
 #      instead of flex attention's mask); default_cap24 (a 24 GiB cap); eager (default with --compile off, profiled
 #      likewise); varlen_eager; compiled_nogc_2048 (with default: fixed_overhead_s, compiled); compiled_16k (the recipe
 #      doubled: one 16,384-token micro-batch per step); baseline (plain HF as commonly run). VARIANTS=a,b,... replaces it.
-#   2. bench/loss_parity.py -> OUT/loss_parity.json + .png: project vs plain HF vs project --compile on, same records.
+#   2. bench/loss_parity.py -> OUT/loss_parity.json + .png: project vs plain HF vs project --compile on vs project
+#      --attention varlen, same records.
 # PROFILE=a,b (default: default,eager; empty: none) picks the profiled variants. STAGES=parity runs only step 2 (a
 # second command, if device time is left). CPU_DRY_RUN=1: the same plumbing on the
 # tiny model on the CPU (a few steps, no wheels, nothing timed that means anything).
@@ -35,7 +36,7 @@ if [ -z "${CPU_DRY_RUN:-}" ]; then
   nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$out/gpu.csv"
   variants=${VARIANTS:-hf_tuned,hf_tuned_nogc,default,varlen,default_cap24,eager,varlen_eager,compiled_nogc_2048,compiled_16k,baseline}
   speed=(--steps 8 --warmup 3 --records 3000)
-  parity=(--steps 20 --records 800 --sides project,hf,project_compiled)
+  parity=(--steps 20 --records 800 --sides project,hf,project_compiled,project_varlen)
 else
   model=$(python -c "from tiny_llama import ensure_tiny_llama; print(ensure_tiny_llama())")
   variants=${VARIANTS:-hf_tuned,default,default_cap24,nogc_2048}
