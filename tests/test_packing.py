@@ -176,6 +176,32 @@ def test_the_varlen_training_model_gets_the_bounds_through_peft_and_the_collator
     assert losses["varlen"] == pytest.approx(losses["sdpa"], rel=1e-5)
 
 
+def test_varlen_trains_through_the_trainer_with_sdpa_s_losses(tiny_tokenizer, monkeypatch, tmp_path):
+    """Two optimizer steps of main.py's Trainer (training.build_trainer, its collator, --attention varlen with the CPU
+    reference kernel) log the same losses as the same steps with SDPA's packed-sequence mask."""
+    import runtime
+    from config import TrainConfig
+    from hub import TINY_MODEL
+    from loading import load_for_training
+    from training import build_trainer
+
+    register = runtime.register_varlen
+    monkeypatch.setattr(runtime, "register_varlen", lambda kernel=None: register(reference_varlen))
+    losses = {}
+    for attention in ("varlen", "sdpa"):
+        torch.manual_seed(0)
+        cfg = TrainConfig(base_model=TINY_MODEL, attention=attention, seed=0, max_steps=2, pack_tokens=256, max_length=256, eval_steps=0,
+                          logging_steps=1, learning_rate=1e-2, warmup_ratio=0.0, output_dir=str(tmp_path / attention))
+        model, tokenizer, _ = load_for_training(cfg)
+        rows = pack_examples(datasets.Dataset.from_list(examples(tokenizer, 8)), cfg.pack_tokens, 0)
+        trainer = build_trainer(cfg, model, tokenizer, rows, datasets.Dataset.from_list([]))
+        trainer.args.report_to = []
+        trainer.train()
+        losses[attention] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses["varlen"]) == 2 and losses["varlen"][1] != losses["varlen"][0]  # it trained
+    assert losses["varlen"] == pytest.approx(losses["sdpa"], rel=1e-4)
+
+
 def test_document_bounds_count_the_padding_of_a_padded_row_as_a_record():
     batch = DocumentBounds(PaddedPackedCollator(budget=8, pad_id=0))(
         [{"input_ids": [1, 5], "labels": [-100, 5], "position_ids": [0, 1]},
