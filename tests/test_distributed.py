@@ -164,7 +164,9 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step_with_one_complet
     assert proc.returncode == 1, text[-3000:]  # torchelastic's ChildFailedError; the workers' own codes follow
     codes = []
     for r in (0, 1):
-        with open(os.path.join(pids, f"rank{r}.exit")) as fh:
+        exit_file = os.path.join(pids, f"rank{r}.exit")
+        assert os.path.exists(exit_file), f"rank {r} exited without main's exit code:\n{text[-6000:]}"
+        with open(exit_file) as fh:
             codes.append(fh.read())
     assert codes == ["143", "143"], text[-3000:]
     assert "exitcode  : -" not in text, text[-3000:]  # no worker was killed by a signal (the agent's SIGTERM is ignored)
