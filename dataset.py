@@ -531,4 +531,3 @@ class DocumentBounds:
         longest = max(b - a for a, b in zip(starts, starts[1:], strict=False))
         cu = torch.tensor(starts, dtype=torch.int32)
         return batch | {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
-

@@ -14,7 +14,6 @@ stopped no longer decides when its batch ends. `raw` keeps the decoded text befo
 from __future__ import annotations
 
 import importlib.util
-import os
 import time
 from typing import Any
 
@@ -132,19 +131,17 @@ def generate_batch(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], stop_strings: list[str] | None = None,
     engine: str = "padded", stats: dict | None = None, **generation: Any,
 ) -> list[dict[str, Any]]:
-    """One left-padded batch: through model.generate (padded), decode_static (static) or decode_evicting (evict)."""
+    """One left-padded batch: through model.generate (padded), decode_static (static, compiled) or decode_evicting (evict)."""
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    if engine in ("evict", "static", "compiled"):
-        if engine != "evict":
-            rows = decode_static(model, tokenizer, batch, stop_strings or [], stats=stats, compiled=engine == "compiled",
-                                 **generation)
-        else:
-            rows = decode_evicting(model, tokenizer, batch, stop_strings or [], **generation)
-        return [end_answer(row, tokenizer, stop_strings or []) for row in rows]
-    stops = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
-    out = model.generate(**batch, **stops, **generation_kwargs(tokenizer, **generation))
-    return [end_answer(row, tokenizer, stop_strings or []) for row in out[:, batch["input_ids"].shape[1] :].tolist()]
+    if engine in ("static", "compiled"):
+        rows = decode_static(model, tokenizer, batch, stop_strings or [], stats=stats, compiled=engine == "compiled", **generation)
+    elif engine == "evict":
+        rows = decode_evicting(model, tokenizer, batch, stop_strings or [], **generation)
+    else:
+        stops = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
+        rows = model.generate(**batch, **stops, **generation_kwargs(tokenizer, **generation))[:, batch["input_ids"].shape[1] :].tolist()
+    return [end_answer(row, tokenizer, stop_strings or []) for row in rows]
 
 
 @torch.inference_mode()
@@ -275,18 +272,18 @@ def decoder_step_layers(model: torch.nn.Module, forward: Any) -> Any:
     """forward() with every decoder layer of `model` running its compiled forward: torch.compile of the layer's forward,
     dynamic shapes (rows and cache length change from batch to batch), no graph break allowed. All layers share one code
     object, so one compiled graph serves them all (compile_layers.py); it is made once per model and kept on it, so the
-    prompt (run before) and the other engines stay eager. Inductor's cache: TORCHINDUCTOR_CACHE_DIR, as for training."""
-    from compile_layers import decoder_layers
+    prompt (run before) and the other engines stay eager. Inductor's cache as for training (use_inductor_cache)."""
+    from compile_layers import decoder_layers, use_inductor_cache
 
     layers = decoder_layers(model)
-    compiled = model.__dict__.setdefault("_decode_step_layers", {})
-    if not compiled:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "llama-dolly", "inductor"))
-        compiled.update({id(layer): torch.compile(layer.forward, dynamic=True, fullgraph=True) for layer in layers})
+    if "_decode_step_layers" not in model.__dict__:
+        use_inductor_cache()
+        model.__dict__["_decode_step_layers"] = [torch.compile(layer.forward, dynamic=True, fullgraph=True) for layer in layers]
+    compiled = model.__dict__["_decode_step_layers"]
 
     def run() -> torch.Tensor:
-        for layer in layers:
-            layer.forward = compiled[id(layer)]
+        for layer, fn in zip(layers, compiled, strict=True):
+            layer.forward = fn
         try:
             return forward()
         finally:

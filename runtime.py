@@ -66,8 +66,7 @@ def register_varlen(kernel: Any = None) -> None:
             raise UserError(f"--attention varlen needs torch >= 2.10 (torch.nn.attention.varlen); this is torch {torch.__version__}")
         if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
             raise UserError("--attention varlen needs a CUDA GPU of compute capability 8.0 or later (FlashAttention); use --attention auto")
-        kernel = flash_varlen
-        _varlen_flash.update(varlen_flash_kernel())
+        kernel = flash_varlen_kernel()
     _varlen_kernel = kernel
     AttentionInterface.register(VARLEN, varlen_attention)
 
@@ -75,24 +74,20 @@ def register_varlen(kernel: Any = None) -> None:
 _varlen_kernel: Any = None
 
 
-def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int, scale: float | None) -> torch.Tensor:
-    """Causal attention within each [cu[i], cu[i+1]) span of the tokens, by PyTorch's varlen FlashAttention kernel
-    (torch.nn.attention.varlen.varlen_attn, looked up once by register_varlen: nothing imported under torch.compile)."""
-    return _varlen_flash["varlen_attn"](q, k, v, cu, cu, longest, longest, **_varlen_flash["causal"])
-
-
-def varlen_flash_kernel() -> dict[str, Any]:
-    """PyTorch's varlen_attn and how this torch asks it for causal attention: torch 2.10 spells it is_causal=True, later
-    versions window_size=(-1, 0). The scale stays at its default, 1/sqrt(head_dim), which is Llama's."""
+def flash_varlen_kernel() -> Any:
+    """PyTorch's varlen FlashAttention as register_varlen's kernel: causal attention within each [cu[i], cu[i+1]) span.
+    varlen_attn is looked up here, once (nothing imported under torch.compile); torch 2.10 spells causal is_causal=True,
+    later versions window_size=(-1, 0). The scale stays at its default, 1/sqrt(head_dim), which is Llama's."""
     import inspect
 
     from torch.nn.attention.varlen import varlen_attn
 
     causal = {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {"window_size": (-1, 0)}
-    return {"varlen_attn": varlen_attn, "causal": causal}
 
+    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int, scale: float | None) -> torch.Tensor:
+        return varlen_attn(q, k, v, cu, cu, longest, longest, **causal)
 
-_varlen_flash: dict[str, Any] = {}
+    return kernel
 
 
 def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
