@@ -56,6 +56,8 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "default_foreach": ["--optimizer", "adamw_torch"],  # python main.py before AdamW fused became its default (session 4)
     "varlen": ["--attention", "varlen"],  # the default with PyTorch's varlen FlashAttention instead of flex attention
     "varlen_eager": ["--attention", "varlen", "--compile", "off"],
+    "varlen_cap24": ["--attention", "varlen"],  # varlen under a 24 GiB cap
+    "varlen_nogc_2048": ["--attention", "varlen", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
     "default_cap24": [],  # the same under a 24 GiB cap (CAPS): a 24 GB card
     "default_cap40": [],  # a 40 GB card
     "default_4096": ["--tokens-per-step", "4096"],  # the recipe before issue 12, planned
@@ -73,7 +75,8 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "gc_4096": ["--memory-plan", "off", "--pack-tokens", "4096"],  # python main.py before issue 12
     "baseline_again": "hf_common",  # run twice: the spread between the two is the noise floor of this machine
 }
-CAPS = {"default_cap24": 24, "default_cap40": 40, "compiled_cap24": 24}  # GiB: torch.cuda.set_per_process_memory_fraction
+# GiB: torch.cuda.set_per_process_memory_fraction
+CAPS = {"default_cap24": 24, "default_cap40": 40, "compiled_cap24": 24, "varlen_cap24": 24}
 REFERENCES = ("baseline", "hf_tuned", "hf_tuned_nogc")  # every row's tokens/s is given as a ratio to each of these
 
 
@@ -282,7 +285,9 @@ def overheads(variants: dict) -> list[dict]:
     for r in variants.values():
         plan = r.get("plan")
         if plan and not r.get("cap_gib"):
-            groups.setdefault((plan["gradient_checkpointing"], plan["compile"], plan["pad_to_budget"]), []).append(r)
+            attention = "varlen" if "varlen" in r["flags"] else "default"
+            groups.setdefault((plan["gradient_checkpointing"], plan["compile"] in ("auto", "on"), plan["pad_to_budget"], attention),
+                              []).append(r)
     out = []
     for rows in groups.values():
         rows = sorted(rows, key=lambda r: r["tokens_per_micro_batch"])
