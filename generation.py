@@ -105,6 +105,8 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
             # sized: half the rows at this prompt length, as cache positions, so shorter prompts still get more rows
             cap, plan = half * (longest + new_tokens) if sized else half, []
             torch.cuda.empty_cache()
+            if stats is not None:
+                stats["oom_retries"] = stats.get("oom_retries", 0) + 1
             print(f"[model] out of GPU memory at {len(chunk)} rows of up to {longest} prompt tokens ({str(e).splitlines()[0][:120]}); "
                   f"retrying with batch size {half}", flush=True)
             continue
@@ -233,7 +235,7 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
     if compiled:
-        forward = decoder_step_layers(model, forward)
+        forward = decoder_step_layers(model, forward, cache)
     times: dict[str, float] = {}
     replay = capture_decode_step(forward, cache, prompt, times) if cuda_graphs and max_new_tokens > 1 else forward
     ends: dict[int, int] = {}  # row -> its length: the first step at which decode_evicting would have ended it (row_ended)
@@ -268,27 +270,61 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     return cut
 
 
-def decoder_step_layers(model: torch.nn.Module, forward: Any) -> Any:
+class LayerCache:
+    """The KV cache as one decoder layer sees it: `update` writes that layer's keys and values whatever index it is
+    given. decoder_step_layers runs every attention as layer 0 of its own LayerCache, so no layer index reaches the
+    compiled graph (torch.compile specializes integer attributes of a module: 32 layer indices would be 32 recompiles,
+    past the recompile limit)."""
+
+    def __init__(self, layer: Any):
+        self.layer = layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        return self.layer.update(key_states, value_states, *args, **kwargs)
+
+
+def decoder_step_layers(model: torch.nn.Module, forward: Any, cache: Any) -> Any:
     """forward() with every decoder layer of `model` running its compiled forward: torch.compile of the layer's forward,
-    dynamic shapes (rows and cache length change from batch to batch), no graph break allowed. All layers share one code
-    object, so one compiled graph serves them all (compile_layers.py); it is made once per model and kept on it, so the
-    prompt (run before) and the other engines stay eager. Inductor's cache as for training (use_inductor_cache)."""
+    dynamic shapes (rows and cache length change from batch to batch), no graph break allowed, a recompile-limit hit an
+    error. All layers share one code object and, while forward() runs, one layer index (0, each with its own
+    LayerCache over `cache`'s layer), so one compiled graph serves them all; the compiled functions are made once per
+    model and kept on it, so the prompt (run before) and the other engines stay eager. Inductor's cache as for
+    training (use_inductor_cache)."""
+    import torch._dynamo
+
     from compile_layers import decoder_layers, use_inductor_cache
 
     layers = decoder_layers(model)
     if "_decode_step_layers" not in model.__dict__:
         use_inductor_cache()
+        torch._dynamo.config.suppress_errors = False
+        if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
         model.__dict__["_decode_step_layers"] = [torch.compile(layer.forward, dynamic=True, fullgraph=True) for layer in layers]
     compiled = model.__dict__["_decode_step_layers"]
 
+    def layer_forward(fn: Any, view: LayerCache) -> Any:
+        def run_layer(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            for name in ("cache", "past_key_values"):  # transformers >= 5.20 calls it cache
+                if kwargs.get(name) is not None:
+                    kwargs[name] = view
+            # detached: after training, enable_input_require_grads' hook marks layer 0's input even under no_grad, and a
+            # requires_grad flag that differs between layers would be one more compiled variant
+            return fn(hidden_states.detach(), *args, **kwargs)
+
+        return run_layer
+
     def run() -> torch.Tensor:
-        for layer, fn in zip(layers, compiled, strict=True):
-            layer.forward = fn
+        indices = [layer.self_attn.layer_idx for layer in layers]
+        for layer, fn, cache_layer in zip(layers, compiled, cache.layers, strict=True):
+            layer.forward = layer_forward(fn, LayerCache(cache_layer))
+            layer.self_attn.layer_idx = 0
         try:
             return forward()
         finally:
-            for layer in layers:
+            for layer, index in zip(layers, indices, strict=True):
                 del layer.forward  # the class's forward again
+                layer.self_attn.layer_idx = index
 
     return run
 

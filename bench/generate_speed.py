@@ -19,8 +19,10 @@ Variants, in this order on the same weights (JSON written after each):
 - ENGINE static_unplanned: static with each batch sized for its own longest prompt, as before generation.plan_batches;
   compiled (static with the decoder layers compiled for the decode steps) runs compiled_tuned_cold first, which carries
   the compilation;
-- BEST_tuned_24gb ("cap" in --engines): the fastest warm engine so far under torch.cuda.set_per_process_memory_fraction
-  (24 GiB / card);
+- BEST_tuned_24gb / BEST_base_24gb ("cap" in --engines): the fastest warm engine so far as a 24 GB card runs it: a child
+  process capped with torch.cuda.set_per_process_memory_fraction (--cap-gib) before it loads anything, the model
+  loaded and its 16-bit copy made or not as eval.py decides (Llama's dequantize="auto"), and the same with the copy
+  forced (BEST_tuned_24gb_copy) when auto made none; out-of-memory retries counted ("oom_retries");
 - then (--profile-prompts, CUDA) one static fine-tuned run of that many prompts x 64 new tokens under torch.profiler:
   the kernels by GPU time in OUT-static-profile.txt.
 --single-prompts 0 / --old-prompts 0 skip those variants.
@@ -126,7 +128,7 @@ def timed(llama, prompts: list[str], batch_size: int | None, sorted_path: bool, 
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     tokens = sum(g["answer_tokens"] for g in out)
     result = {"prompts": len(prompts), "batch_size": batch_size, "batches": stats.get("batches"), "engine": name, "wall_s": wall,
-              "new_tokens": tokens, "graphs_captured": stats.get("captures"),
+              "new_tokens": tokens, "graphs_captured": stats.get("captures"), "oom_retries": stats.get("oom_retries", 0),
               **{k: v for k, v in stats.items() if k.startswith("capture_")},
               "tokens_per_s": tokens / wall, "peak_gpu_mem_gib": peak, "answers": [g["answer"] for g in out]}
     rows = batch_size or stats.get("batches") or "auto"
@@ -168,6 +170,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=420.0, help="Skip the remaining variants after this many seconds.")
     parser.add_argument("--profile-prompts", type=int, default=128, help="Prompts of the profiled static run (0: none).")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--capped-child", help=argparse.SUPPRESS)  # ENGINE:DEQUANTIZE, cap_variant's child process
     return parser.parse_args()
 
 
@@ -192,6 +195,9 @@ def main() -> None:
     from model import Llama
 
     args = parse_args()
+    if args.capped_child:
+        run_capped(args)
+        return
     start = time.perf_counter()
     rng = random.Random(args.seed)
     prompts = [create_question(r) for r in make_records(args.prompts, args.seed)]
@@ -234,7 +240,7 @@ def main() -> None:
         if time.perf_counter() - start >= args.budget_s:
             break
         if engine == "cap":  # the fastest warm engine so far, as a 24 GB card would run it
-            cap_variant(llama, prompts, args, results, record)
+            cap_variant(prompts, args, results, record)
             continue
         # compiled engines: a cold fine-tuned run first (compilation, CUDA graph capture), then base and fine-tuned warm
         sides = (("tuned_cold", True),) if engine in ("continuous", "compiled") else ()
@@ -259,20 +265,57 @@ def main() -> None:
     print(f"[bench] logits: {json.dumps(header['logits'])}", flush=True)
 
 
-def cap_variant(llama, prompts: list[str], args, results: dict, record) -> None:
-    """BEST_tuned_24gb: the fastest warm engine so far under a per-process memory cap of --cap-gib (then uncapped again)."""
+def cap_variant(prompts: list[str], args, results: dict, record) -> None:
+    """BEST_{tuned,base}_24gb: the fastest warm engine so far in a child process capped at --cap-gib from its start
+    (run_capped); BEST_tuned_24gb_copy: the same with the 16-bit copy forced, when dequantize="auto" made none."""
+    import subprocess
+
     import torch
 
     warm = {k[: -len("_tuned")]: r["tokens_per_s"] for k, r in results.items() if k.endswith("_tuned")}
     if not torch.cuda.is_available() or not warm:
         return
     best = max(warm, key=warm.get)
+    for dequantize in ("auto", "yes"):
+        out = args.out.removesuffix(".json") + f"-cap-{dequantize}.json"
+        cmd = [sys.executable, __file__, "--model", args.model, "--out", out, "--prompts", str(args.prompts), "--new-tokens",
+               str(args.new_tokens), "--cap-gib", str(args.cap_gib), "--seed", str(args.seed), "--capped-child", f"{best}:{dequantize}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith(("[bench]", "[model]"))), flush=True)
+        if proc.returncode != 0 or not os.path.exists(out):
+            print(f"[bench] capped child ({dequantize}) failed:\n{proc.stderr[-2500:]}", flush=True)
+            return
+        with open(out) as fh:
+            child = json.load(fh)
+        suffix = "_copy" if dequantize == "yes" else ""
+        for side, r in child.items():
+            record(f"{best}_{side}_24gb{suffix}", r)
+        if child["tuned"]["dequantized"]:
+            return  # auto made the copy: forcing it would measure the same
+
+
+def run_capped(args) -> None:
+    """The child of cap_variant: capped before anything touches the GPU, then load, (maybe) dequantize, generate."""
+    import torch
+    from train_speed import make_records
+
+    from dataset import create_question
+    from model import Llama
+
+    engine, dequantize = args.capped_child.split(":")
     torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
-    torch.cuda.empty_cache()
-    try:
-        record(f"{best}_tuned_24gb", timed(llama, prompts, None, True, args.new_tokens, True, best))
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
+    rng = random.Random(args.seed)
+    prompts = [create_question(r) for r in make_records(args.prompts, args.seed)]
+    rng.shuffle(prompts)
+    built = build_llama(args.model, args.seed)
+    llama = Llama(built.model, built.tokenizer, dequantize=dequantize)
+    results = {}
+    for side, use_adapter in (("tuned", True), ("base", False)):
+        r = timed(llama, prompts, None, True, args.new_tokens, use_adapter, engine)
+        r.pop("answers")
+        results[side] = r | {"cap_gib": args.cap_gib, "dequantize": dequantize, "dequantized": llama._dequantized}
+    with open(args.out, "w") as fh:
+        json.dump(results, fh, indent=2)
 
 
 def profile_static(llama, prompts: list[str], path: str) -> None:

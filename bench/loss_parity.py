@@ -26,9 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SIDES = {"project": [], "project_compiled": ["--compile", "on"], "project_varlen": ["--attention", "varlen"], "hf": None}
-COMMON = ["--memory-plan", "off", "--pack-tokens", "4096", "--gradient-accumulation-steps", "1", "--gradient-checkpointing",
-          "--lr-scheduler", "constant", "--warmup-ratio", "0", "--logging-steps", "1", "--eval-steps", "0", "--val-fraction", "0",
-          "--save-steps", "100000"]
+COMMON = ["--memory-plan", "off", "--gradient-accumulation-steps", "1", "--lr-scheduler", "constant", "--warmup-ratio", "0",
+          "--logging-steps", "1", "--eval-steps", "0", "--val-fraction", "0", "--save-steps", "100000"]
 
 
 def lora_state(model) -> dict:
@@ -69,7 +68,9 @@ def project_side(args, flags: list[str], groups: list[list[int]]):
     from training import build_trainer
 
     cfg, _ = parse_config(TrainConfig, ["--base-model", args.model, "--dataset", args.data, "--output-dir", "/tmp/parity-project",
-                                        "--max-steps", str(args.steps), "--seed", str(args.seed), *COMMON, *flags], "parity")
+                                        "--max-steps", str(args.steps), "--seed", str(args.seed), "--pack-tokens", str(args.pack_tokens),
+                                        "--gradient-checkpointing" if args.gc else "--no-gradient-checkpointing", *COMMON, *flags],
+                               "parity")
     model, tokenizer, _ = load_for_training(cfg)
     sha = same_init(model, args.init)
     ds, _ = tokenize_records(load_records(args.data), tokenizer, cfg.max_length)
@@ -162,7 +163,7 @@ def plot(result: dict, path: str) -> None:
 
 
 def prepare(args) -> tuple[str, list[int]]:
-    """The records (JSONL), the record groups of each step (packed rows of <= 4096 tokens) and their supervised tokens."""
+    """The records (JSONL), the record groups of each step (packed rows of <= --pack-tokens) and their supervised tokens."""
     from train_speed import make_records
 
     from dataset import load_records, pack_groups, tokenize_records
@@ -172,7 +173,7 @@ def prepare(args) -> tuple[str, list[int]]:
     with open(args.data, "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in make_records(args.records, args.seed))
     ds, _ = tokenize_records(load_records(args.data), load_tokenizer(args.model), 1024)
-    groups = pack_groups([len(x) for x in ds["input_ids"]], 4096, args.seed)[: args.steps]
+    groups = pack_groups([len(x) for x in ds["input_ids"]], args.pack_tokens, args.seed)[: args.steps]
     groups_path = os.path.join(args.out_dir, "parity-groups.json")
     with open(groups_path, "w") as fh:
         json.dump(groups, fh)
@@ -188,6 +189,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--records", type=int, default=1200, help="Synthetic dolly-like records (about 17 per step).")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--pack-tokens", type=int, default=4096, help="Tokens per packed row (one row, one step).")
+    parser.add_argument("--no-gc", dest="gc", action="store_false",
+                        help="The project sides without gradient checkpointing (plain HF keeps it: memory only).")
     for hidden in ("--side", "--data", "--groups", "--init"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,7 +207,8 @@ def main() -> None:
     sides = {}
     for side in args.sides.split(","):
         cmd = [sys.executable, __file__, "--model", args.model, "--side", side, "--data", args.data, "--groups", groups_path,
-               "--init", init, "--steps", str(args.steps), "--seed", str(args.seed)]
+               "--init", init, "--steps", str(args.steps), "--seed", str(args.seed), "--pack-tokens", str(args.pack_tokens),
+               *([] if args.gc else ["--no-gc"])]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         with open(os.path.join(args.out_dir, f"parity-{side}.log"), "w") as fh:
             fh.write(proc.stdout + "\n" + proc.stderr)

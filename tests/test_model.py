@@ -335,6 +335,12 @@ def test_compiled_engine_gives_the_static_engines_answers_and_compiles_once(trai
         assert llama.generate(QUESTIONS, batch_size=2, engine="compiled", **kwargs) == static, kwargs
         assert "forward" not in layer.__dict__  # eager again outside the decode steps
     assert len(model.__dict__["_decode_step_layers"]) == len(generation_layers(model))
+    assert [m.self_attn.layer_idx for m in generation_layers(model)] == list(range(len(generation_layers(model))))
+    # one compiled variant for batches of 2 rows, one for 1 row (a size-1 dimension is specialized), whatever the number
+    # of layers: no layer index reaches the graph (on a GPU a 32-layer model hit the recompile limit of 8 before)
+    from compile_layers import compiled_entries
+
+    assert compiled_entries(type(layer).forward.__code__) == 2
 
 
 def generation_layers(model):
