@@ -146,9 +146,10 @@ class TrainConfig:
     )
     attention: Literal["auto", "sdpa", "flex_attention", "varlen", "eager"] = doc(
         "auto",
-        "Attention kernel for training. auto: flex_attention on CUDA with packing (its block-sparse mask skips the other "
-        "records; BENCHMARKS.md), else sdpa. varlen (packing, CUDA sm80+, torch >= 2.10): PyTorch's variable-length "
-        "FlashAttention over each row's record bounds, no mask; not yet measured on a GPU.",
+        "Attention kernel for training. auto, with packing on CUDA: varlen in one process where it can run, else "
+        "flex_attention (its block-sparse mask skips the other records); sdpa elsewhere. varlen (packing, CUDA sm80+, "
+        "torch >= 2.10): PyTorch's variable-length FlashAttention over each row's record bounds, no mask; on one H200 "
+        "1.04x flex_attention's speed, 16 s of compilation instead of 75, the same losses (BENCHMARKS.md).",
     )
     liger: bool = doc(
         True,

@@ -41,14 +41,30 @@ VARLEN = "varlen"  # --attention varlen: packed rows through PyTorch's variable-
 
 
 def attention_kernel(choice: str, packing: bool, rt: Runtime) -> str:
-    """auto: flex attention where packed rows need a block-diagonal mask on CUDA, SDPA elsewhere. varlen: registered
-    with transformers here (register_varlen); the packed collator then passes each row's record bounds."""
-    if choice == VARLEN:
+    """attention_choice's kernel, made ready: varlen is registered with transformers here (register_varlen); the packed
+    collator then passes each row's record bounds (training.collator)."""
+    name = attention_choice(choice, packing, rt)
+    if name == VARLEN:
         register_varlen()
-        return VARLEN
+    return name
+
+
+def attention_choice(choice: str, packing: bool, rt: Runtime) -> str:
+    """The attention --attention names. auto, packed rows on CUDA: varlen in one process where PyTorch has it (torch >=
+    2.10, compute capability 8.0+): on one H200 1.04x flex attention's tokens/s, its compile 16 s instead of 75 s, the
+    same losses within 0.002 over 20 steps (BENCHMARKS.md); else flex_attention (several processes: measured with flex).
+    Unpacked batches and the CPU: sdpa."""
     if choice != "auto":
         return choice
-    return "flex_attention" if packing and rt.cuda else "sdpa"
+    if not (packing and rt.cuda):
+        return "sdpa"
+    return VARLEN if launched_processes() == 1 and varlen_available() else "flex_attention"
+
+
+def varlen_available() -> bool:
+    """PyTorch's varlen FlashAttention can run here: torch >= 2.10 and a CUDA GPU of compute capability 8.0+."""
+    return (importlib.util.find_spec("torch.nn.attention.varlen") is not None and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() >= (8, 0))
 
 
 def register_varlen(kernel: Any = None) -> None:

@@ -37,7 +37,7 @@ from resilience import (
     raise_if_stopped_early,
     staged,
 )
-from runtime import VARLEN, runtime
+from runtime import VARLEN, attention_choice, runtime
 
 
 class ProjectTrainer(Trainer):
@@ -179,7 +179,7 @@ def collator(cfg: TrainConfig, tokenizer):
     if not cfg.packing:
         return make_collator(tokenizer)
     packed = PaddedPackedCollator(cfg.pack_tokens, tokenizer.pad_token_id) if cfg.pad_to_budget else collate_packed
-    return DocumentBounds(packed) if cfg.attention == VARLEN else packed
+    return DocumentBounds(packed) if attention_choice(cfg.attention, cfg.packing, runtime()) == VARLEN else packed
 
 
 def checkpointing_args(on: bool) -> dict[str, Any]:

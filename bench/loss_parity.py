@@ -1,10 +1,12 @@
 """Loss parity: main.py's training path vs plain Hugging Face on the same records, same order, same LoRA init.
 
-    python bench/loss_parity.py --model /tmp/l7 --out $OUT/loss_parity.json --steps 30 --sides project,project_compiled,hf
+    python bench/loss_parity.py --model /tmp/l7 --out $OUT/loss_parity.json --steps 20 --pack-tokens 8192 --no-gc \
+        --sides project,project_flex,hf
 
 Step i of every side trains on the same records: the project as ONE packed row (main.py's path: packed rows,
-flex attention, Liger, --compile for project_compiled, --attention varlen for project_varlen), plain HF as one
-padded batch of exactly those records
+--attention auto (varlen on one CUDA GPU; flex_attention for project_flex), Liger, --compile auto; --compile on for
+project_compiled, which matters with checkpointing, where auto leaves it off), plain HF as one padded batch of
+exactly those records
 (SDPA, eager cross-entropy, no Liger). The first side writes its initial LoRA weights and the others load them, so
 all start from the same adapter (sha256 of each side's initial state in the JSON). Constant learning rate, no
 warm-up, one micro-batch per step: Trainer's logged loss is then the per-token mean of that step (sum of the
@@ -25,7 +27,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-SIDES = {"project": [], "project_compiled": ["--compile", "on"], "project_varlen": ["--attention", "varlen"], "hf": None}
+SIDES = {"project": [], "project_compiled": ["--compile", "on"], "project_varlen": ["--attention", "varlen"],
+         "project_flex": ["--attention", "flex_attention"], "hf": None}
 COMMON = ["--memory-plan", "off", "--gradient-accumulation-steps", "1", "--lr-scheduler", "constant", "--warmup-ratio", "0",
           "--logging-steps", "1", "--eval-steps", "0", "--val-fraction", "0", "--save-steps", "100000"]
 

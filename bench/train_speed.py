@@ -54,7 +54,9 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "default": [],  # python main.py: --memory-plan auto, --compile auto (on: one GPU, no checkpointing)
     "eager": ["--compile", "off"],  # python main.py before --compile auto became the default: the plan, eager layers
     "default_foreach": ["--optimizer", "adamw_torch"],  # python main.py before AdamW fused became its default (session 4)
-    "varlen": ["--attention", "varlen"],  # the default with PyTorch's varlen FlashAttention instead of flex attention
+    "varlen": ["--attention", "varlen"],  # PyTorch's varlen FlashAttention: --attention auto's choice since session 5
+    "flex": ["--attention", "flex_attention"],  # the default before session 5: flex attention's block-sparse mask
+    "flex_eager": ["--attention", "flex_attention", "--compile", "off"],
     "varlen_eager": ["--attention", "varlen", "--compile", "off"],
     "varlen_cap24": ["--attention", "varlen"],  # varlen under a 24 GiB cap
     "varlen_nogc_2048": ["--attention", "varlen", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
@@ -235,7 +237,8 @@ def run_variant(args) -> dict:
         trainer, cfg = project_trainer(args, spec, args.data)
         micro = cfg.gradient_accumulation_steps
         extra = {"plan": {"gradient_checkpointing": cfg.gradient_checkpointing, "pack_tokens": cfg.pack_tokens,
-                          "gradient_accumulation_steps": micro, "compile": cfg.compile, "pad_to_budget": cfg.pad_to_budget}}
+                          "gradient_accumulation_steps": micro, "compile": cfg.compile, "pad_to_budget": cfg.pad_to_budget,
+                          "attention": trainer.model.config._attn_implementation}}
     timer = StepTimer()
     trainer.add_callback(timer.callback)
     profiler = None
@@ -285,7 +288,7 @@ def overheads(variants: dict) -> list[dict]:
     for r in variants.values():
         plan = r.get("plan")
         if plan and not r.get("cap_gib"):
-            attention = "varlen" if "varlen" in r["flags"] else "default"
+            attention = plan.get("attention", "varlen" if "varlen" in r["flags"] else "flex_attention")  # (before session 5)
             groups.setdefault((plan["gradient_checkpointing"], plan["compile"] in ("auto", "on"), plan["pad_to_budget"], attention),
                               []).append(r)
     out = []
