@@ -310,7 +310,8 @@ def run_capped(args) -> None:
     built = build_llama(args.model, args.seed)
     llama = Llama(built.model, built.tokenizer, dequantize=dequantize)
     results = {}
-    for side, use_adapter in (("tuned", True), ("base", False)):
+    cold = (("tuned_cold", True),) if engine in ("continuous", "compiled") else ()  # compilation out of the warm figures
+    for side, use_adapter in cold + (("tuned", True), ("base", False)):
         r = timed(llama, prompts, None, True, args.new_tokens, use_adapter, engine)
         r.pop("answers")
         results[side] = r | {"cap_gib": args.cap_gib, "dequantize": dequantize, "dequantized": llama._dequantized}
