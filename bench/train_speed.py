@@ -10,6 +10,10 @@ commonly run (`baseline`), well tuned (`hf_tuned`, `hf_tuned_nogc`: issue 12's e
 main.py itself with flags (`default` = `python main.py`, its memory plan and `--compile auto` included; `eager` =
 the same with `--compile off`; `default_cap24`/`_cap40` under a per-process memory cap, acting as a 24 / 40 GB card).
 
+Timing (from session 6): every variant logs every --logging-steps (10, main.py's default) and the GPU is synchronized only at
+the ends of the timed window, as in a real run; sessions 1-5 logged and synchronized at every step (--logging-steps 1
+--sync-every-step), which leaves the GPU idle while the host prepares each next step. Per-step losses: loss_parity.py.
+
 Reported per variant: tokens/s (non-padding tokens) and its ratio to baseline, hf_tuned and
 hf_tuned_nogc; seconds and tokens per optimizer step and per micro-batch; peak GPU memory; MFU
 (4 x parameters per token + attention, over 989 TFLOP/s bf16 dense on an H100 SXM); the plan main.py
@@ -125,9 +129,11 @@ def cuda() -> bool:
 
 
 class StepTimer:
-    """Trainer callback: wall time and tokens at every optimizer step (CUDA synchronised: the same sync in every variant)."""
+    """Trainer callback: wall time and tokens at every optimizer step. The device is synchronized only at the steps in
+    `sync_at` (the two ends of the timed window), as a run that logs every --logging-steps steps never waits for it in
+    between; sync_at None: at every step (the method of sessions 1-5, which exposes the host's per-step work)."""
 
-    def __init__(self):
+    def __init__(self, sync_at: set[int] | None = None):
         from transformers import TrainerCallback
 
         timer = self
@@ -136,10 +142,10 @@ class StepTimer:
             def on_step_end(self, args, state, control, **kw):
                 import torch
 
-                if cuda():
+                if cuda() and (sync_at is None or state.global_step in sync_at):
                     torch.cuda.synchronize()
                 timer.marks.append((time.perf_counter(), state.num_input_tokens_seen, state.global_step))
-                if state.log_history and "loss" in state.log_history[-1]:
+                if state.log_history and "loss" in state.log_history[-1] and state.log_history[-1].get("step") == state.global_step:
                     timer.losses[state.global_step] = state.log_history[-1]["loss"]
 
         self.marks: list[tuple[float, int, int]] = []
@@ -177,7 +183,7 @@ def hf_trainer(args, setup: str, train_ds, tokenizer):
         output_dir=f"/tmp/bench-{setup}", per_device_train_batch_size=s["batch"], gradient_accumulation_steps=1,
         gradient_checkpointing=s["gc"], gradient_checkpointing_kwargs={"use_reentrant": False} if s["gc"] and not s["kbit"] else None,
         train_sampling_strategy=s["sampling"], use_liger_kernel=s["liger"] and on_gpu, bf16=on_gpu, use_cpu=not on_gpu,
-        max_steps=args.steps + args.profile_steps, learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to=[],
+        max_steps=args.steps + args.profile_steps, learning_rate=2e-4, logging_steps=args.logging_steps, save_strategy="no", report_to=[],
         include_num_input_tokens_seen="non_padding", seed=args.seed, data_seed=args.seed, label_names=["labels"], disable_tqdm=True)
     return Trainer(model=model, args=targs, train_dataset=train_ds, data_collator=make_collator(tokenizer), processing_class=tokenizer)
 
@@ -197,7 +203,8 @@ def project_trainer(args, flags, data_path):
 
     cfg, parsed = parse_config(TrainConfig, ["--base-model", args.model, "--dataset", data_path, "--output-dir", "/tmp/bench-project",
                                              "--max-steps", str(args.steps + args.profile_steps), "--eval-steps", "0",
-                                             "--save-steps", "100000", "--logging-steps", "1", "--val-fraction", "0", *flags], "bench")
+                                             "--save-steps", "100000", "--logging-steps", str(args.logging_steps),
+                                             "--val-fraction", "0", *flags], "bench")
     cfg = apply_memory_plan(dataclasses.replace(cfg, seed=args.seed), parsed.explicit)
     model, tokenizer, _ = load_for_training(cfg)
     train_ds, val_ds, _ = prepare_data(cfg, load_records(data_path), tokenizer)
@@ -239,7 +246,7 @@ def run_variant(args) -> dict:
         extra = {"plan": {"gradient_checkpointing": cfg.gradient_checkpointing, "pack_tokens": cfg.pack_tokens,
                           "gradient_accumulation_steps": micro, "compile": cfg.compile, "pad_to_budget": cfg.pad_to_budget,
                           "attention": trainer.model.config._attn_implementation}}
-    timer = StepTimer()
+    timer = StepTimer(None if args.sync_every_step else {args.warmup, args.steps})
     trainer.add_callback(timer.callback)
     profiler = None
     if args.profile_steps:  # after the timed steps, so that the profiler's overhead stays out of the timing
@@ -323,7 +330,8 @@ def run_child(args, name: str, data: str, mean_context: float, mean_record: floa
     profile = args.profile_steps_n if name in args.profile.split(",") else 0
     cmd = [sys.executable, __file__, "--model", args.model, "--variant", name, "--data", data, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seed", str(args.seed), "--mean-context", str(mean_context), "--mean-record", str(mean_record),
-           "--profile-steps", str(profile), "--out", args.out]
+           "--profile-steps", str(profile), "--out", args.out, "--logging-steps", str(args.logging_steps),
+           *(["--sync-every-step"] if args.sync_every_step else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     with open(os.path.join(args.out_dir, f"{name}.log"), "w") as fh:
         fh.write(proc.stdout + "\n" + proc.stderr)
@@ -345,6 +353,10 @@ def main() -> None:
                         help="Comma-separated, run in this order: " + ", ".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=10, help="Optimizer steps per variant (timed: warmup+1 .. steps).")
     parser.add_argument("--warmup", type=int, default=3, help="Steps excluded from timing.")
+    parser.add_argument("--logging-steps", type=int, default=10,
+                        help="Every variant logs its loss every N steps (main.py's default; each log reads the GPU). Sessions 1-5: 1.")
+    parser.add_argument("--sync-every-step", action="store_true",
+                        help="Synchronize the GPU at every step (sessions 1-5) instead of only at the ends of the timed window.")
     parser.add_argument("--records", type=int, default=3000, help="Synthetic records.")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--profile", default="default", help="Variants profiled after their timed steps (trace.json.gz, summary.json).")
