@@ -37,7 +37,8 @@ def generation_kwargs(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 
     return kwargs | extra
 
 
-ENGINES = ("auto", "padded", "evict", "static", "compiled", "continuous")
+ENGINES = ("auto", "padded", "evict", "static", "compiled", "flash", "compiled_flash", "continuous")
+STATIC_ENGINES = ("static", "compiled", "flash", "compiled_flash")  # decode_static, with or without its two options
 
 
 def pick_engine(engine: str, device: torch.device, greedy: bool, four_bit: bool = False) -> str:
@@ -47,7 +48,10 @@ def pick_engine(engine: str, device: torch.device, greedy: bool, four_bit: bool 
 
     static: a static KV cache, the decode step captured in a CUDA graph per batch. compiled: static with the decoder
     layers compiled for the decode steps (decoder_step_layers: Inductor fuses the element-wise kernels, ~40% of a decode
-    step's GPU time on an H200; compiling takes time once per process; not yet measured on a GPU). continuous:
+    step's GPU time; 1.14x static on an H200, after ~8 s of compilation per process). flash, compiled_flash: static,
+    compiled with each row's query attending only to its own cache positions (flash_decode_attention: FlashAttention's
+    variable-length kernel reading the cache in place) instead of SDPA over the whole cache with a mask; not yet
+    measured on a GPU. continuous:
     transformers' generate_batch (paged attention, a finished sequence frees its slot at once), 3.6x slower than static
     on an H200. All decode greedily.
     """
@@ -136,8 +140,9 @@ def generate_batch(
     """One left-padded batch: through model.generate (padded), decode_static (static, compiled) or decode_evicting (evict)."""
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    if engine in ("static", "compiled"):
-        rows = decode_static(model, tokenizer, batch, stop_strings or [], stats=stats, compiled=engine == "compiled", **generation)
+    if engine in STATIC_ENGINES:
+        rows = decode_static(model, tokenizer, batch, stop_strings or [], stats=stats, compiled=engine.startswith("compiled"),
+                             flash=engine.endswith("flash"), **generation)
     elif engine == "evict":
         rows = decode_evicting(model, tokenizer, batch, stop_strings or [], **generation)
     else:
@@ -188,7 +193,7 @@ def decode_evicting(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
 @torch.inference_mode()
 def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: Any, stop_strings: list[str],
                   max_new_tokens: int = 256, min_new_tokens: int = 0, cuda_graphs: bool | None = None, check_every: int = 8,
-                  compiled: bool = False, stats: dict | None = None, **_: Any) -> list[list[int]]:
+                  compiled: bool = False, flash: bool = False, stats: dict | None = None, **_: Any) -> list[list[int]]:
     """Greedy decoding with a static KV cache (prompt + max_new_tokens, allocated once) and, on CUDA, the decode step
     captured once per batch in a CUDA graph and replayed: one launch per generated token instead of ~1,000 kernels
     launched from Python, which is what bounds the eager decoders at eval.py's batch sizes.
@@ -199,7 +204,8 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     decoding until every row has ended (checked every `check_every` steps); each row is then cut where decode_evicting
     would have ended it, so `raw` is the same too.
     cuda_graphs None: on CUDA. Without graphs (a CPU) the same steps run eagerly. compiled: the decode steps run the
-    decoder layers compiled (decoder_step_layers); the prompt runs eagerly. stats (a dict): "captures" and the host
+    decoder layers compiled (decoder_step_layers); the prompt runs eagerly. flash: the decode steps attend through
+    flash_decode_attention (each row reads only its own cache positions, in place; no mask). stats (a dict): "captures" and the host
     seconds of the captures' warm-up (with compiled, the first one compiles), recording and instantiation
     ("capture_*_s") added up, for the benchmark.
     """
@@ -228,14 +234,25 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     history[:, 0] = next_tokens(logits, 0)
     step_ids, step_positions, step_mask = history[:, :1].clone(), positions[:, -1:] + 1, visible[:, None, None]
 
+    bounds: dict[str, torch.Tensor] = {}
+    if flash:  # each row's cache positions: from its first real prompt token to the token fed now (grows by 1 a step)
+        relayout_cache(cache)
+        padding = (~mask).sum(-1)
+        row_starts = torch.arange(rows, device=device) * length + padding
+        bounds = {"decode_cu_q": torch.arange(rows + 1, device=device, dtype=torch.int32),
+                  "decode_starts": torch.cat([row_starts, row_starts.new_tensor([rows * length])]).to(torch.int32),
+                  "decode_lengths": (prompt + 1 - padding).to(torch.int32)}
+
     def forward() -> torch.Tensor:
         return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions, past_key_values=cache,
-                     logits_to_keep=1).logits[:, -1]
+                     logits_to_keep=1, **bounds).logits[:, -1]
 
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
     if compiled:
         forward = decoder_step_layers(model, forward, cache)
+    if flash:
+        forward = with_attention(model, FLASH_DECODE, forward)
     times: dict[str, float] = {}
     replay = capture_decode_step(forward, cache, prompt, times) if cuda_graphs and max_new_tokens > 1 else forward
     ends: dict[int, int] = {}  # row -> its length: the first step at which decode_evicting would have ended it (row_ended)
@@ -257,6 +274,8 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
         history[:, step] = tokens
         step_ids.copy_(tokens[:, None])
         step_positions.add_(1)
+        if flash:
+            bounds["decode_lengths"].add_(1)
         if (step + 1) % check_every == 0 and step + 1 >= min_new_tokens:
             cut = check(step + 1)
             if len(ends) == rows:
@@ -268,6 +287,77 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
         for name, seconds in times.items():
             stats[name] = stats.get(name, 0.0) + seconds
     return cut
+
+
+FLASH_DECODE = "flash_decode"  # the attn_implementation of the flash engines' decode steps (with_attention)
+
+
+def relayout_cache(cache: Any) -> None:
+    """Each layer's keys and values copied into a (rows, length, heads, dim) buffer and kept as a (rows, heads, length,
+    dim) view of it: the shape every transformers cache path expects, the layout FlashAttention's variable-length
+    kernel reads in place (flash_decode_attention). One layer at a time, after the prompt has filled the cache."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.transpose(1, 2).contiguous().transpose(1, 2)
+        layer.values = layer.values.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def flash_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                           **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface for the flash engines' decode steps: row r's one query attends to the cache
+    positions decode_starts[r] .. + decode_lengths[r] of the flattened (rows x length) cache (its first real prompt token
+    to the token fed now), no mask and no other position read. The cache must be laid out by relayout_cache. On CUDA in
+    16 bits: FlashAttention's variable-length kernel (seqused_k); elsewhere the same attention through SDPA and a mask."""
+    cu_q, starts, lengths = kwargs.get("decode_cu_q"), kwargs.get("decode_starts"), kwargs.get("decode_lengths")
+    if cu_q is None or starts is None or lengths is None:
+        raise ValueError("flash decode attention needs decode_cu_q, decode_starts and decode_lengths (generation.decode_static)")
+    rows, heads, _, dim = query.shape
+    length = key.shape[2]
+    k, v = key.transpose(1, 2), value.transpose(1, 2)  # (rows, length, kv heads, dim)
+    if not (k.is_contiguous() and v.is_contiguous()):
+        raise ValueError("flash decode attention reads the cache in place: lay it out with generation.relayout_cache first")
+    q = query.transpose(1, 2).reshape(rows, heads, dim)
+    k, v = k.reshape(rows * length, k.shape[2], dim), v.reshape(rows * length, v.shape[2], dim)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, starts, 1, length, 0.0, False, False, scale=scaling,
+                                                      seqused_k=lengths)[0]
+    else:
+        out = masked_decode_attention(q, k, v, starts, lengths, length, scaling)
+    return out.view(rows, 1, heads, dim), None
+
+
+def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                            length: int, scale: float | None) -> torch.Tensor:
+    """flash_decode_attention's attention through SDPA and a boolean mask (the CPU; traceable: no host sync)."""
+    rows, heads, dim = q.shape
+    kr, vr = (t.view(rows, length, -1, dim).transpose(1, 2) for t in (k, v))
+    first = starts[:-1] - torch.arange(rows, device=q.device) * length
+    position = torch.arange(length, device=q.device)[None]
+    visible = (position >= first[:, None]) & (position < (first + lengths)[:, None])
+    out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kr, vr, attn_mask=visible[:, None, None], scale=scale,
+                                                           enable_gqa=heads != kr.shape[1])
+    return out[:, :, 0]
+
+
+def with_attention(model: torch.nn.Module, name: str, forward: Any) -> Any:
+    """forward() with the model's attention implementation set to `name` (registered with transformers once), then back."""
+    from transformers import AttentionInterface
+
+    from compile_layers import decoder_layers
+
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, flash_decode_attention)
+    config = decoder_layers(model)[0].self_attn.config
+
+    def run() -> torch.Tensor:
+        before = config._attn_implementation
+        config._attn_implementation = name
+        try:
+            return forward()
+        finally:
+            config._attn_implementation = before
+
+    return run
 
 
 class LayerCache:

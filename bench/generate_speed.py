@@ -18,7 +18,8 @@ Variants, in this order on the same weights (JSON written after each):
   "tuned_vs_base"); static captures its decode step per batch (part of every timed run: no cold run);
 - ENGINE static_unplanned: static with each batch sized for its own longest prompt, as before generation.plan_batches;
   compiled (static with the decoder layers compiled for the decode steps) runs compiled_tuned_cold first, which carries
-  the compilation;
+  the compilation; flash / compiled_flash: static / compiled with each row attending only to its own cache positions
+  (generation.flash_decode_attention), compiled_flash with a cold run first too;
 - BEST_tuned_24gb / BEST_base_24gb ("cap" in --engines): the fastest warm engine so far as a 24 GB card runs it: a child
   process capped with torch.cuda.set_per_process_memory_fraction (--cap-gib) before it loads anything, the model
   loaded and its 16-bit copy made or not as eval.py decides (Llama's dequantize="auto"), and the same with the copy
@@ -157,7 +158,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="generate_speed.json", help="JSON results (rewritten after every variant).")
     parser.add_argument("--prompts", type=int, default=256, help="Dolly-like prompts for the merge-on-switch variants.")
     parser.add_argument("--new-tokens", type=int, default=256, help="Tokens generated per prompt (forced: no early EOS).")
-    parser.add_argument("--engines", default="static,compiled,static_unplanned,cap,continuous,evict,continuous_nographs",
+    parser.add_argument("--engines",
+                        default="compiled_flash,flash,compiled,static,cap,static_unplanned,continuous,evict,continuous_nographs",
                         help="Decoding engines to measure, in this order (generation.pick_engine; static_unplanned: static with "
                              "each batch sized for its own longest prompt (before plan_batches); continuous_nographs: "
                              "continuous batching with transformers' own CUDA-graph choice, off for SDPA).")
@@ -243,7 +245,7 @@ def main() -> None:
             cap_variant(prompts, args, results, record)
             continue
         # compiled engines: a cold fine-tuned run first (compilation, CUDA graph capture), then base and fine-tuned warm
-        sides = (("tuned_cold", True),) if engine in ("continuous", "compiled") else ()
+        sides = (("tuned_cold", True),) if engine in ("continuous", "compiled", "compiled_flash") else ()
         for side, use_adapter in sides + (("base", False), ("tuned", True)):
             if time.perf_counter() - start < args.budget_s:
                 try:
@@ -310,7 +312,7 @@ def run_capped(args) -> None:
     built = build_llama(args.model, args.seed)
     llama = Llama(built.model, built.tokenizer, dequantize=dequantize)
     results = {}
-    cold = (("tuned_cold", True),) if engine in ("continuous", "compiled") else ()  # compilation out of the warm figures
+    cold = (("tuned_cold", True),) if engine in ("continuous", "compiled", "compiled_flash") else ()  # compilation out of the warm figures
     for side, use_adapter in cold + (("tuned", True), ("base", False)):
         r = timed(llama, prompts, None, True, args.new_tokens, use_adapter, engine)
         r.pop("answers")

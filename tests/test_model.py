@@ -321,10 +321,54 @@ def test_static_decoder_gives_the_evicting_decoders_answers(trained):
     assert len({len(g["raw"]) for g in evict}) > 1  # the last case: rows end at different steps (raw: up to the end)
 
 
+def test_flash_engine_gives_the_static_engines_answers(trained, monkeypatch):
+    """engine="flash": the decode steps attend only to each row's own cache positions (flash_decode_attention; on the
+    CPU its masked form) in the relaid cache: static's answers, rows of different left padding, stop strings, forced
+    length; the attention implementation is SDPA again afterwards."""
+    model, tokenizer, _, _ = trained
+    llama = Llama(model, tokenizer)
+    config = generation_layers(model)[0].self_attn.config
+    before = config._attn_implementation
+    calls = []
+    masked = generation.masked_decode_attention
+    monkeypatch.setattr(generation, "masked_decode_attention", lambda *a, **k: calls.append(a[0].shape[0]) or masked(*a, **k))
+    for kwargs in ({"max_new_tokens": 12}, {"max_new_tokens": 12, "stop_strings": [" the", "."]},
+                   {"max_new_tokens": 6, "min_new_tokens": 6}):
+        static = llama.generate(QUESTIONS, batch_size=3, engine="static", **kwargs)
+        assert not calls  # static: SDPA over the whole cache
+        assert llama.generate(QUESTIONS, batch_size=3, engine="flash", **kwargs) == static, kwargs
+        assert calls and config._attn_implementation == before
+        calls.clear()
+
+
+def test_flash_decode_attention_reads_each_rows_span_of_the_flat_cache():
+    """The kernel's contract (FlashAttention's cu_seqlens_k as each row's first position in the flattened rows x length
+    cache, seqused_k as how many follow), checked against per-row attention computed by hand, with two KV heads shared
+    by four query heads."""
+    torch.manual_seed(0)
+    rows, length, heads, kv_heads, dim = 3, 7, 4, 2, 8
+    keys, values = torch.randn(rows, length, kv_heads, dim), torch.randn(rows, length, kv_heads, dim)
+    query = torch.randn(rows, heads, 1, dim)
+    first, used = [0, 2, 5], [4, 5, 2]
+    starts = torch.tensor([r * length + f for r, f in enumerate(first)] + [rows * length], dtype=torch.int32)
+    out, _ = generation.flash_decode_attention(None, query, keys.transpose(1, 2), values.transpose(1, 2), None, scaling=0.3,
+                                               decode_cu_q=torch.arange(rows + 1, dtype=torch.int32), decode_starts=starts,
+                                               decode_lengths=torch.tensor(used, dtype=torch.int32))
+    for r in range(rows):
+        for h in range(heads):
+            k, v = keys[r, first[r] : first[r] + used[r], h // 2], values[r, first[r] : first[r] + used[r], h // 2]
+            expected = torch.softmax(query[r, h, 0] @ k.T * 0.3, -1) @ v
+            torch.testing.assert_close(out[r, 0, h], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="relayout_cache"):  # a cache in transformers' own layout is refused
+        generation.flash_decode_attention(None, query, keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous(), None,
+                                          decode_cu_q=torch.arange(rows + 1, dtype=torch.int32), decode_starts=starts,
+                                          decode_lengths=torch.tensor(used, dtype=torch.int32))
+
+
 @pytest.mark.slow
 def test_compiled_engine_gives_the_static_engines_answers_and_compiles_once(trained):
-    """engine="compiled": the decode steps run the decoder layers compiled (one graph for all layers, dynamic shapes),
-    the prompt and the other engines eager. The same answers as static across batches of different rows and lengths,
+    """engine="compiled" (and compiled_flash): the decode steps run the decoder layers compiled (one graph for all layers,
+    dynamic shapes), the prompt and the other engines eager. The same answers as static across batches of different rows and lengths,
     stop strings and forced length; the layers' forward is the class's again afterwards."""
     model, tokenizer, _, _ = trained
     llama = Llama(model, tokenizer)
@@ -333,14 +377,16 @@ def test_compiled_engine_gives_the_static_engines_answers_and_compiles_once(trai
                    {"max_new_tokens": 6, "min_new_tokens": 6}):
         static = llama.generate(QUESTIONS, batch_size=2, engine="static", **kwargs)  # batches of 2 rows, then 1
         assert llama.generate(QUESTIONS, batch_size=2, engine="compiled", **kwargs) == static, kwargs
+        assert llama.generate(QUESTIONS, batch_size=2, engine="compiled_flash", **kwargs) == static, kwargs
         assert "forward" not in layer.__dict__  # eager again outside the decode steps
     assert len(model.__dict__["_decode_step_layers"]) == len(generation_layers(model))
     assert [m.self_attn.layer_idx for m in generation_layers(model)] == list(range(len(generation_layers(model))))
-    # one compiled variant for batches of 2 rows, one for 1 row (a size-1 dimension is specialized), whatever the number
-    # of layers: no layer index reaches the graph (on a GPU a 32-layer model hit the recompile limit of 8 before)
+    # per engine (compiled, compiled_flash: another attention), one compiled variant for batches of 2 rows and one for 1
+    # row (a size-1 dimension is specialized), whatever the number of layers: no layer index reaches the graph (on a GPU
+    # a 32-layer model hit the recompile limit of 8 before)
     from compile_layers import compiled_entries
 
-    assert compiled_entries(type(layer).forward.__code__) == 2
+    assert compiled_entries(type(layer).forward.__code__) == 4
 
 
 def generation_layers(model):
@@ -362,6 +408,32 @@ def test_compiled_engine_replays_compiled_layers_in_a_cuda_graph(trained):
         compiled = llama.generate(QUESTIONS, batch_size=3, engine="compiled", use_adapter=use_adapter, stats=stats, max_new_tokens=3,
                                   min_new_tokens=3)
         assert compiled == static and stats["captures"] == 1
+
+
+@pytest.mark.gpu
+def test_flash_decode_kernel_matches_the_masked_attention_and_the_engine_static(trained):
+    """On CUDA, flash_decode_attention runs FlashAttention's variable-length kernel (seqused_k): its output equals the
+    masked SDPA form on rows with different first positions and lengths (bf16 tolerance); engine="flash" and
+    "compiled_flash" (graphs captured) give static's 3-token answers, fine-tuned and base."""
+    torch.manual_seed(0)
+    rows, length, heads, dim = 5, 300, 4, 128
+    cache = torch.randn(2, rows, length, heads, dim, device="cuda", dtype=torch.bfloat16)
+    query = torch.randn(rows, heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+    first, used = torch.tensor([0, 17, 150, 3, 299]), torch.tensor([300, 120, 150, 1, 1])
+    bounds = {"decode_cu_q": torch.arange(rows + 1, dtype=torch.int32, device="cuda"),
+              "decode_starts": torch.cat([torch.arange(rows) * length + first, torch.tensor([rows * length])]).int().cuda(),
+              "decode_lengths": used.int().cuda()}
+    out, _ = generation.flash_decode_attention(None, query, cache[0].transpose(1, 2), cache[1].transpose(1, 2), None, **bounds)
+    q, k, v = query.transpose(1, 2).reshape(rows, heads, dim), cache[0].reshape(-1, heads, dim), cache[1].reshape(-1, heads, dim)
+    expected = generation.masked_decode_attention(q, k, v, bounds["decode_starts"], bounds["decode_lengths"], length, None)
+    torch.testing.assert_close(out[:, 0], expected, rtol=2e-2, atol=2e-2)
+    _, _, out_dir, _ = trained
+    llama = Llama.load_pretrained_model(out_dir)
+    for use_adapter in (True, False):
+        gen = {"use_adapter": use_adapter, "max_new_tokens": 3, "min_new_tokens": 3}
+        static = llama.generate(QUESTIONS, batch_size=3, engine="static", **gen)
+        assert llama.generate(QUESTIONS, batch_size=3, engine="flash", **gen) == static
+        assert llama.generate(QUESTIONS, batch_size=3, engine="compiled_flash", **gen) == static
 
 
 @pytest.mark.gpu
