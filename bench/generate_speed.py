@@ -22,7 +22,8 @@ Variants, in this order on the same weights (JSON written after each):
   (generation.flash_decode_attention), compiled_flash with a cold run first too;
 - BEST_tuned_24gb / BEST_base_24gb ("cap" in --engines): the fastest warm engine so far as a 24 GB card runs it: a child
   process capped with torch.cuda.set_per_process_memory_fraction (--cap-gib) before it loads anything, the model
-  loaded and its 16-bit copy made or not as eval.py decides (Llama's dequantize="auto"), and the same with the copy
+  loaded and its 16-bit copy made or not as eval.py decides (Llama's dequantize="auto"; the engine is named, not
+  eval.py's auto, which answers with evict on a 4-bit base), and the same with the copy
   forced (BEST_tuned_24gb_copy) when auto made none; out-of-memory retries counted ("oom_retries");
 - then (--profile-prompts, CUDA) one static fine-tuned run of that many prompts x 64 new tokens under torch.profiler:
   the kernels by GPU time in OUT-static-profile.txt.

@@ -437,6 +437,21 @@ def test_flash_decode_kernel_matches_the_masked_attention_and_the_engine_static(
 
 
 @pytest.mark.gpu
+def test_static_engines_on_a_4bit_base_give_the_evicting_decoders_answers(trained):
+    """A base kept in 4 bits (dequantize="no", what a 24 GB card gets under dequantize="auto"): its bitsandbytes layers
+    inside the decode step's CUDA graph (static, compiled, flash) give evict's answers, fine-tuned (LoRA unmerged) and
+    base. auto still picks evict there until this has passed on a GPU (generation.pick_engine)."""
+    _, _, out, _ = trained
+    llama = Llama.load_pretrained_model(out, dequantize="no")
+    for use_adapter in (True, False):
+        gen = {"use_adapter": use_adapter, "max_new_tokens": 3, "min_new_tokens": 3}
+        evict = llama.generate(QUESTIONS, batch_size=3, engine="evict", **gen)
+        for engine in ("static", "compiled", "flash"):
+            assert llama.generate(QUESTIONS, batch_size=3, engine=engine, **gen) == evict, (engine, use_adapter)
+    assert generation.linear4bit_modules(llama.model)  # still 4-bit throughout
+
+
+@pytest.mark.gpu
 def test_static_decoder_replays_a_cuda_graph_with_the_evicting_decoders_answers(trained):
     """On CUDA engine="static" captures the decode step in a CUDA graph (generation.capture_decode_step) and replays it:
     the same answers as engine="evict", fine-tuned (merged on switch) and base, stop strings and forced length."""
