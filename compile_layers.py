@@ -54,15 +54,23 @@ def compile_decoder_layers(model: torch.nn.Module, mode: str = "default", dynami
 
     use_inductor_cache()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
-    torch._dynamo.config.suppress_errors = False  # never fall back to eager silently
-    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
+    never_fall_back()
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(mode=None if mode == "default" else mode, dynamic=dynamic, fullgraph=True)
     return {"layers": len(layers), "code": type(layers[0]).forward.__code__, "mode": mode}
+
+
+def never_fall_back() -> None:
+    """Dynamo errors instead of running eager silently: no suppressed compile errors, a recompile-limit hit raises
+    (training's layers here, generation's decode steps in generation.py)."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = False
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 
 def use_inductor_cache() -> None:

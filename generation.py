@@ -51,9 +51,8 @@ def pick_engine(engine: str, device: torch.device, greedy: bool, four_bit: bool 
     step's GPU time; 1.14x static on an H200, after ~8 s of compilation per process). flash, compiled_flash: static,
     compiled with each row's query attending only to its own cache positions (flash_decode_attention: FlashAttention's
     variable-length kernel reading the cache in place) instead of SDPA over the whole cache with a mask; not yet
-    measured on a GPU. continuous:
-    transformers' generate_batch (paged attention, a finished sequence frees its slot at once), 3.6x slower than static
-    on an H200. All decode greedily.
+    measured on a GPU. continuous: transformers' generate_batch (paged attention, a finished sequence frees its slot at
+    once), 3.6x slower than static on an H200. All decode greedily.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)} (got {engine!r})")
@@ -81,7 +80,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     chosen = pick_engine(engine, model.device, greedy, four_bit=engine == "auto" and bool(linear4bit_modules(model)))
     if chosen == "continuous" and prompts:
         return generate_continuous(model, tokenizer, prompts, progress=progress, **generation)
-    fallback = engine == "auto" and chosen == "static"  # (compiled is never auto's choice: not yet measured)
+    fallback = engine == "auto" and chosen == "static"
     engine = chosen
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
@@ -252,7 +251,7 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     if compiled:
         forward = decoder_step_layers(model, forward, cache)
     if flash:
-        forward = with_attention(model, FLASH_DECODE, forward)
+        forward = with_flash_decode_attention(model, forward)
     times: dict[str, float] = {}
     replay = capture_decode_step(forward, cache, prompt, times) if cuda_graphs and max_new_tokens > 1 else forward
     ends: dict[int, int] = {}  # row -> its length: the first step at which decode_evicting would have ended it (row_ended)
@@ -289,7 +288,7 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     return cut
 
 
-FLASH_DECODE = "flash_decode"  # the attn_implementation of the flash engines' decode steps (with_attention)
+FLASH_DECODE = "flash_decode"  # the attn_implementation of the flash engines' decode steps (with_flash_decode_attention)
 
 
 def relayout_cache(cache: Any) -> None:
@@ -339,19 +338,19 @@ def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     return out[:, :, 0]
 
 
-def with_attention(model: torch.nn.Module, name: str, forward: Any) -> Any:
-    """forward() with the model's attention implementation set to `name` (registered with transformers once), then back."""
+def with_flash_decode_attention(model: torch.nn.Module, forward: Any) -> Any:
+    """forward() with the model's attention implementation set to flash_decode_attention (registered with transformers
+    as FLASH_DECODE), then back to what it was."""
     from transformers import AttentionInterface
 
     from compile_layers import decoder_layers
 
-    if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, flash_decode_attention)
+    AttentionInterface.register(FLASH_DECODE, flash_decode_attention)
     config = decoder_layers(model)[0].self_attn.config
 
     def run() -> torch.Tensor:
         before = config._attn_implementation
-        config._attn_implementation = name
+        config._attn_implementation = FLASH_DECODE
         try:
             return forward()
         finally:
@@ -380,16 +379,12 @@ def decoder_step_layers(model: torch.nn.Module, forward: Any, cache: Any) -> Any
     LayerCache over `cache`'s layer), so one compiled graph serves them all; the compiled functions are made once per
     model and kept on it, so the prompt (run before) and the other engines stay eager. Inductor's cache as for
     training (use_inductor_cache)."""
-    import torch._dynamo
-
-    from compile_layers import decoder_layers, use_inductor_cache
+    from compile_layers import decoder_layers, never_fall_back, use_inductor_cache
 
     layers = decoder_layers(model)
     if "_decode_step_layers" not in model.__dict__:
         use_inductor_cache()
-        torch._dynamo.config.suppress_errors = False
-        if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
-            torch._dynamo.config.fail_on_recompile_limit_hit = True
+        never_fall_back()
         model.__dict__["_decode_step_layers"] = [torch.compile(layer.forward, dynamic=True, fullgraph=True) for layer in layers]
     compiled = model.__dict__["_decode_step_layers"]
 

@@ -63,8 +63,16 @@ def attention_choice(choice: str, packing: bool, rt: Runtime) -> str:
 
 def varlen_available() -> bool:
     """PyTorch's varlen FlashAttention can run here: torch >= 2.10 and a CUDA GPU of compute capability 8.0+."""
-    return (importlib.util.find_spec("torch.nn.attention.varlen") is not None and torch.cuda.is_available()
-            and torch.cuda.get_device_capability() >= (8, 0))
+    return varlen_problem() is None
+
+
+def varlen_problem() -> str | None:
+    """Why PyTorch's varlen FlashAttention cannot run here (a one-line error), or None."""
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return f"--attention varlen needs torch >= 2.10 (torch.nn.attention.varlen); this is torch {torch.__version__}"
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        return "--attention varlen needs a CUDA GPU of compute capability 8.0 or later (FlashAttention); use --attention auto"
+    return None
 
 
 def register_varlen(kernel: Any = None) -> None:
@@ -78,10 +86,9 @@ def register_varlen(kernel: Any = None) -> None:
 
     global _varlen_kernel
     if kernel is None:
-        if importlib.util.find_spec("torch.nn.attention.varlen") is None:
-            raise UserError(f"--attention varlen needs torch >= 2.10 (torch.nn.attention.varlen); this is torch {torch.__version__}")
-        if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
-            raise UserError("--attention varlen needs a CUDA GPU of compute capability 8.0 or later (FlashAttention); use --attention auto")
+        problem = varlen_problem()
+        if problem:
+            raise UserError(problem)
         kernel = flash_varlen_kernel()
     _varlen_kernel = kernel
     AttentionInterface.register(VARLEN, varlen_attention)

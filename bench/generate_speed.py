@@ -67,6 +67,7 @@ def build_llama(model_path: str, seed: int, gguf_file: str | None = None):
     return Llama(model, load_tokenizer(model_path), dequantize="no")
 
 
+COLD_FIRST = ("continuous", "compiled", "compiled_flash")  # engines that compile: a cold fine-tuned run first, not in the warm figures
 BANDWIDTH_TBS = {"H200": 4.8, "H100 PCIe": 2.0, "H100": 3.35, "A100": 2.0, "L4": 0.3, "4090": 1.0}  # spec sheets, TB/s
 
 
@@ -82,6 +83,17 @@ def bandwidth_limit(model, batch: int, mean_context: float) -> dict:
     step_bytes = weights + batch * kv
     return {"card": name, "bandwidth_tbs": tbs, "step_gb": step_bytes / 1e9,
             "limit_tokens_per_s": batch * tbs * 1e12 / step_bytes if tbs else None}
+
+
+def bench_prompts(n: int, seed: int) -> list[str]:
+    """The bench's dolly-like prompts (train_speed.make_records' lengths, the project's template), shuffled."""
+    from train_speed import make_records
+
+    from dataset import create_question
+
+    prompts = [create_question(r) for r in make_records(n, seed)]
+    random.Random(seed).shuffle(prompts)
+    return prompts
 
 
 def gpu_sync() -> None:
@@ -191,9 +203,8 @@ def derived(r: dict, llama, mean_context: float, args, reference: dict) -> dict:
 
 def main() -> None:
     import torch
-    from train_speed import make_records, versions
+    from train_speed import versions
 
-    from dataset import create_question
     from generation import dequantized_bytes
     from model import Llama
 
@@ -202,9 +213,7 @@ def main() -> None:
         run_capped(args)
         return
     start = time.perf_counter()
-    rng = random.Random(args.seed)
-    prompts = [create_question(r) for r in make_records(args.prompts, args.seed)]
-    rng.shuffle(prompts)
+    prompts = bench_prompts(args.prompts, args.seed)
     llama = build_llama(args.model, args.seed)
     lengths = sorted(len(ids) for ids in llama.tokenizer(prompts)["input_ids"])
     mean_context = sum(lengths) / len(lengths) + args.new_tokens / 2
@@ -246,7 +255,7 @@ def main() -> None:
             cap_variant(prompts, args, results, record)
             continue
         # compiled engines: a cold fine-tuned run first (compilation, CUDA graph capture), then base and fine-tuned warm
-        sides = (("tuned_cold", True),) if engine in ("continuous", "compiled", "compiled_flash") else ()
+        sides = (("tuned_cold", True),) if engine in COLD_FIRST else ()
         for side, use_adapter in sides + (("base", False), ("tuned", True)):
             if time.perf_counter() - start < args.budget_s:
                 try:
@@ -300,20 +309,16 @@ def cap_variant(prompts: list[str], args, results: dict, record) -> None:
 def run_capped(args) -> None:
     """The child of cap_variant: capped before anything touches the GPU, then load, (maybe) dequantize, generate."""
     import torch
-    from train_speed import make_records
 
-    from dataset import create_question
     from model import Llama
 
     engine, dequantize = args.capped_child.split(":")
     torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
-    rng = random.Random(args.seed)
-    prompts = [create_question(r) for r in make_records(args.prompts, args.seed)]
-    rng.shuffle(prompts)
+    prompts = bench_prompts(args.prompts, args.seed)
     built = build_llama(args.model, args.seed)
     llama = Llama(built.model, built.tokenizer, dequantize=dequantize)
     results = {}
-    cold = (("tuned_cold", True),) if engine in ("continuous", "compiled", "compiled_flash") else ()  # compilation out of the warm figures
+    cold = (("tuned_cold", True),) if engine in COLD_FIRST else ()  # compilation out of the warm figures
     for side, use_adapter in cold + (("tuned", True), ("base", False)):
         r = timed(llama, prompts, None, True, args.new_tokens, use_adapter, engine)
         r.pop("answers")

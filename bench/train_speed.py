@@ -295,8 +295,7 @@ def overheads(variants: dict) -> list[dict]:
     for r in variants.values():
         plan = r.get("plan")
         if plan and not r.get("cap_gib"):
-            attention = plan.get("attention", "varlen" if "varlen" in r["flags"] else "flex_attention")  # (before session 5)
-            groups.setdefault((plan["gradient_checkpointing"], plan["compile"] in ("auto", "on"), plan["pad_to_budget"], attention),
+            groups.setdefault((plan["gradient_checkpointing"], plan["compile"] in ("auto", "on"), plan["pad_to_budget"], plan["attention"]),
                               []).append(r)
     out = []
     for rows in groups.values():
