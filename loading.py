@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from config import CONFIG_NAME, ConfigError, TrainConfig, load_train_config
 from hub import ModelError, explain_load_error, resolve_base_model
 from memory import MemoryProbe, start_recording
-from runtime import Runtime, attention_kernel, fsdp_active, quantization_config, runtime
+from runtime import VARLEN, Runtime, attention_kernel, fsdp_active, padding_mask_hook, quantization_config, runtime
 
 
 def set_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -82,6 +82,8 @@ def load_base_model(
         model.to("cpu")  # Params4bit.to moves its quant_state along; the packed values are unchanged
         torch.cuda.empty_cache()  # a clean allocator: FSDP's per-unit uploads do not land in the holes of the whole model
     model.config.use_cache = True
+    if attention == VARLEN:  # a padding mask of one's own forward pass or generate() would otherwise be dropped
+        model.get_decoder().register_forward_pre_hook(padding_mask_hook, with_kwargs=True)
     MemoryProbe.mark("after load")
     return model
 

@@ -117,15 +117,52 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                      **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention interface for attn_implementation="varlen": one packed row (batch 1) whose record bounds
-    come from the collator (dataset.DocumentBounds: cu_seq_lens_q, max_length_q). Returns (batch, tokens, heads, dim)."""
+    come from the collator (dataset.DocumentBounds: cu_seq_lens_q, max_length_q). Returns (batch, tokens, heads, dim).
+
+    Rows without bounds are ordinary sequences (a forward pass of your own on the training model, a padded batch):
+    they get SDPA with their padding mask, the same attention. Packed rows without bounds are refused: their position
+    ids restart inside the row, and SDPA would let each record attend to the records before it."""
     cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    if cu is None or longest is None or query.shape[0] != 1:
+    if cu is None or longest is None:
+        return unpacked_attention(module, query, key, value, attention_mask, scaling, dropout, kwargs.get("position_ids"))
+    if query.shape[0] != 1:
         raise ValueError("--attention varlen needs packed rows (one row per micro-batch) with their record bounds "
-                         "(cu_seq_lens_q, max_length_q from dataset.DocumentBounds); got none. Use --packing.")
+                         f"(cu_seq_lens_q, max_length_q from dataset.DocumentBounds); got {query.shape[0]} rows. Use --packing.")
     if dropout or (scaling is not None and abs(scaling - query.shape[-1] ** -0.5) > 1e-6):
         raise ValueError("--attention varlen supports neither attention dropout nor a scale other than 1/sqrt(head_dim)")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (1, heads, tokens, dim) -> (tokens, heads, dim)
     return _varlen_kernel(q, k, v, cu, longest, scaling)[None], None
+
+
+def unpacked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float | None, dropout: float,
+                       position_ids: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+    """varlen_attention for rows that are one sequence each (no record bounds): SDPA, causal, or with the 4-D mask that
+    padding_mask_hook made from the padding mask. Packed rows (position ids that restart inside a row) are refused."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None and position_ids is not None and q_len == kv_len and q_len > 1 \
+            and bool((position_ids[..., 1:] <= position_ids[..., :-1]).any()):
+        raise ValueError("--attention varlen needs packed rows (one row per micro-batch) with their record bounds "
+                         "(cu_seq_lens_q, max_length_q from dataset.DocumentBounds); got packed rows without them. "
+                         "Use training.collator's batches, or --attention sdpa.")
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+
+
+def padding_mask_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    """Forward pre-hook on a varlen model's decoder (loading.load_base_model): transformers builds no mask for an
+    attention it has no mask function for and drops a 2-D padding mask, so it is made 4-D here (causal AND a real key;
+    a padding query with no real key sees every key, so nothing turns NaN), which reaches the attention as it is.
+    The training batches carry no mask (packed rows, record bounds): nothing to do for them."""
+    mask = kwargs.get("attention_mask")
+    if mask is None or mask.ndim != 2:
+        return None
+    inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    q_len, kv_len = inputs.shape[1], mask.shape[-1]
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(kv_len - q_len)
+    full = causal[None, None] & mask.bool()[:, None, None, :]
+    return args, kwargs | {"attention_mask": full | ~full.any(-1, keepdim=True)}
 
 
 def quantization_config(quantization: str, rt: Runtime, quant_storage: str = "uint8") -> BitsAndBytesConfig | None:

@@ -131,6 +131,7 @@ def varlen_model(monkeypatch):
     runtime.register_varlen(reference_varlen)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(ensure_tiny_llama(), dtype=torch.float32, attn_implementation="varlen")
+    model.get_decoder().register_forward_pre_hook(runtime.padding_mask_hook, with_kwargs=True)  # as loading.load_base_model does
     model.config.use_cache = False
     return model.eval()
 
@@ -153,9 +154,27 @@ def test_varlen_attention_runs_each_packed_record_on_its_own(varlen_model, tiny_
         varlen_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
 
 
+def test_varlen_model_runs_ordinary_padded_rows_like_sdpa(varlen_model, tiny_model, tiny_tokenizer):
+    """A forward pass of one's own on the varlen training model (no record bounds: a left-padded batch, one row without a
+    mask, and a cached generation step) gets SDPA's logits at every real position, not an error and not NaN."""
+    tiny_tokenizer.padding_side = "left"
+    batch = tiny_tokenizer(["### Response:\nParis is the capital of France.", "Hello"], return_tensors="pt", padding=True)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        for inputs in (batch, {"input_ids": batch["input_ids"][:1]}):
+            varlen, sdpa = varlen_model(**inputs).logits, tiny_model(**inputs).logits
+            keep = real[: len(varlen)] if "attention_mask" in inputs else torch.ones(varlen.shape[:2], dtype=torch.bool)
+            assert torch.isfinite(varlen).all()
+            torch.testing.assert_close(varlen[keep], sdpa[keep], rtol=1e-5, atol=1e-5)
+        models = {"varlen": varlen_model, "sdpa": tiny_model}
+        generated = {name: m.generate(**batch, max_new_tokens=3, do_sample=False) for name, m in models.items()}
+    assert generated["varlen"].tolist() == generated["sdpa"].tolist()
+
+
 def test_the_varlen_training_model_gets_the_bounds_through_peft_and_the_collator(tiny_tokenizer, monkeypatch):
     """main.py's path with --attention varlen (4-bit base + LoRA from load_for_training, training.collator): the bounds
-    pass through PEFT down to every attention layer, and the loss equals the SDPA training model's."""
+    pass through PEFT down to every attention layer, and the loss equals the SDPA training model's; a padded batch of
+    one's own (no bounds) gets the SDPA model's logits too (load_base_model's padding_mask_hook)."""
     import runtime
     from config import TrainConfig
     from hub import TINY_MODEL
@@ -164,16 +183,20 @@ def test_the_varlen_training_model_gets_the_bounds_through_peft_and_the_collator
 
     register = runtime.register_varlen
     monkeypatch.setattr(runtime, "register_varlen", lambda kernel=None: register(reference_varlen))
-    losses = {}
+    losses, padded = {}, {}
     for attention in ("varlen", "sdpa"):
         cfg = TrainConfig(base_model=TINY_MODEL, attention=attention, seed=0)
         model, tokenizer, _ = load_for_training(cfg)
         rows = pack_examples(datasets.Dataset.from_list(examples(tokenizer, 3)), 100_000, 0)
         batch = collator(cfg, tokenizer)([rows[0]])
         assert ("cu_seq_lens_q" in batch) == (attention == "varlen")
+        tokenizer.padding_side = "left"
+        own = tokenizer(["### Response:\nParis is the capital of France.", "Hello"], return_tensors="pt", padding=True)
         with torch.no_grad():
             losses[attention] = model.eval()(**batch).loss.item()
+            padded[attention] = model(**own).logits[own["attention_mask"].bool()]
     assert losses["varlen"] == pytest.approx(losses["sdpa"], rel=1e-5)
+    torch.testing.assert_close(padded["varlen"], padded["sdpa"], rtol=1e-4, atol=1e-4)
 
 
 def test_varlen_trains_through_the_trainer_with_sdpa_s_losses(tiny_tokenizer, monkeypatch, tmp_path):
