@@ -631,7 +631,8 @@ def dequantize_4bit(model: torch.nn.Module) -> dict[torch.nn.Module, torch.nn.Mo
     originals = {}
     for parent, name, q in linear4bit_modules(model):
         weight = dense_weight(q)
-        dense = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=weight.device, dtype=weight.dtype)
+        # on the meta device: no initialization drawn from the RNG (training's LoRA init must not depend on the copy), no memory
+        dense = torch.nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta", dtype=weight.dtype)
         dense.weight = torch.nn.Parameter(weight, requires_grad=False)
         if q.bias is not None:
             dense.bias = torch.nn.Parameter(q.bias.data.to(weight.dtype), requires_grad=False)

@@ -158,9 +158,29 @@ def load_for_training(cfg: TrainConfig) -> tuple[torch.nn.Module, PreTrainedToke
     tokenizer = load_tokenizer(name, cfg.trust_remote_code)
     attention = attention_kernel(cfg.attention, cfg.packing, runtime())
     model = load_base_model(name, cfg.quantization, cfg.trust_remote_code, attention, cfg.quant_storage)
+    if cfg.dense_base == "yes":
+        dequantize_for_training(model)
     model = add_lora(model, cfg)
     MemoryProbe.mark("after LoRA")
     return model, tokenizer, name
+
+
+def dequantize_for_training(model: torch.nn.Module) -> None:
+    """--dense-base yes: every 4-bit linear layer replaced by a frozen 16-bit one holding its dequantized NF4 values, before
+    LoRA wraps it, the 4-bit weights freed. Each forward and backward pass then multiplies by the same weight values
+    without unpacking them (bitsandbytes dequantizes each layer's weight in the forward and again in the backward)."""
+    import generation
+
+    if fsdp_active():
+        raise ConfigError("--dense-base yes is for one process: FSDP shards the 4-bit weights (pass --dense-base no)")
+    layers = generation.linear4bit_modules(model)
+    if not layers:
+        raise ConfigError("--dense-base yes needs a 4-bit base (--quantization 4bit)")
+    extra = generation.dequantized_bytes(model) - sum(q.weight.numel() * q.weight.element_size() for _, _, q in layers)
+    generation.dequantize_4bit(model)  # the {dense: 4-bit} map it returns is dropped: the 4-bit layers are freed
+    print(f"[model] training against a 16-bit copy of the 4-bit base ({len(layers)} layers, the same NF4 values; "
+          f"+{extra / 2**30:.1f} GiB)", flush=True)
+    MemoryProbe.mark("after the 16-bit copy")
 
 
 def read_train_config(adapter: str) -> TrainConfig | None:

@@ -14,7 +14,8 @@ Model: peak = static (weights + LoRA training state) + tokens x per_token, per_t
     no GC: NOGC_BYTES_PER_LAYER_HIDDEN x layers x hidden
     GC:    (2 x layers + GC_EXTRA_PER_HIDDEN) x hidden  (one bf16 checkpoint per layer + one layer's recompute)
 fitted with the static part computed from the architecture (4.20 GiB for 7B), taking the largest per-token value
-over the points, so the model never under-predicts a measured point.
+over the points, so the model never under-predicts a measured point. --dense-base (a 16-bit copy of the 4-bit base
+for training) counts the base as 16-bit in the static part; the per-token part is the same.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from cli import UserError
 GIB = 2**30
 # Calibration points: (tokens per micro-batch, gradient checkpointing, peak GiB) for LLAMA2_7B.
 CALIBRATION = [(2048, False, 12.2), (4096, False, 20.3), (8192, False, 36.7), (4096, True, 5.8)]
-FIELDS = ("gradient_checkpointing", "pack_tokens", "gradient_accumulation_steps")  # what the plan sets
+FIELDS = ("gradient_checkpointing", "pack_tokens", "gradient_accumulation_steps", "dense_base")  # what the plan sets
 
 
 class PlanError(UserError, ValueError):
@@ -123,6 +124,7 @@ class Plan:
     fits: bool = True
     card: str = "GPU"
     explicit: tuple[str, ...] = ()
+    dense_base: str = "no"  # "yes": the 4-bit base dequantized once to a 16-bit copy (--dense-base), included in the peak
 
     def line(self) -> str:
         tokens = self.pack_tokens * self.gradient_accumulation_steps
@@ -130,7 +132,8 @@ class Plan:
         warn = "" if self.fits else f"; WARNING: over the budget, expect out-of-memory (flags win over the plan{given})"
         return (f"[memory-plan] {self.card}, {self.usable_gib:.1f} GiB usable -> peak budget {self.budget_gib:.1f} GiB: "
                 f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}, {self.pack_tokens} tokens per micro-batch "
-                f"x {self.gradient_accumulation_steps} accumulation = {tokens} tokens per optimizer step{given if self.fits else ''}; "
+                f"x {self.gradient_accumulation_steps} accumulation = {tokens} tokens per optimizer step, 16-bit copy of the base "
+                f"{'on' if self.dense_base == 'yes' else 'off'}{given if self.fits else ''}; "
                 f"expected peak {self.predicted_peak_gib:.1f} GiB{warn}")
 
 
@@ -154,15 +157,22 @@ def micro_batches(tokens_per_step: int, max_length: int, pack_tokens: int | None
 def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B, *, cap_bytes: int | None = None,
                 quantization: str = "4bit", lora_r: int = 16, tokens_per_step: int = 8192, max_length: int = 1024,
                 fused_cross_entropy: bool = True, fixed: dict | None = None, card: str = "GPU", fragmentation: float = 1.08,
-                reserve_gib: float = 0.5, time_model: TimeModel = TimeModel()) -> Plan:
+                reserve_gib: float = 0.5, time_model: TimeModel = TimeModel(), dense_base: str = "no") -> Plan:
     """Pick (gradient checkpointing, tokens per micro-batch, accumulation) for one GPU; the fastest that fits wins.
 
     usable = min(free, cap): free from torch.cuda.mem_get_info() before the model is loaded, cap from the process's
     memory fraction (bench/capped_main.py), which mem_get_info does not show. Peak budget = usable / fragmentation -
     reserve (allocator fragmentation, cuBLAS/Triton workspaces). `fixed` holds the FIELDS given explicitly: kept as given,
     even over the budget (then `fits` is False and the line warns).
+
+    dense_base (a 4-bit base only): "auto" adds the 16-bit copy of the base to the plan chosen without it when that plan
+    still fits with it (its peak counted as a 16-bit base's); it never buys the copy with a smaller micro-batch or with
+    checkpointing. "yes" (given) counts it in every option.
     """
     fixed = fixed or {}
+    if quantization != "4bit":
+        dense_base = "no"
+    weights = "none" if dense_base == "yes" else quantization  # a 16-bit copy: the static part of an unquantized base
     usable = min(free_bytes, total_bytes, cap_bytes or total_bytes) / GIB
     budget = usable / fragmentation - reserve_gib
     gcs = [fixed["gradient_checkpointing"]] if "gradient_checkpointing" in fixed else [False, True]
@@ -170,15 +180,22 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
     splits = micro_batches(tokens_per_step, max_length, fixed.get("pack_tokens"), fixed.get("gradient_accumulation_steps"))
     for micro, accumulation in splits:
         for gc in gcs:
-            peak = predict_peak_gib(shape, micro, gc, quantization, lora_r, fused_cross_entropy)
+            peak = predict_peak_gib(shape, micro, gc, weights, lora_r, fused_cross_entropy)
             options.append((peak <= budget, time_model.tokens_per_s(micro, gc), micro, accumulation, gc, peak))
     fits, _, micro, accumulation, gc, peak = max(options)
     if not fits and not fixed:
-        need = predict_peak_gib(shape, max_length, True, quantization, lora_r, fused_cross_entropy)
+        need = predict_peak_gib(shape, max_length, True, weights, lora_r, fused_cross_entropy)
         raise PlanError(f"--memory-plan auto: even gradient checkpointing with {max_length}-token micro-batches needs ~{need:.1f} GiB, "
-                        f"but {card} leaves a budget of {budget:.1f} GiB ({usable:.1f} GiB usable); free GPU memory, lower "
+                        f"but {card} leaves a budget of {budget:.1f} GiB ({usable:.1f} GiB usable); "
+                        f"{'drop --dense-base yes (the 16-bit copy of the base), ' if weights != quantization else ''}"
+                        "free GPU memory, lower "
                         f"--max-length or --lora-r, or pass --memory-plan off with your own --pack-tokens")
-    return Plan(gc, micro, accumulation, round(peak, 2), round(budget, 2), round(usable, 2), fits, card, tuple(sorted(fixed)))
+    if dense_base == "auto":
+        dense_peak = predict_peak_gib(shape, micro, gc, "none", lora_r, fused_cross_entropy)
+        dense_base = "yes" if fits and dense_peak <= budget else "no"
+        peak = dense_peak if dense_base == "yes" else peak
+    return Plan(gc, micro, accumulation, round(peak, 2), round(budget, 2), round(usable, 2), fits, card, tuple(sorted(fixed)),
+                dense_base)
 
 
 def shape_from_config(config) -> ModelShape:
@@ -208,15 +225,16 @@ def apply_memory_plan(cfg, explicit: set[str]):
 
     rt = runtime()
     if cfg.memory_plan == "off" or not rt.cuda or fsdp_active() or not cfg.packing:
-        return cfg
+        return dataclasses.replace(cfg, dense_base="no") if cfg.dense_base == "auto" else cfg
     from transformers import AutoConfig
 
     from hub import resolve_base_model
 
     name = resolve_base_model(cfg.base_model, cfg.gguf_file)
     shape = shape_from_config(AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code))
-    fixed = {f: getattr(cfg, f) for f in FIELDS if f in explicit}
+    fixed = {f: getattr(cfg, f) for f in FIELDS if f in explicit and f != "dense_base"}
     plan = plan_from_cuda(shape, torch.device(rt.device).index or 0, quantization=cfg.quantization, lora_r=cfg.lora_r,
-                          tokens_per_step=cfg.tokens_per_step, max_length=cfg.max_length, fused_cross_entropy=cfg.liger, fixed=fixed)
+                          tokens_per_step=cfg.tokens_per_step, max_length=cfg.max_length, fused_cross_entropy=cfg.liger, fixed=fixed,
+                          dense_base=cfg.dense_base)
     print(plan.line(), flush=True)
     return dataclasses.replace(cfg, **{f: getattr(plan, f) for f in FIELDS})

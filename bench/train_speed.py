@@ -7,7 +7,8 @@ Each variant runs in its own process (fresh CUDA memory stats; Liger patches sta
 baseline) on the same synthetic dolly-like records, tokenized with the model's (real Llama 2)
 tokenizer and the project's template and label masking. VARIANTS lists them: plain Hugging Face as
 commonly run (`baseline`), well tuned (`hf_tuned`, `hf_tuned_nogc`: issue 12's exact settings), and
-main.py itself with flags (`default` = `python main.py`, its memory plan and `--compile auto` included; `eager` =
+main.py itself with flags (`default` = `python main.py`, its memory plan, `--compile auto` and `--dense-base auto`
+included; `default_4bit` = the same without the 16-bit copy of the base (the default before session 6); `eager` =
 the same with `--compile off`; `default_cap24`/`_cap40` under a per-process memory cap, acting as a 24 / 40 GB card).
 
 Timing (from session 6): every variant logs every --logging-steps (10, main.py's default) and the GPU is synchronized only at
@@ -64,6 +65,9 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "varlen_eager": ["--attention", "varlen", "--compile", "off"],
     "varlen_cap24": ["--attention", "varlen"],  # varlen under a 24 GiB cap
     "varlen_nogc_2048": ["--attention", "varlen", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
+    "default_4bit": ["--dense-base", "no"],  # python main.py before session 6: the plan without the 16-bit copy of the base
+    "dense_nogc_2048": ["--attention", "varlen", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048",
+                        "--dense-base", "yes"],  # with default: the fixed overhead with the 16-bit copy (varlen_nogc_2048: without)
     "default_cap24": [],  # the same under a 24 GiB cap (CAPS): a 24 GB card
     "default_cap40": [],  # a 40 GB card
     "default_4096": ["--tokens-per-step", "4096"],  # the recipe before issue 12, planned
@@ -245,7 +249,7 @@ def run_variant(args) -> dict:
         micro = cfg.gradient_accumulation_steps
         extra = {"plan": {"gradient_checkpointing": cfg.gradient_checkpointing, "pack_tokens": cfg.pack_tokens,
                           "gradient_accumulation_steps": micro, "compile": cfg.compile, "pad_to_budget": cfg.pad_to_budget,
-                          "attention": trainer.model.config._attn_implementation}}
+                          "attention": trainer.model.config._attn_implementation, "dense_base": cfg.dense_base}}
     timer = StepTimer(None if args.sync_every_step else {args.warmup, args.steps})
     trainer.add_callback(timer.callback)
     profiler = None
@@ -295,7 +299,8 @@ def overheads(variants: dict) -> list[dict]:
     for r in variants.values():
         plan = r.get("plan")
         if plan and not r.get("cap_gib"):
-            groups.setdefault((plan["gradient_checkpointing"], plan["compile"] in ("auto", "on"), plan["pad_to_budget"], plan["attention"]),
+            groups.setdefault((plan["gradient_checkpointing"], plan["compile"] in ("auto", "on"), plan["pad_to_budget"], plan["attention"],
+                               plan.get("dense_base")),
                               []).append(r)
     out = []
     for rows in groups.values():
@@ -407,6 +412,7 @@ def print_row(r: dict) -> None:
     setting = ""
     if plan:
         setting = f"GC {'on' if plan['gradient_checkpointing'] else 'off'} {plan['pack_tokens']}x{plan['gradient_accumulation_steps']}"
+        setting += " 16-bit base" if plan.get("dense_base") == "yes" else ""
     memory = r.get("peak_gpu_mem_gib", float("nan"))
     print(f"[bench] {r['variant']:<20} {r['tokens_per_s']:>8.0f} tok/s  {ratios}  {r['seconds_per_step']:.3f} s/step  "
           f"{r['tokens_per_step']:.0f} tok/step  {memory:.1f} GiB  MFU {r['mfu']:.1%}  {setting}", flush=True)

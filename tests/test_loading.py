@@ -98,3 +98,47 @@ def test_memory_probe_writes_each_mark_and_the_steady_peak(tmp_path, monkeypatch
     assert report["marks"]["after load"] == {"allocated_gib": 1, "reserved_gib": 6, "peak_gib": 5}
     assert list(report["marks"]) == ["after load", "after wrap", "step 1"]
     assert report["load_peak_gib"] == 5 and report["steady_peak_gib"] == 4 and report["parameters_on_gpu_gib"] == 0
+
+
+def test_dense_base_trains_the_same_adapter_as_the_4bit_base(tiny_tokenizer):
+    """--dense-base yes: every 4-bit layer becomes a frozen 16-bit linear holding its NF4 values before LoRA wraps it, and
+    two SGD steps give the 4-bit base's losses and LoRA gradients (same seed, same LoRA init, same batch)."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from hub import TINY_MODEL
+    from loading import load_for_training
+
+    batch = tiny_tokenizer(["### Response:\nParis is the capital of France.", "### Response:\nBlue."], return_tensors="pt", padding=True)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    losses, grads = {}, {}
+    for dense in ("no", "yes"):
+        torch.manual_seed(0)
+        model, _, _ = load_for_training(TrainConfig(base_model=TINY_MODEL, quantization="4bit", dense_base=dense, packing=False, seed=0))
+        modules = list(model.modules())
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in modules) == (dense == "no")
+        if dense == "yes":
+            q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+            assert type(q_proj) is LoraLinear and type(q_proj.base_layer) is torch.nn.Linear and not q_proj.base_layer.weight.requires_grad
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=1.0)  # AdamW's first step is lr x sign(grad): it would amplify rounding
+        losses[dense] = []
+        for _ in range(2):
+            loss = model(**batch).loss
+            loss.backward()
+            grads.setdefault(dense, [p.grad.clone() for p in params])
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[dense].append(loss.item())
+    assert losses["yes"] == pytest.approx(losses["no"], rel=1e-5) and losses["no"][1] != losses["no"][0]
+    for a, b in zip(grads["yes"], grads["no"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_base_needs_a_4bit_base_and_one_process(fsdp_env):
+    from hub import TINY_MODEL
+
+    with pytest.raises(ConfigError, match="needs --quantization 4bit"):
+        TrainConfig(base_model=TINY_MODEL, quantization="none", dense_base="yes")
+    with pytest.raises(ConfigError, match="FSDP shards the 4-bit weights"):
+        loading.dequantize_for_training(torch.nn.Linear(2, 2))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -89,7 +91,8 @@ def test_explicit_flags_win_even_over_the_budget_with_a_warning():
 def test_one_printed_line():
     line = plan_memory(**H100, card="NVIDIA H100 80GB HBM3").line()
     assert line == ("[memory-plan] NVIDIA H100 80GB HBM3, 78.7 GiB usable -> peak budget 72.4 GiB: gradient checkpointing off, "
-                    "8192 tokens per micro-batch x 1 accumulation = 8192 tokens per optimizer step; expected peak 36.7 GiB")
+                    "8192 tokens per micro-batch x 1 accumulation = 8192 tokens per optimizer step, 16-bit copy of the base off; "
+                    "expected peak 36.7 GiB")
 
 
 def test_parse_config_names_the_explicit_fields():
@@ -101,7 +104,30 @@ def test_parse_config_names_the_explicit_fields():
 
 def test_plan_is_off_on_the_cpu():
     cfg = TrainConfig()
-    assert apply_memory_plan(cfg, set()) is cfg  # nothing changes without CUDA: the smoke/demo runs stay as they were
+    planned = apply_memory_plan(cfg, set())  # nothing else changes without CUDA: the smoke/demo runs stay as they were
+    assert planned == dataclasses.replace(cfg, dense_base="no")
+    assert apply_memory_plan(TrainConfig(dense_base="yes"), set()).dense_base == "yes"  # given: kept (loading checks it)
+
+
+def test_dense_base_is_added_only_where_the_plan_still_fits_with_it():
+    """--dense-base auto: the 16-bit copy of the base (+~9 GiB for 7B) joins the plan chosen without it when it still fits;
+    it never costs a smaller micro-batch or checkpointing. Given as yes, every option counts it."""
+    plans = {name: plan_memory(**card, dense_base="auto") for name, card in (
+        ("80", H100), ("24cap", dict(**H100, cap_bytes=24 * GIB)), ("40", {"total_bytes": int(39.4 * GIB), "free_bytes": int(39.0 * GIB)}),
+        ("12", {"total_bytes": int(11.6 * GIB), "free_bytes": int(11.2 * GIB)}))}
+    split = {name: (p.gradient_checkpointing, p.pack_tokens, p.gradient_accumulation_steps, p.dense_base) for name, p in plans.items()}
+    assert split == {"80": (False, 8192, 1, "yes"), "24cap": (False, 4096, 2, "no"), "40": (False, 4096, 2, "yes"),
+                     "12": (True, 8192, 1, "no")}
+    copy = (static_bytes(LLAMA2_7B, "none") - static_bytes(LLAMA2_7B)) / GIB
+    assert 8.5 < copy < 9.5
+    assert plans["80"].predicted_peak_gib == pytest.approx(plan_memory(**H100).predicted_peak_gib + copy, abs=0.01)
+    assert all(p.predicted_peak_gib <= p.budget_gib for p in plans.values())
+    assert "16-bit copy of the base on" in plans["80"].line()
+    forced = plan_memory(**H100, cap_bytes=24 * GIB, dense_base="yes")  # given: checkpointing is what fits with it
+    assert (forced.gradient_checkpointing, forced.dense_base) == (True, "yes") and forced.predicted_peak_gib <= forced.budget_gib
+    assert plan_memory(**H100, quantization="none", dense_base="auto").dense_base == "no"  # nothing to copy
+    with pytest.raises(PlanError, match="drop --dense-base yes"):
+        plan_memory(total_bytes=int(11.6 * GIB), free_bytes=int(11.2 * GIB), dense_base="yes")
 
 
 def test_compile_auto_is_on_only_where_it_was_measured(monkeypatch):
