@@ -9,6 +9,7 @@ layer count is one line saying which base it was trained on, never a size-mismat
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from typing import Any
@@ -178,7 +179,12 @@ def dequantize_for_training(model: torch.nn.Module) -> None:
         raise ConfigError("--dense-base yes needs a 4-bit base (--quantization 4bit)")
     extra = generation.dequantized_bytes(model) - sum(q.weight.numel() * q.weight.element_size() for _, _, q in layers)
     generation.dequantize_4bit(model)  # the {dense: 4-bit} map it returns is dropped: the 4-bit layers are freed
-    print(f"[model] training against a 16-bit copy of the 4-bit base ({len(layers)} layers, the same NF4 values; "
+    count = len(layers)
+    del layers
+    gc.collect()  # bitsandbytes' 4-bit layers sit in reference cycles: without this they stay until Python's next collection
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"[model] training against a 16-bit copy of the 4-bit base ({count} layers, the same NF4 values; "
           f"+{extra / 2**30:.1f} GiB)", flush=True)
     MemoryProbe.mark("after the 16-bit copy")
 

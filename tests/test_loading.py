@@ -142,3 +142,18 @@ def test_dense_base_needs_a_4bit_base_and_one_process(fsdp_env):
         TrainConfig(base_model=TINY_MODEL, quantization="none", dense_base="yes")
     with pytest.raises(ConfigError, match="FSDP shards the 4-bit weights"):
         loading.dequantize_for_training(torch.nn.Linear(2, 2))
+
+
+def test_dense_base_frees_the_4bit_layers():
+    """bitsandbytes' 4-bit layers sit in reference cycles: dequantize_for_training collects them, so the plan's peak holds
+    (before it did, an H200 run peaked at 48.3 GiB with the copy, 11.0 over the 4-bit run: more than the copy's net +9.0)."""
+    import weakref
+
+    import generation
+    from hub import TINY_MODEL, resolve_base_model
+
+    model = loading.load_base_model(resolve_base_model(TINY_MODEL, None), "4bit")
+    alive = [weakref.ref(q.weight) for _, _, q in generation.linear4bit_modules(model)]
+    assert alive and all(ref() is not None for ref in alive)
+    loading.dequantize_for_training(model)
+    assert not generation.linear4bit_modules(model) and all(ref() is None for ref in alive)

@@ -8,7 +8,18 @@ import pytest
 import torch
 
 from config import TrainConfig, parse_config
-from memory_plan import CALIBRATION, GIB, LLAMA2_7B, ModelShape, PlanError, apply_memory_plan, plan_memory, predict_peak_gib, static_bytes
+from memory_plan import (
+    CALIBRATION,
+    GIB,
+    LLAMA2_7B,
+    ModelShape,
+    PlanError,
+    apply_memory_plan,
+    dense_copy_gib,
+    plan_memory,
+    predict_peak_gib,
+    static_bytes,
+)
 
 H100 = {"total_bytes": int(79.2 * GIB), "free_bytes": int(78.7 * GIB)}  # an 80 GB card after the CUDA context
 
@@ -118,9 +129,10 @@ def test_dense_base_is_added_only_where_the_plan_still_fits_with_it():
     split = {name: (p.gradient_checkpointing, p.pack_tokens, p.gradient_accumulation_steps, p.dense_base) for name, p in plans.items()}
     assert split == {"80": (False, 8192, 1, "yes"), "24cap": (False, 4096, 2, "no"), "40": (False, 4096, 2, "yes"),
                      "12": (True, 8192, 1, "no")}
-    copy = (static_bytes(LLAMA2_7B, "none") - static_bytes(LLAMA2_7B)) / GIB
-    assert 8.5 < copy < 9.5
+    copy = dense_copy_gib(LLAMA2_7B)
+    assert 12.0 < copy < 12.1  # an upper bound: the 4-bit weights (3.1 GiB) are freed once it is made
     assert plans["80"].predicted_peak_gib == pytest.approx(plan_memory(**H100).predicted_peak_gib + copy, abs=0.01)
+    assert plans["80"].predicted_peak_gib >= 48.3  # measured on an H200 (session 6), the 4-bit weights not yet collected
     assert all(p.predicted_peak_gib <= p.budget_gib for p in plans.values())
     assert "16-bit copy of the base on" in plans["80"].line()
     forced = plan_memory(**H100, cap_bytes=24 * GIB, dense_base="yes")  # given: checkpointing is what fits with it
