@@ -88,10 +88,10 @@ class TrainConfig:
         "auto",
         "Train against a 16-bit copy of the 4-bit base: the same NF4 weight values, dequantized once at load, so each linear "
         "layer runs one 16-bit matmul instead of unpacking its weight again in every forward and backward pass (fewer "
-        "kernels, less host work per micro-batch). Costs 2 bytes per base weight instead of ~0.5 (+9 GiB for 7B: the "
-        "4-bit copy is freed). auto: yes on one CUDA GPU when --memory-plan auto's plan still fits with it (never a smaller "
-        "micro-batch for it), no otherwise. Needs --quantization 4bit; not under FSDP. The adapter trained is the same "
-        "(tests: equal losses and gradients).",
+        "kernels, less host work per micro-batch; 1.046x on an H200). Costs 2 bytes per base weight instead of ~0.5 (+9 GiB "
+        "for 7B once the 4-bit weights are freed; the plan counts 12). auto: yes on one CUDA GPU when --memory-plan "
+        "auto's plan still fits with it (never a smaller micro-batch for it), no otherwise. Needs --quantization 4bit; not "
+        "under FSDP. The adapter trained is the same (tests: equal losses and gradients).",
     )
     lora_r: int = doc(16, "LoRA rank (QLoRA paper uses 64 for 7B; 16 is the common PEFT recipe and 4x fewer adapter parameters).")
     lora_alpha: int = doc(32, "LoRA scaling numerator: the update is scaled by alpha / r (alpha = 2r is the PEFT convention).")
@@ -258,12 +258,13 @@ class EvalConfig:
     )
     engine: Literal["auto", "padded", "evict", "static", "compiled", "flash", "compiled_flash", "continuous"] = doc(
         "auto",
-        "How answers are decoded. auto: static on a GPU once the base is a 16-bit copy (see --dequantize), evict otherwise "
-        "(greedy); padded when sampling. static = a static KV cache with the decode step replayed from a CUDA graph (auto "
-        "falls back to evict if it fails); compiled = static with the decoder layers compiled for the decode steps "
-        "(fused element-wise kernels; 1.14x static on an H200 after ~8 s of compilation per run); flash / compiled_flash = "
-        "static / compiled with each row attending only to its own cache positions (FlashAttention's variable-length "
-        "kernel reading the cache in place; not yet measured on a GPU); evict = greedy, a finished answer "
+        "How answers are decoded. auto: flash on a GPU once the base is a 16-bit copy (see --dequantize; static on a card "
+        "older than sm80), evict otherwise (greedy); padded when sampling. static = a static KV cache with the decode step "
+        "replayed from a CUDA graph (auto falls back to evict if its engine fails); compiled = static with the decoder "
+        "layers compiled for the decode steps (fused element-wise kernels; 1.14x static on an H200 after ~8 s of "
+        "compilation per run); flash = static with each row attending only to its own cache positions (FlashAttention's "
+        "variable-length kernel reading the cache in place; 1.03x static on an H200); compiled_flash = both (0.37x "
+        "compiled on an H200: not understood, not chosen); evict = greedy, a finished answer "
         "leaves its batch at once; padded = model.generate; continuous = transformers' generate_batch (paged KV cache; "
         "measured 3.6x slower than static).",
     )

@@ -42,24 +42,28 @@ STATIC_ENGINES = ("static", "compiled", "flash", "compiled_flash")  # decode_sta
 
 
 def pick_engine(engine: str, device: torch.device, greedy: bool, four_bit: bool = False) -> str:
-    """auto, greedy answers: static on CUDA when no bitsandbytes 4-bit layer is left in the model (a 16-bit copy or an
-    unquantized base: the fastest engine measured, BENCHMARKS.md), else evict (finished rows leave the batch: a CPU, or a
-    4-bit base whose capture in a CUDA graph was never measured); sampled answers: padded (plain model.generate).
+    """auto, greedy answers: on CUDA when no bitsandbytes 4-bit layer is left in the model (a 16-bit copy or an unquantized
+    base), flash where FlashAttention runs (compute capability 8.0+; 1.03x static on an H200, session 6) and static on
+    older cards; else evict (finished rows leave the batch: a CPU, or a 4-bit base, whose static engines give evict's
+    answers on a GPU (tests) but were not timed against it); sampled answers: padded (plain model.generate).
 
     static: a static KV cache, the decode step captured in a CUDA graph per batch. compiled: static with the decoder
     layers compiled for the decode steps (decoder_step_layers: Inductor fuses the element-wise kernels, ~40% of a decode
     step's GPU time; 1.14x static on an H200, after ~8 s of compilation per process). flash, compiled_flash: static,
     compiled with each row's query attending only to its own cache positions (flash_decode_attention: FlashAttention's
-    variable-length kernel reading the cache in place) instead of SDPA over the whole cache with a mask; not yet
-    measured on a GPU. continuous: transformers' generate_batch (paged attention, a finished sequence frees its slot at
-    once), 3.6x slower than static on an H200. All decode greedily.
+    variable-length kernel reading the cache in place) instead of SDPA over the whole cache with a mask: flash 1.03x
+    static on an H200; compiled_flash 0.37x compiled there (not understood; not chosen). continuous: transformers'
+    generate_batch (paged attention, a finished sequence frees its slot at once), 3.6x slower than static on an H200.
+    All decode greedily.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)} (got {engine!r})")
     if not greedy:
         return "padded"  # evict, static and continuous decode greedily; sampling goes through model.generate
     if engine == "auto":
-        return "static" if device.type == "cuda" and not four_bit else "evict"
+        if device.type != "cuda" or four_bit:
+            return "evict"
+        return "flash" if torch.cuda.get_device_capability(device) >= (8, 0) else "static"
     return engine
 
 
@@ -70,7 +74,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
 
     batch_size None: on a GPU, batches planned from free memory and the prompts' lengths (plan_batches: long prompts
     apart from short ones, so that few rows are padded far); on a CPU, auto_batch_size. engine: see pick_engine;
-    when auto's static engine fails other than by running out of memory, the rest of the answers come from evict, said
+    when auto's static or flash engine fails other than by running out of memory, the rest of the answers come from evict, said
     in one line. stats (a dict), for the benchmark: the rows of each batch ("batches"); with static, the CUDA graphs
     captured ("captures") and the host seconds their capture took (decode_static).
     """
@@ -80,7 +84,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     chosen = pick_engine(engine, model.device, greedy, four_bit=engine == "auto" and bool(linear4bit_modules(model)))
     if chosen == "continuous" and prompts:
         return generate_continuous(model, tokenizer, prompts, progress=progress, **generation)
-    fallback = engine == "auto" and chosen == "static"
+    fallback = engine == "auto" and chosen in ("static", "flash")
     engine = chosen
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
@@ -116,9 +120,9 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
         except (RuntimeError, AttributeError) as e:  # AttributeError: a transformers whose StaticCache changed (cumulative_length)
             if not fallback:
                 raise
-            fallback, engine = False, "evict"
-            print(f"[model] the static engine failed ({type(e).__name__}: {str(e)[:200]}); answering with --engine evict",
+            print(f"[model] the {engine} engine failed ({type(e).__name__}: {str(e)[:200]}); answering with --engine evict",
                   flush=True)
+            fallback, engine = False, "evict"
             continue
         for i, result in zip(chunk, generated, strict=True):
             results[i] = result

@@ -490,12 +490,16 @@ def test_continuous_batching_refuses_a_partial_result(trained):
         generation.generate_continuous(fake, tokenizer, ["a question", "another question"])
 
 
-def test_auto_engine_is_static_on_cuda_without_4bit_layers_and_falls_back_to_evict(trained, monkeypatch, capsys):
-    """auto, greedy: static on CUDA once no 4-bit layer is left (the fastest measured there), evict on a CPU or with 4-bit
-    layers; padded when sampling. When auto's static engine fails (not out of memory), the remaining answers come from
-    evict, said in one line; an engine asked for by name never falls back."""
+def test_auto_engine_is_flash_on_cuda_without_4bit_layers_and_falls_back_to_evict(trained, monkeypatch, capsys):
+    """auto, greedy: flash on CUDA once no 4-bit layer is left (the fastest measured there without a compile) where
+    FlashAttention runs (sm80+), static on older cards, evict on a CPU or with 4-bit layers; padded when sampling. When
+    auto's engine fails (not out of memory), the remaining answers come from evict, said in one line; an engine asked
+    for by name never falls back."""
     import generation
 
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert generation.pick_engine("auto", torch.device("cuda"), greedy=True) == "flash"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no FlashAttention
     assert generation.pick_engine("auto", torch.device("cuda"), greedy=True) == "static"
     assert generation.pick_engine("auto", torch.device("cuda"), greedy=True, four_bit=True) == "evict"
     assert generation.pick_engine("auto", torch.device("cpu"), greedy=True) == "evict"
@@ -509,9 +513,10 @@ def test_auto_engine_is_static_on_cuda_without_4bit_layers_and_falls_back_to_evi
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(generation, "decode_static", broken)
-    monkeypatch.setattr(generation, "pick_engine", lambda engine, device, greedy, four_bit=False: "static")
-    assert llama.generate(QUESTIONS, batch_size=2, max_new_tokens=6) == expected  # engine auto (the Llama's default)
-    assert capsys.readouterr().out.count("the static engine failed (RuntimeError: operation not permitted") == 1
+    for chosen in ("static", "flash"):
+        monkeypatch.setattr(generation, "pick_engine", lambda engine, device, greedy, four_bit=False, chosen=chosen: chosen)
+        assert llama.generate(QUESTIONS, batch_size=2, max_new_tokens=6) == expected  # engine auto (the Llama's default)
+        assert capsys.readouterr().out.count(f"the {chosen} engine failed (RuntimeError: operation not permitted") == 1
     with pytest.raises(RuntimeError, match="not permitted"):  # asked for by name: no silent fallback
         llama.generate(QUESTIONS, batch_size=2, engine="static", max_new_tokens=6)
     monkeypatch.setattr(generation, "generate_continuous", broken)
