@@ -151,7 +151,8 @@ class TrainConfig:
     pad_to_budget: bool = doc(
         False,
         "Pad every packed row to exactly --pack-tokens (pad id, label -100, its own positions): one shape per micro-batch for "
-        "--compile / CUDA graphs. Padding is computed, never trained on.",
+        "--compile / CUDA graphs. With varlen attention the record bounds get one shape too (a fixed count of records, the "
+        "padding cut into records of at most --max-length). Padding is computed, never trained on.",
     )
     attention: Literal["auto", "sdpa", "flex_attention", "varlen", "eager"] = doc(
         "auto",

@@ -497,8 +497,10 @@ class PaddedPackedCollator:
     without reading the GPU; training.ProjectTrainer drops it before the model sees the batch.
     """
 
-    def __init__(self, budget: int, pad_id: int):
-        self.budget, self.pad_id = budget, pad_id
+    def __init__(self, budget: int, pad_id: int, chunk: int | None = None):
+        """chunk: the padding is cut into records of at most `chunk` tokens (positions restarting at each), so that no
+        record of the row is longer than the real ones may be (DocumentBounds' fixed longest record)."""
+        self.budget, self.pad_id, self.chunk = budget, pad_id, chunk
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
@@ -508,8 +510,9 @@ class PaddedPackedCollator:
         pad = self.budget - real
         if pad < 0:
             raise ValueError(f"a packed row of {real} tokens is longer than its budget of {self.budget}")
+        positions = torch.arange(pad) % self.chunk if self.chunk else torch.arange(pad)
         fill = {"input_ids": torch.full((1, pad), self.pad_id), "labels": torch.full((1, pad), IGNORE_INDEX),
-                "position_ids": torch.arange(pad)[None]}
+                "position_ids": positions[None]}
         padded = {key: torch.cat([batch[key], fill[key].to(batch[key].dtype)], dim=1) for key in fill}
         return padded | {"num_tokens": real}
 
@@ -517,10 +520,17 @@ class PaddedPackedCollator:
 class DocumentBounds:
     """A packed collator's batch plus where each record lies in its one row, for --attention varlen: cu_seq_lens_q/k
     (int32: each record's first token, then the row's end) and max_length_q/k (the longest record), from the position_ids
-    that restart at 0 at every record. transformers hands them to the attention function (runtime.varlen_attention)."""
+    that restart at 0 at every record. transformers hands them to the attention function (runtime.varlen_attention).
 
-    def __init__(self, collate: Any):
-        self.collate = collate
+    slots, longest (both or neither; --pad-to-budget): one shape for every micro-batch, as CUDA graphs need. cu_seq_lens
+    gets exactly slots + 1 entries, the row's end repeated (empty records, which the kernel skips), and max_length is
+    `longest` whatever the row holds (an upper bound: the kernel only sizes its grid by it). A row with more records
+    than slots, or a longer one, is a ValueError naming both."""
+
+    def __init__(self, collate: Any, slots: int | None = None, longest: int | None = None):
+        if (slots is None) != (longest is None):
+            raise ValueError("DocumentBounds: give both slots and longest, or neither")
+        self.collate, self.slots, self.longest = collate, slots, longest
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
@@ -529,5 +539,16 @@ class DocumentBounds:
         positions = batch["position_ids"][0]
         starts = (positions == 0).nonzero().flatten().tolist() + [len(positions)]
         longest = max(b - a for a, b in zip(starts, starts[1:], strict=False))
+        if self.slots is not None:
+            if len(starts) - 1 > self.slots or longest > self.longest:
+                raise ValueError(f"a packed row of {len(starts) - 1} records (the longest {longest} tokens) does not fit the fixed "
+                                 f"bounds of {self.slots} records of at most {self.longest} tokens")
+            starts += [starts[-1]] * (self.slots + 1 - len(starts))
+            longest = self.longest
         cu = torch.tensor(starts, dtype=torch.int32)
         return batch | {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def max_records_per_row(*rows: Any) -> int:
+    """The most records any packed row holds (position ids restart at 0 at each), over datasets of packed rows."""
+    return max((sum(1 for p in positions if p == 0) for ds in rows if len(ds) for positions in ds["position_ids"]), default=1)

@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from compile_layers import CompileWatch, compile_decoder_layers, compile_enabled
 from config import CONFIG_NAME, FINGERPRINTS_NAME, TrainConfig, save_config
-from dataset import DocumentBounds, PaddedPackedCollator, collate_packed, make_collator
+from dataset import DocumentBounds, PaddedPackedCollator, collate_packed, make_collator, max_records_per_row
 from fsdp_state import create_optimizer_state, gather_lora, load_lora, write_adapter
 from memory import MemoryProbe, dump_snapshot
 from resilience import (
@@ -170,16 +170,29 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
         callbacks.append(CompileWatch(compile_decoder_layers(model, cfg.compile_mode, dynamic=False if cfg.pad_to_budget else None)))
     return ProjectTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
-        data_collator=collator(cfg, tokenizer), processing_class=tokenizer, callbacks=callbacks,
+        data_collator=collator(cfg, tokenizer, (train_ds, val_ds)), processing_class=tokenizer, callbacks=callbacks,
     )
 
 
-def collator(cfg: TrainConfig, tokenizer):
-    """One packed row per micro-batch (padded to --pack-tokens with --pad-to-budget), or padded batches of records."""
+def collator(cfg: TrainConfig, tokenizer, rows: tuple = ()):
+    """One packed row per micro-batch (padded to --pack-tokens with --pad-to-budget), or padded batches of records.
+
+    varlen with --pad-to-budget and the packed rows given: the record bounds get one shape too (DocumentBounds' slots:
+    the most records a row holds + the padding's records of at most --max-length tokens each), so every micro-batch has
+    one shape and --compile-mode reduce-overhead can replay it from a CUDA graph."""
     if not cfg.packing:
         return make_collator(tokenizer)
-    packed = PaddedPackedCollator(cfg.pack_tokens, tokenizer.pad_token_id) if cfg.pad_to_budget else collate_packed
-    return DocumentBounds(packed) if attention_choice(cfg.attention, cfg.packing, runtime()) == VARLEN else packed
+    varlen = attention_choice(cfg.attention, cfg.packing, runtime()) == VARLEN
+    if not cfg.pad_to_budget:
+        return DocumentBounds(collate_packed) if varlen else collate_packed
+    chunk = cfg.max_length if varlen and rows else None
+    packed = PaddedPackedCollator(cfg.pack_tokens, tokenizer.pad_token_id, chunk)
+    if not varlen:
+        return packed
+    if not rows:
+        return DocumentBounds(packed)
+    slots = max_records_per_row(*rows) + -(-cfg.pack_tokens // cfg.max_length)
+    return DocumentBounds(packed, slots, cfg.max_length)
 
 
 def checkpointing_args(on: bool) -> dict[str, Any]:

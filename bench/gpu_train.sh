@@ -9,14 +9,15 @@
 #   1. bench/train_speed.py -> OUT/train_speed.json (+ one log per variant):
 #      hf_tuned, hf_tuned_nogc (plain HF, issue 12's settings; each run twice, the faster kept: --baseline-runs);
 #      default = python main.py (memory plan, --compile auto, --attention auto: varlen FlashAttention over the record
-#      bounds), then 3 more steps profiled (OUT/profile-default/trace.json.gz, summary.json); flex (the default before
-#      session 5: --attention flex_attention, a block-sparse mask); default_cap24 (a 24 GiB cap); eager (default with
-#      --compile off, profiled likewise); flex_eager; varlen_nogc_2048 (with default: fixed_overhead_s, compiled);
+#      bounds, --dense-base auto: the 16-bit copy of the base where it fits), then 3 more steps profiled
+#      (OUT/profile-default/trace.json.gz, summary.json); default_4bit (--dense-base no: the default before session 6);
+#      default_cap24 (a 24 GiB cap); dense_nogc_2048 / varlen_nogc_2048 (with default / default_4bit: fixed_overhead_s);
+#      compiled_cudagraphs (--pad-to-budget --compile-mode reduce-overhead: CUDA graphs over fixed shapes);
 #      compiled_16k (the recipe doubled: one 16,384-token micro-batch per step); baseline (plain HF as commonly run).
 #      VARIANTS=a,b,... replaces it.
 #   2. bench/loss_parity.py -> OUT/loss_parity.json + .png: project (python main.py's setting: 8,192-token rows, no
-#      checkpointing, compiled, varlen) vs plain HF vs project --attention flex_attention, same records.
-# PROFILE=a,b (default: default,eager; empty: none) picks the profiled variants. STAGES=parity runs only step 2 (a
+#      checkpointing, compiled, varlen; 4-bit base) vs project --dense-base yes vs plain HF, same records.
+# PROFILE=a,b (default: default; empty: none) picks the profiled variants. STAGES=parity runs only step 2 (a
 # second command, if device time is left). CPU_DRY_RUN=1: the same plumbing on the
 # tiny model on the CPU (a few steps, no wheels, nothing timed that means anything).
 set -u
@@ -35,9 +36,9 @@ if [ -z "${CPU_DRY_RUN:-}" ]; then
   [ -f "$model/config.json" ] || python bench/make_random_llama.py --out "$model" --tokenizer "$tok" > "$out/make_model.log" 2>&1 \
     || { tail -20 "$out/make_model.log"; exit 1; }
   nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$out/gpu.csv"
-  variants=${VARIANTS:-hf_tuned,hf_tuned_nogc,default,flex,default_cap24,eager,flex_eager,varlen_nogc_2048,compiled_16k,baseline}
+  variants=${VARIANTS:-hf_tuned,hf_tuned_nogc,default,default_4bit,default_cap24,dense_nogc_2048,varlen_nogc_2048,compiled_cudagraphs,compiled_16k,baseline}
   speed=(--steps 8 --warmup 3 --records 3000)
-  parity=(--steps 20 --records 1500 --pack-tokens 8192 --no-gc --sides project,hf,project_flex)
+  parity=(--steps 20 --records 1500 --pack-tokens 8192 --no-gc --sides project,project_dense,hf)
 else
   model=$(python -c "from tiny_llama import ensure_tiny_llama; print(ensure_tiny_llama())")
   variants=${VARIANTS:-hf_tuned,default,default_cap24,nogc_2048}
@@ -47,7 +48,7 @@ fi
 echo "[gpu_train] model $model, stages $stages, $((deadline - $(date +%s))) s left"
 if [[ $stages == *speed* ]]; then
   python bench/train_speed.py --model "$model" --out "$out/train_speed.json" "${speed[@]}" --variants "$variants" \
-    --profile "${PROFILE-default,eager}" --deadline "$deadline" 2>&1 | tee "$out/train_speed.log"
+    --profile "${PROFILE-default}" --deadline "$deadline" 2>&1 | tee "$out/train_speed.log"
 fi
 left=$((deadline - $(date +%s)))
 if [[ $stages == *parity* ]] && { [ $left -gt 240 ] || [ -n "${CPU_DRY_RUN:-}" ] || [[ $stages != *speed* ]]; }; then

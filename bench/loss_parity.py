@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SIDES = {"project": [], "project_compiled": ["--compile", "on"], "project_varlen": ["--attention", "varlen"],
-         "project_flex": ["--attention", "flex_attention"], "hf": None}
+         "project_flex": ["--attention", "flex_attention"], "project_dense": ["--dense-base", "yes"], "hf": None}
 COMMON = ["--memory-plan", "off", "--gradient-accumulation-steps", "1", "--lr-scheduler", "constant", "--warmup-ratio", "0",
           "--logging-steps", "1", "--eval-steps", "0", "--val-fraction", "0", "--save-steps", "100000"]
 

@@ -111,8 +111,11 @@ def test_the_training_model_keeps_packed_records_apart(tiny_tokenizer):
 def reference_varlen(q, k, v, cu, longest, scale):
     """What FlashAttention's varlen kernel computes: each [cu[i], cu[i+1]) span of tokens attends causally to itself."""
     out, bounds = torch.empty_like(q), cu.tolist()
-    assert longest == max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+    assert longest >= max(b - a for a, b in zip(bounds, bounds[1:], strict=False))  # an upper bound (fixed with --pad-to-budget)
+    assert bounds[0] == 0 and bounds[-1] == len(q) and bounds == sorted(bounds)  # every token in one span; empty spans allowed
     for a, b in zip(bounds, bounds[1:], strict=False):
+        if a == b:
+            continue
         span = [t[a:b].transpose(0, 1) for t in (q, k, v)]  # (heads, tokens, dim)
         out[a:b] = torch.nn.functional.scaled_dot_product_attention(*span, is_causal=True, scale=scale).transpose(0, 1)
     return out
@@ -230,6 +233,34 @@ def test_document_bounds_count_the_padding_of_a_padded_row_as_a_record():
         [{"input_ids": [1, 5], "labels": [-100, 5], "position_ids": [0, 1]},
          {"input_ids": [1, 7, 8], "labels": [-100, 7, 8], "position_ids": [0, 1, 2]}])
     assert batch["cu_seq_lens_q"].tolist() == [0, 2, 5, 8] and batch["max_length_q"] == 3 and batch["num_tokens"] == 5
+
+
+def test_fixed_bounds_give_every_micro_batch_one_shape_and_the_same_loss(varlen_model, tiny_tokenizer, monkeypatch):
+    """--pad-to-budget with varlen (training.collator given the packed rows): every micro-batch has the same shapes and
+    max_length (what CUDA graphs need): the padding cut into records of at most --max-length tokens, cu_seq_lens padded
+    to a fixed count with empty records. The loss equals the unpadded row's; a row over the bounds is refused."""
+    import runtime
+    import training
+    from config import TrainConfig
+
+    monkeypatch.setattr(runtime, "attention_choice", lambda *a: runtime.VARLEN)
+    monkeypatch.setattr(training, "attention_choice", lambda *a: runtime.VARLEN)
+    rows = pack_examples(datasets.Dataset.from_list(examples(tiny_tokenizer)), 330, 0)  # records of 73-203 tokens
+    cfg = TrainConfig(pad_to_budget=True, pack_tokens=400, max_length=256)
+    collate = training.collator(cfg, tiny_tokenizer, (rows, rows.select([])))
+    batches = [collate([row]) for row in rows]
+    most = max(sum(p == 0 for p in row["position_ids"]) for row in rows)
+    assert len(rows) > 1 and {(b["input_ids"].shape, b["cu_seq_lens_q"].shape, b["max_length_q"]) for b in batches} == {
+        ((1, 400), (most + 2 + 1,), 256)}  # slots: the most records of a row + ceil(400 / 256) padding records
+    for batch, row in zip(batches, rows, strict=True):
+        cu = batch["cu_seq_lens_q"].tolist()
+        assert cu[-1] == 400 and cu == sorted(cu) and max(b - a for a, b in zip(cu, cu[1:], strict=False)) <= 256
+        plain = DocumentBounds(collate_packed)([row])
+        with torch.no_grad():
+            padded_loss = varlen_model(**{k: v for k, v in batch.items() if k != "num_tokens"}).loss.item()
+            assert padded_loss == pytest.approx(varlen_model(**plain).loss.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="does not fit the fixed bounds"):
+        DocumentBounds(collate_packed, slots=1, longest=1000)([rows[0]])
 
 
 def test_varlen_without_a_cuda_gpu_is_refused_in_one_line(monkeypatch):
