@@ -265,7 +265,7 @@ class EvalConfig:
         "layers compiled for the decode steps (fused element-wise kernels; 1.14x static on an H200 after ~8 s of "
         "compilation per run); flash = static with each row attending only to its own cache positions (FlashAttention's "
         "variable-length kernel reading the cache in place; 1.03x static on an H200); compiled_flash = both (0.37x "
-        "compiled on an H200: not understood, not chosen); evict = greedy, a finished answer "
+        "compiled on an H200: its compiled step copied the whole cache; fixed, not yet measured again); evict = greedy, a finished answer "
         "leaves its batch at once; padded = model.generate; continuous = transformers' generate_batch (paged KV cache; "
         "measured 3.6x slower than static).",
     )

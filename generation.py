@@ -52,7 +52,8 @@ def pick_engine(engine: str, device: torch.device, greedy: bool, four_bit: bool 
     step's GPU time; 1.14x static on an H200, after ~8 s of compilation per process). flash, compiled_flash: static,
     compiled with each row's query attending only to its own cache positions (flash_decode_attention: FlashAttention's
     variable-length kernel reading the cache in place) instead of SDPA over the whole cache with a mask: flash 1.03x
-    static on an H200; compiled_flash 0.37x compiled there (not understood; not chosen). continuous: transformers'
+    static on an H200; compiled_flash 0.37x compiled there (its compiled step copied both whole cache buffers: LayerCache's
+    column write since, not measured again). continuous: transformers'
     generate_batch (paged attention, a finished sequence frees its slot at once), 3.6x slower than static on an H200.
     All decode greedily.
     """
@@ -252,8 +253,9 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
 
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
+    column = torch.tensor([prompt], device=device) if flash and compiled else None  # the cache position written at a step
     if compiled:
-        forward = decoder_step_layers(model, forward, cache)
+        forward = decoder_step_layers(model, forward, cache, column)
     if flash:
         forward = with_flash_decode_attention(model, forward)
     times: dict[str, float] = {}
@@ -279,6 +281,8 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
         step_positions.add_(1)
         if flash:
             bounds["decode_lengths"].add_(1)
+        if column is not None:
+            column.add_(1)
         if (step + 1) % check_every == 0 and step + 1 >= min_new_tokens:
             cut = check(step + 1)
             if len(ends) == rows:
@@ -300,8 +304,8 @@ def relayout_cache(cache: Any) -> None:
     dim) view of it: the shape every transformers cache path expects, the layout FlashAttention's variable-length
     kernel reads in place (flash_decode_attention). One layer at a time, after the prompt has filled the cache."""
     for layer in cache.layers:
-        layer.keys = layer.keys.transpose(1, 2).contiguous().transpose(1, 2)
-        layer.values = layer.values.transpose(1, 2).contiguous().transpose(1, 2)
+        layer.flash_keys, layer.flash_values = layer.keys.transpose(1, 2).contiguous(), layer.values.transpose(1, 2).contiguous()
+        layer.keys, layer.values = layer.flash_keys.transpose(1, 2), layer.flash_values.transpose(1, 2)
 
 
 def flash_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -369,20 +373,28 @@ class LayerCache:
     compiled graph (torch.compile specializes integer attributes of a module: 32 layer indices would be 32 recompiles,
     past the recompile limit)."""
 
-    def __init__(self, layer: Any):
-        self.layer = layer
+    def __init__(self, layer: Any, column: torch.Tensor | None = None):
+        self.layer, self.column = layer, column
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        return self.layer.update(key_states, value_states, *args, **kwargs)
+        if self.column is None:
+            return self.layer.update(key_states, value_states, *args, **kwargs)
+        # a cache laid out by relayout_cache, compiled: the write goes to the contiguous (rows, length, heads, dim) buffers
+        # at `column` (a 1-element tensor advanced outside the graph). Written through the (rows, heads, length, dim) view
+        # (transformers' update), Inductor could not do it in place and copied both whole buffers at every step.
+        keys, values = self.layer.flash_keys, self.layer.flash_values
+        keys.index_copy_(1, self.column, key_states.transpose(1, 2))
+        values.index_copy_(1, self.column, value_states.transpose(1, 2))
+        return keys.transpose(1, 2), values.transpose(1, 2)
 
 
-def decoder_step_layers(model: torch.nn.Module, forward: Any, cache: Any) -> Any:
+def decoder_step_layers(model: torch.nn.Module, forward: Any, cache: Any, column: torch.Tensor | None = None) -> Any:
     """forward() with every decoder layer of `model` running its compiled forward: torch.compile of the layer's forward,
     dynamic shapes (rows and cache length change from batch to batch), no graph break allowed, a recompile-limit hit an
     error. All layers share one code object and, while forward() runs, one layer index (0, each with its own
     LayerCache over `cache`'s layer), so one compiled graph serves them all; the compiled functions are made once per
     model and kept on it, so the prompt (run before) and the other engines stay eager. Inductor's cache as for
-    training (use_inductor_cache)."""
+    training (use_inductor_cache). column: the flash engines' cache position of the token fed now (LayerCache)."""
     from compile_layers import decoder_layers, never_fall_back, use_inductor_cache
 
     layers = decoder_layers(model)
@@ -406,7 +418,7 @@ def decoder_step_layers(model: torch.nn.Module, forward: Any, cache: Any) -> Any
     def run() -> torch.Tensor:
         indices = [layer.self_attn.layer_idx for layer in layers]
         for layer, fn, cache_layer in zip(layers, compiled, cache.layers, strict=True):
-            layer.forward = layer_forward(fn, LayerCache(cache_layer))
+            layer.forward = layer_forward(fn, LayerCache(cache_layer, column))
             layer.self_attn.layer_idx = 0
         try:
             return forward()

@@ -522,3 +522,25 @@ def test_auto_engine_is_flash_on_cuda_without_4bit_layers_and_falls_back_to_evic
     monkeypatch.setattr(generation, "generate_continuous", broken)
     with pytest.raises(RuntimeError, match="not permitted"):
         llama.generate(QUESTIONS, batch_size=2, engine="continuous", max_new_tokens=6)
+
+
+def test_layer_cache_writes_a_relaid_cache_in_place_at_its_column():
+    """The compiled flash engine's cache write (LayerCache with a column): into the contiguous (rows, length, heads, dim)
+    buffers relayout_cache made, at the column tensor's position, returned as the (rows, heads, length, dim) views that
+    transformers' attention expects, sharing their memory (no copy of the cache at a step)."""
+    import generation
+
+    class Layer:  # what relayout_cache leaves on a StaticCache layer
+        keys = torch.zeros(2, 3, 5, 4)  # (rows, heads, length, dim)
+        values = torch.zeros(2, 3, 5, 4)
+
+    layer = Layer()
+    generation.relayout_cache(type("Cache", (), {"layers": [layer]})())
+    assert layer.flash_keys.shape == (2, 5, 3, 4) and layer.flash_keys.is_contiguous()
+    column = torch.tensor([3])
+    new_k, new_v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+    keys, values = generation.LayerCache(layer, column).update(new_k, new_v, 0)
+    assert keys.shape == (2, 3, 5, 4) and keys.data_ptr() == layer.flash_keys.data_ptr() == layer.keys.data_ptr()
+    torch.testing.assert_close(keys[:, :, 3:4], new_k)
+    torch.testing.assert_close(values[:, :, 3:4], new_v)
+    assert keys[:, :, [0, 1, 2, 4]].abs().sum() == 0  # nothing else written
