@@ -323,3 +323,50 @@ def test_the_collator_passes_record_bounds_when_auto_resolves_to_varlen(tiny_tok
     for varlen_ok in (True, False):
         monkeypatch.setattr(runtime, "varlen_available", lambda ok=varlen_ok: ok)
         assert ("cu_seq_lens_q" in training.collator(cfg, tiny_tokenizer)([rows[0]])) == varlen_ok
+
+
+def traceable_varlen(q, k, v, cu, longest, scale):
+    """reference_varlen without a host sync (torch.compile traces it whole): each token's record from cu by
+    searchsorted, a block-diagonal causal mask, SDPA. Empty records (fixed bounds) own no token."""
+    tokens = torch.arange(q.shape[0], device=q.device)
+    record = torch.searchsorted(cu, tokens.to(cu.dtype), right=True)
+    mask = (record[:, None] == record[None, :]) & (tokens[:, None] >= tokens[None, :])
+    return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), attn_mask=mask[None],
+                                                            scale=scale).transpose(0, 1)
+
+
+@pytest.mark.slow  # ~2-3 minutes on 2 CPU cores: Inductor compiles the layer's forward and backward
+def test_fixed_varlen_bounds_compile_once_across_micro_batches_with_eager_s_losses(tiny_tokenizer, monkeypatch, tmp_path):
+    """--pad-to-budget with varlen and --compile on (what --compile-mode reduce-overhead's CUDA graphs need): rows with
+    different numbers of records give every micro-batch one shape, so the compiled layer holds ONE variant over four
+    steps, no graph break, and the losses equal the eager run's (a traceable reference kernel on the CPU)."""
+    import runtime
+    from compile_layers import check_compiled
+    from config import TrainConfig
+    from hub import TINY_MODEL
+    from loading import load_for_training
+    from training import build_trainer
+
+    register = runtime.register_varlen
+    monkeypatch.setattr(runtime, "register_varlen", lambda kernel=None: register(traceable_varlen))
+    monkeypatch.setattr(runtime, "attention_choice", lambda *a: runtime.VARLEN)
+    monkeypatch.setattr("training.attention_choice", lambda *a: runtime.VARLEN)
+    losses, counts = {}, set()
+    for compiled in ("off", "on"):
+        torch.manual_seed(0)
+        cfg = TrainConfig(base_model=TINY_MODEL, attention="varlen", seed=0, max_steps=4, pack_tokens=400, max_length=256,
+                          eval_steps=0, logging_steps=1, learning_rate=1e-2, warmup_ratio=0.0, pad_to_budget=True,
+                          gradient_checkpointing=False, compile=compiled, output_dir=str(tmp_path / compiled))
+        model, tokenizer, _ = load_for_training(cfg)
+        rows = pack_examples(datasets.Dataset.from_list(examples(tokenizer, 8)), 330, 0)
+        counts = {sum(p == 0 for p in row["position_ids"]) for row in rows}
+        trainer = build_trainer(cfg, model, tokenizer, rows, datasets.Dataset.from_list([]))
+        trainer.args.report_to = []
+        trainer.train()
+        losses[compiled] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        if compiled == "on":
+            watch = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "CompileWatch")
+            report = check_compiled(watch.stats, max_variants=1)
+            assert report["compiled_variants"] == 1 and report["graph_breaks"] == {}, report
+    assert len(counts) > 1  # the rows really hold different numbers of records
+    assert len(losses["on"]) == 4 and losses["on"] == pytest.approx(losses["off"], abs=2e-4)
