@@ -24,7 +24,9 @@ Variants, in this order on the same weights (JSON written after each):
   process capped with torch.cuda.set_per_process_memory_fraction (--cap-gib) before it loads anything, the model
   loaded and its 16-bit copy made or not as eval.py decides (Llama's dequantize="auto"; the engine is named, not
   eval.py's auto, which answers with evict on a 4-bit base), and the same with the copy
-  forced (BEST_tuned_24gb_copy) when auto made none; out-of-memory retries counted ("oom_retries");
+  forced (BEST_tuned_24gb_copy) when auto made none; out-of-memory retries counted ("oom_retries"); --cap-engines adds
+  other engines to the first child (e.g. evict: what eval.py's auto answers with on a 4-bit base), --cap-prompts times
+  the children on fewer prompts (drawn the same way);
 - then (--profile-prompts, CUDA) one static fine-tuned run of that many prompts x 64 new tokens under torch.profiler:
   the kernels by GPU time in OUT-static-profile.txt.
 --single-prompts 0 / --old-prompts 0 skip those variants.
@@ -185,7 +187,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=420.0, help="Skip the remaining variants after this many seconds.")
     parser.add_argument("--profile-prompts", type=int, default=128, help="Prompts of the profiled static run (0: none).")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--capped-child", help=argparse.SUPPRESS)  # ENGINE:DEQUANTIZE, cap_variant's child process
+    parser.add_argument("--cap-engines", default="", help="Engines the capped child times besides the fastest (comma-separated).")
+    parser.add_argument("--cap-prompts", type=int, default=None,
+                        help="Prompts of the capped children (N drawn as --prompts are; default --prompts).")
+    parser.add_argument("--capped-child", help=argparse.SUPPRESS)  # ENGINE[,ENGINE]:DEQUANTIZE, cap_variant's child process
     return parser.parse_args()
 
 
@@ -288,10 +293,13 @@ def cap_variant(prompts: list[str], args, results: dict, record) -> None:
     if not torch.cuda.is_available() or not warm:
         return
     best = max(warm, key=warm.get)
+    extra = [e for e in args.cap_engines.split(",") if e and e != best]
     for dequantize in ("auto", "yes"):
         out = args.out.removesuffix(".json") + f"-cap-{dequantize}.json"
-        cmd = [sys.executable, __file__, "--model", args.model, "--out", out, "--prompts", str(args.prompts), "--new-tokens",
-               str(args.new_tokens), "--cap-gib", str(args.cap_gib), "--seed", str(args.seed), "--capped-child", f"{best}:{dequantize}"]
+        engines = ",".join([best, *extra] if dequantize == "auto" else [best])
+        cmd = [sys.executable, __file__, "--model", args.model, "--out", out, "--prompts", str(args.cap_prompts or args.prompts),
+               "--new-tokens", str(args.new_tokens), "--cap-gib", str(args.cap_gib), "--seed", str(args.seed),
+               "--capped-child", f"{engines}:{dequantize}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith(("[bench]", "[model]"))), flush=True)
         if proc.returncode != 0 or not os.path.exists(out):
@@ -300,9 +308,9 @@ def cap_variant(prompts: list[str], args, results: dict, record) -> None:
         with open(out) as fh:
             child = json.load(fh)
         suffix = "_copy" if dequantize == "yes" else ""
-        for side, r in child.items():
-            record(f"{best}_{side}_24gb{suffix}", r)
-        if child["tuned"]["dequantized"]:
+        for name, r in child.items():
+            record(f"{name}_24gb{suffix}", r)
+        if child[f"{best}_tuned"]["dequantized"]:
             return  # auto made the copy: forcing it would measure the same
 
 
@@ -312,19 +320,20 @@ def run_capped(args) -> None:
 
     from model import Llama
 
-    engine, dequantize = args.capped_child.split(":")
+    engines, dequantize = args.capped_child.split(":")
     torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     prompts = bench_prompts(args.prompts, args.seed)
     built = build_llama(args.model, args.seed)
     llama = Llama(built.model, built.tokenizer, dequantize=dequantize)
     results = {}
-    cold = (("tuned_cold", True),) if engine in COLD_FIRST else ()  # compilation out of the warm figures
-    for side, use_adapter in cold + (("tuned", True), ("base", False)):
-        r = timed(llama, prompts, None, True, args.new_tokens, use_adapter, engine)
-        r.pop("answers")
-        results[side] = r | {"cap_gib": args.cap_gib, "dequantize": dequantize, "dequantized": llama._dequantized}
-    with open(args.out, "w") as fh:
-        json.dump(results, fh, indent=2)
+    for engine in engines.split(","):
+        cold = (("tuned_cold", True),) if engine in COLD_FIRST else ()  # compilation out of the warm figures
+        for side, use_adapter in cold + (("tuned", True), ("base", False)):
+            r = timed(llama, prompts, None, True, args.new_tokens, use_adapter, engine)
+            r.pop("answers")
+            results[f"{engine}_{side}"] = r | {"cap_gib": args.cap_gib, "dequantize": dequantize, "dequantized": llama._dequantized}
+            with open(args.out, "w") as fh:  # after each run: a child cut by the time limit keeps what it measured
+                json.dump(results, fh, indent=2)
 
 
 def profile_static(llama, prompts: list[str], path: str) -> None:
