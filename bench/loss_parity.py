@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SIDES = {"project": [], "project_compiled": ["--compile", "on"], "project_varlen": ["--attention", "varlen"],
-         "project_flex": ["--attention", "flex_attention"], "project_dense": ["--dense-base", "yes"], "hf": None}
+         "project_flex": ["--attention", "flex_attention"], "project_dense": ["--dense-base", "yes"], "project_noliger": ["--no-liger"],
+         "hf": None, "hf_nogc": None}  # None: plain HF (hf_side); hf_nogc without gradient checkpointing
 COMMON = ["--memory-plan", "off", "--gradient-accumulation-steps", "1", "--lr-scheduler", "constant", "--warmup-ratio", "0",
           "--logging-steps", "1", "--eval-steps", "0", "--val-fraction", "0", "--save-steps", "100000"]
 
@@ -85,7 +86,8 @@ def project_side(args, flags: list[str], groups: list[list[int]]):
 
 
 def hf_side(args, groups: list[list[int]]):
-    """Plain transformers + peft: 4-bit NF4, SDPA, padded batches of each row's records, eager cross-entropy."""
+    """Plain transformers + peft: 4-bit NF4, SDPA, padded batches of each row's records, eager cross-entropy; gradient
+    checkpointing except for the hf_nogc side."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
@@ -108,7 +110,8 @@ def hf_side(args, groups: list[list[int]]):
     pad = make_collator(tokenizer)
     targs = TrainingArguments(output_dir="/tmp/parity-hf", per_device_train_batch_size=1, max_steps=args.steps, learning_rate=2e-4,
                               lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.3, weight_decay=0.0, optim="adamw_torch",
-                              gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=on_gpu,
+                              gradient_checkpointing=args.side != "hf_nogc", gradient_checkpointing_kwargs={"use_reentrant": False},
+                              bf16=on_gpu,
                               use_cpu=not on_gpu, logging_steps=1, save_strategy="no", report_to=[], remove_unused_columns=False,
                               logging_nan_inf_filter=False, seed=args.seed, data_seed=args.seed, disable_tqdm=True)
     trainer = Trainer(model=model, args=targs, train_dataset=[[examples[i] for i in g] for g in groups],
