@@ -42,7 +42,7 @@ from hub import TINY_MODEL, ModelError, base_model_available
 from loading import load_for_training
 from memory_plan import apply_memory_plan
 from resilience import EXIT_CODES, TrainingStopped, checkpoint_dir, checkpoints, main_process, newest_complete, remove_previous_run
-from runtime import silence_harmless_logs
+from runtime import launched_processes, silence_harmless_logs
 from training import build_trainer, save_outputs, train
 
 DEFAULT_BASE = TrainConfig.__dataclass_fields__["base_model"].default
@@ -54,10 +54,22 @@ def main(argv: list[str] | None = None) -> int:
         return run_cli(run, argv)
     except TrainingStopped as stop:  # Ctrl-C / SIGTERM (checkpoint saved), a NaN loss, CUDA out of memory
         print(stop.message, file=sys.stderr)
-        return stop.code
+        return stopped(stop.code)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, final save): nothing half-written is kept
         print("[main] interrupted (Ctrl-C); complete checkpoints stay valid for --resume", file=sys.stderr)
         return EXIT_CODES[signal.SIGINT]
+
+
+def stopped(code: int) -> int:
+    """The exit code of a stopped run. Launched as several processes, this one exits here at once (os._exit), its
+    output flushed: its checkpoint part is written and the process group closed, and releasing the stopped Trainer's
+    objects (a gloo group whose peer may already have exited) could block until the launcher SIGKILLs it 30 s later,
+    turning exit code 143 into -9 (seen intermittently in tests/test_distributed.py's SIGTERM test)."""
+    if launched_processes() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def run(argv: list[str]) -> None:

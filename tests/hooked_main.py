@@ -5,7 +5,8 @@ through environment variables, so that a signal or a fault lands exactly where a
 - LLAMA_DOLLY_TEST_SAVE_SLEEP=S: sleep S seconds inside each checkpoint save, before its COMPLETE marker;
 - LLAMA_DOLLY_TEST_NAN_STEP=K: set the LoRA weights to NaN before step K (a diverged run, on demand);
 - LLAMA_DOLLY_TEST_PID_DIR=DIR: each process writes DIR/rank{RANK}.pid at start (a test signals ONE process of a
-  multi-process run) and DIR/rank{RANK}.exit, main's exit code, just before it exits (the launcher reports only its own).
+  multi-process run) and DIR/rank{RANK}.exit, main's exit code, just before it exits (the launcher reports only its own;
+  a stopped run of several processes leaves through os._exit in main.stopped, so the code is written there first).
 
 None of this ships in the project's modules: it is patched in here, from outside.
 """
@@ -56,8 +57,14 @@ def mark_complete_slowly(checkpoint: str, _mark=resilience.mark_complete) -> Non
     _mark(checkpoint)
 
 
+def stopped_with_exit_file(code: int, _stopped=main.stopped) -> int:
+    write_rank_file("exit", str(code))  # main.stopped may leave through os._exit (several processes): record the code first
+    return _stopped(code)
+
+
 main.build_trainer = build_trainer_with_hooks
 resilience.mark_complete = mark_complete_slowly
+main.stopped = stopped_with_exit_file
 
 
 
