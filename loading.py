@@ -113,9 +113,12 @@ def fsdp_placement(rt: Runtime, quantized: bool, where: str = "via-gpu") -> tupl
 
 
 def check_fsdp_config(cfg: TrainConfig) -> None:
-    """FSDP (use_orig_params false) flattens each unit into one tensor of one dtype: refuse settings that mix dtypes."""
+    """FSDP (use_orig_params false) flattens each unit into one tensor of one dtype: refuse settings that mix dtypes, and
+    --dense-base yes (FSDP shards the 4-bit weights), before anything is loaded."""
     if not fsdp_active() or cfg.quantization == "none":
         return
+    if cfg.dense_base == "yes":
+        raise ConfigError("--dense-base yes is for one process: FSDP shards the 4-bit weights (pass --dense-base no)")
     if cfg.quantization == "8bit":
         raise ConfigError("FSDP shards a 4-bit (bf16-stored) or unquantized base, not an 8-bit one: pass --quantization 4bit")
     if cfg.quant_storage != "bfloat16":
@@ -172,8 +175,6 @@ def dequantize_for_training(model: torch.nn.Module) -> None:
     without unpacking them (bitsandbytes dequantizes each layer's weight in the forward and again in the backward)."""
     import generation
 
-    if fsdp_active():
-        raise ConfigError("--dense-base yes is for one process: FSDP shards the 4-bit weights (pass --dense-base no)")
     layers = generation.linear4bit_modules(model)
     if not layers:
         raise ConfigError("--dense-base yes needs a 4-bit base (--quantization 4bit)")

@@ -140,8 +140,8 @@ def test_dense_base_needs_a_4bit_base_and_one_process(fsdp_env):
 
     with pytest.raises(ConfigError, match="needs --quantization 4bit"):
         TrainConfig(base_model=TINY_MODEL, quantization="none", dense_base="yes")
-    with pytest.raises(ConfigError, match="FSDP shards the 4-bit weights"):
-        loading.dequantize_for_training(torch.nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match="FSDP shards the 4-bit weights"):  # under FSDP: refused before the model is loaded
+        loading.check_fsdp_config(TrainConfig(base_model=TINY_MODEL, dense_base="yes", quant_storage="bfloat16"))
 
 
 def test_dense_base_frees_the_4bit_layers():
