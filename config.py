@@ -88,8 +88,8 @@ class TrainConfig:
         "auto",
         "Train against a 16-bit copy of the 4-bit base: the same NF4 weight values, dequantized once at load, so each linear "
         "layer runs one 16-bit matmul instead of unpacking its weight again in every forward and backward pass (fewer "
-        "kernels, less host work per micro-batch; 1.046x on an H200). Costs 2 bytes per base weight instead of ~0.5 (+9 GiB "
-        "for 7B once the 4-bit weights are freed; the plan counts 12). auto: yes on one CUDA GPU when --memory-plan "
+        "kernels, less host work per micro-batch; 1.046x on an H200). Costs 2 bytes per base weight instead of ~0.5 (computed: "
+        "+9 GiB for 7B once the 4-bit weights are freed; the plan counts 12). auto: yes on one CUDA GPU when --memory-plan "
         "auto's plan still fits with it (never a smaller micro-batch for it), no otherwise. Needs --quantization 4bit; not "
         "under FSDP. The adapter trained is the same (tests: equal losses and gradients).",
     )

@@ -141,7 +141,7 @@ def generate_batch(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], stop_strings: list[str] | None = None,
     engine: str = "padded", stats: dict | None = None, **generation: Any,
 ) -> list[dict[str, Any]]:
-    """One left-padded batch: through model.generate (padded), decode_static (static, compiled) or decode_evicting (evict)."""
+    """One left-padded batch: through model.generate (padded), decode_static (STATIC_ENGINES) or decode_evicting (evict)."""
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     if engine in STATIC_ENGINES:

@@ -180,6 +180,7 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
     if quantization != "4bit":
         dense_base = "no"
     copy = dense_copy_gib(shape)
+    extra = copy if dense_base == "yes" else 0.0  # given: counted in every option
     usable = min(free_bytes, total_bytes, cap_bytes or total_bytes) / GIB
     budget = usable / fragmentation - reserve_gib
     gcs = [fixed["gradient_checkpointing"]] if "gradient_checkpointing" in fixed else [False, True]
@@ -187,11 +188,11 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
     splits = micro_batches(tokens_per_step, max_length, fixed.get("pack_tokens"), fixed.get("gradient_accumulation_steps"))
     for micro, accumulation in splits:
         for gc in gcs:
-            peak = predict_peak_gib(shape, micro, gc, quantization, lora_r, fused_cross_entropy) + (copy if dense_base == "yes" else 0)
+            peak = predict_peak_gib(shape, micro, gc, quantization, lora_r, fused_cross_entropy) + extra
             options.append((peak <= budget, time_model.tokens_per_s(micro, gc), micro, accumulation, gc, peak))
     fits, _, micro, accumulation, gc, peak = max(options)
     if not fits and not fixed:
-        need = predict_peak_gib(shape, max_length, True, quantization, lora_r, fused_cross_entropy) + (copy if dense_base == "yes" else 0)
+        need = predict_peak_gib(shape, max_length, True, quantization, lora_r, fused_cross_entropy) + extra
         raise PlanError(f"--memory-plan auto: even gradient checkpointing with {max_length}-token micro-batches needs ~{need:.1f} GiB, "
                         f"but {card} leaves a budget of {budget:.1f} GiB ({usable:.1f} GiB usable); "
                         f"{'drop --dense-base yes (the 16-bit copy of the base), ' if dense_base == 'yes' else ''}"

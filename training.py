@@ -185,13 +185,11 @@ def collator(cfg: TrainConfig, tokenizer, rows: tuple = ()):
     varlen = attention_choice(cfg.attention, cfg.packing, runtime()) == VARLEN
     if not cfg.pad_to_budget:
         return DocumentBounds(collate_packed) if varlen else collate_packed
-    chunk = cfg.max_length if varlen and rows else None
-    packed = PaddedPackedCollator(cfg.pack_tokens, tokenizer.pad_token_id, chunk)
-    if not varlen:
-        return packed
-    if not rows:
-        return DocumentBounds(packed)
-    slots = max_records_per_row(*rows) + -(-cfg.pack_tokens // cfg.max_length)
+    fixed = varlen and bool(rows)  # the record bounds in one shape too
+    packed = PaddedPackedCollator(cfg.pack_tokens, tokenizer.pad_token_id, cfg.max_length if fixed else None)
+    if not fixed:
+        return DocumentBounds(packed) if varlen else packed
+    slots = max_records_per_row(*rows) + -(-cfg.pack_tokens // cfg.max_length)  # + the padding's records
     return DocumentBounds(packed, slots, cfg.max_length)
 
 
