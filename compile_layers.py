@@ -87,15 +87,39 @@ def compiled_entries(code) -> int:
 
 
 def compile_report(stats: dict) -> dict:
-    """Compiled variants of the layer, graph breaks by reason, unique graphs and Dynamo + Inductor compile seconds."""
+    """Compiled variants of the layer, graph breaks by reason, unique graphs and Dynamo + Inductor compile seconds; with
+    --compile-mode reduce-overhead, the CUDA graphs recorded so far and the skips (cudagraph_report)."""
     from torch._dynamo.utils import compile_times, counters
 
     names, values = compile_times(repr="csv", aggregate=True)
     times = dict(zip(names, map(float, values), strict=False))
-    return {"layers": stats["layers"], "mode": stats["mode"], "compiled_variants": compiled_entries(stats["code"]),
-            "graph_breaks": dict(counters["graph_break"]), "unique_graphs": counters["stats"]["unique_graphs"],
-            "dynamo_compile_s": round(times.get("_compile.compile_inner", 0.0), 1),  # tracing + forward compile, all variants
-            "inductor_compile_s": round(times.get("compile_fx_inner", 0.0), 1)}  # forward and (lazily compiled) backward graphs
+    report = {"layers": stats["layers"], "mode": stats["mode"], "compiled_variants": compiled_entries(stats["code"]),
+              "graph_breaks": dict(counters["graph_break"]), "unique_graphs": counters["stats"]["unique_graphs"],
+              "dynamo_compile_s": round(times.get("_compile.compile_inner", 0.0), 1),  # tracing + forward compile, all variants
+              "inductor_compile_s": round(times.get("compile_fx_inner", 0.0), 1)}  # forward and (lazily compiled) backward graphs
+    return report | (cudagraph_report() if stats["mode"] == "reduce-overhead" else {})
+
+
+def cudagraph_report() -> dict:
+    """CUDA graphs recorded by cudagraph trees on the current device (a layer's forward and backward, once each per layer
+    when they replay; a count growing with the steps = re-recording) and the calls that skipped CUDA graphs (TORCH_LOGS=perf_hints
+    says why)."""
+    from torch._dynamo.utils import counters
+
+    report = {"cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+    if torch.cuda.is_available():
+        from torch._inductor import cudagraph_trees
+
+        manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
+        if manager is not None and manager.roots is not None:
+            nodes = [n for roots in manager.roots.values() for n in roots]
+            count = 0
+            while nodes:
+                node = nodes.pop()
+                count += 1
+                nodes.extend(c for children in node.children.values() for c in children)
+            report["cudagraphs_recorded"] = count
+    return report
 
 
 def check_compiled(stats: dict, max_variants: int = 8) -> dict:
@@ -127,12 +151,18 @@ class CompileWatch(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = time.perf_counter()
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.stats["mode"] == "reduce-overhead":  # one CUDA-graph generation per optimizer step, said explicitly: the
+            torch.compiler.cudagraph_mark_step_begin()  # previous step's graph outputs (gradients included) are dead by now
+
     def on_step_end(self, args, state, control, **kwargs):
         if self._t0 is not None:
             self.report["first_step_s"] = round(time.perf_counter() - self._t0, 1)
             self._t0 = None
         if state.global_step == self.check_at:
             self.report |= check_compiled(self.stats, self.max_variants)
+            if "cudagraphs_recorded" in self.report:  # compared with the end's count: equal = recorded once, replayed since
+                self.report[f"cudagraphs_recorded_at_step_{self.check_at}"] = self.report["cudagraphs_recorded"]
             print(f"[compile] after step {state.global_step}: {self.report}", flush=True)
 
     def on_train_end(self, args, state, control, **kwargs):

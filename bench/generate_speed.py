@@ -27,8 +27,8 @@ Variants, in this order on the same weights (JSON written after each):
   forced (BEST_tuned_24gb_copy) when auto made none; out-of-memory retries counted ("oom_retries"); --cap-engines adds
   other engines to the first child (e.g. evict: what eval.py's auto answers with on a 4-bit base), --cap-prompts times
   the children on fewer prompts (drawn the same way);
-- then (--profile-prompts, CUDA) one static fine-tuned run of that many prompts x 64 new tokens under torch.profiler:
-  the kernels by GPU time in OUT-static-profile.txt.
+- then (--profile-prompts, CUDA) one warm fine-tuned run of --profile-engine (default static) on that many prompts x 64
+  new tokens under torch.profiler: the kernels by GPU time in OUT-ENGINE-profile.txt.
 --single-prompts 0 / --old-prompts 0 skip those variants.
 Reported per variant: new tokens/s, its share of the card's memory-bandwidth limit (weights + KV cache read once per
 decode step at the variant's mean rows per batch), the projected time for dolly's validation split (--project-records, both models,
@@ -185,7 +185,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--project-records", type=int, default=750, help="Records of dolly's validation split, for the projection.")
     parser.add_argument("--cap-gib", type=float, default=24.0, help="Memory cap of the capped variant (a 24 GB card).")
     parser.add_argument("--budget-s", type=float, default=420.0, help="Skip the remaining variants after this many seconds.")
-    parser.add_argument("--profile-prompts", type=int, default=128, help="Prompts of the profiled static run (0: none).")
+    parser.add_argument("--profile-prompts", type=int, default=128, help="Prompts of the profiled run (0: none).")
+    parser.add_argument("--profile-engine", default="static", help="Engine of the profiled run (generation.pick_engine's names).")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--cap-engines", default="", help="Engines the capped child times besides the fastest (comma-separated).")
     parser.add_argument("--cap-prompts", type=int, default=None,
@@ -274,7 +275,8 @@ def main() -> None:
             header.setdefault("tuned_vs_base", {})[engine] = ratio
     record("naive16", results["naive16"], final=True)
     if args.profile_prompts and torch.cuda.is_available():
-        profile_static(llama, prompts[: args.profile_prompts], args.out.removesuffix(".json") + "-static-profile.txt")
+        profile_engine(llama, prompts[: args.profile_prompts], args.out.removesuffix(".json") + f"-{args.profile_engine}-profile.txt",
+                       args.profile_engine)
     for name, r in results.items():
         print(f"[bench] {name:<22} {r['tokens_per_s']:>9.1f} new tok/s  share of bandwidth limit {r['share_of_bandwidth_limit'] or 0:.0%}  "
               f"dolly validation both models {r['projected_dolly_validation_both_models_s'] / 60:.1f} min  "
@@ -336,11 +338,11 @@ def run_capped(args) -> None:
                 json.dump(results, fh, indent=2)
 
 
-def profile_static(llama, prompts: list[str], path: str) -> None:
-    """One warm static fine-tuned run (64 forced new tokens) under torch.profiler: the kernels by GPU time, to `path`."""
+def profile_engine(llama, prompts: list[str], path: str, engine: str = "static") -> None:
+    """One warm fine-tuned run of `engine` (64 forced new tokens) under torch.profiler: the kernels by GPU time, to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
-    gen = {"max_new_tokens": 64, "min_new_tokens": 64, "engine": "static"}
+    gen = {"max_new_tokens": 64, "min_new_tokens": 64, "engine": engine}
     llama.generate(prompts, None, True, **gen)
     gpu_sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=False) as prof:
@@ -348,7 +350,7 @@ def profile_static(llama, prompts: list[str], path: str) -> None:
         gpu_sync()
     with open(path, "w") as fh:
         fh.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30) + "\n")
-    print(f"[bench] static profile ({len(prompts)} prompts x 64 tokens) -> {path}", flush=True)
+    print(f"[bench] {engine} profile ({len(prompts)} prompts x 64 tokens) -> {path}", flush=True)
 
 
 def switch_logits(llama, probe: list[str], logits: dict) -> dict:

@@ -75,9 +75,16 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "compiled_padded": ["--compile", "on", "--pad-to-budget"],
     "compiled_cudagraphs": ["--compile", "on", "--pad-to-budget", "--compile-mode", "reduce-overhead"],
     "compiled_cap24": ["--compile", "on"],
+    "cudagraphs_cap24": ["--compile", "on", "--pad-to-budget", "--compile-mode", "reduce-overhead"],  # under a 24 GiB cap
+    # with compiled_cudagraphs: the fixed overhead per micro-batch with CUDA graphs (dense_nogc_2048: without)
+    "cudagraphs_nogc_2048": ["--compile", "on", "--pad-to-budget", "--compile-mode", "reduce-overhead", "--memory-plan", "off",
+                             "--no-gradient-checkpointing", "--pack-tokens", "2048", "--dense-base", "yes"],
     # the same recipe doubled (16,384 tokens per optimizer step, one micro-batch): what a bigger micro-batch buys, not the default
     "compiled_16k": ["--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "16384",
                      "--tokens-per-step", "16384"],
+    # the doubled recipe with the 16-bit copy of the base: the best setting's MFU (compiled_16k: the 4-bit base)
+    "dense_16k": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "16384", "--tokens-per-step", "16384",
+                  "--dense-base", "yes"],
     "compiled_nogc_2048": ["--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
     "nogc_2048": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
     "nogc_4096": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "4096"],
@@ -86,7 +93,7 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "baseline_again": "hf_common",  # run twice: the spread between the two is the noise floor of this machine
 }
 # GiB: torch.cuda.set_per_process_memory_fraction
-CAPS = {"default_cap24": 24, "default_cap40": 40, "compiled_cap24": 24, "varlen_cap24": 24}
+CAPS = {"default_cap24": 24, "default_cap40": 40, "compiled_cap24": 24, "varlen_cap24": 24, "cudagraphs_cap24": 24}
 REFERENCES = ("baseline", "hf_tuned", "hf_tuned_nogc")  # every row's tokens/s is given as a ratio to each of these
 
 
@@ -248,7 +255,8 @@ def run_variant(args) -> dict:
         trainer, cfg = project_trainer(args, spec, args.data)
         micro = cfg.gradient_accumulation_steps
         extra = {"plan": {"gradient_checkpointing": cfg.gradient_checkpointing, "pack_tokens": cfg.pack_tokens,
-                          "gradient_accumulation_steps": micro, "compile": cfg.compile, "pad_to_budget": cfg.pad_to_budget,
+                          "gradient_accumulation_steps": micro, "compile": cfg.compile, "compile_mode": cfg.compile_mode,
+                          "pad_to_budget": cfg.pad_to_budget,
                           "attention": trainer.model.config._attn_implementation, "dense_base": cfg.dense_base}}
     timer = StepTimer(None if args.sync_every_step else {args.warmup, args.steps})
     trainer.add_callback(timer.callback)
@@ -299,8 +307,8 @@ def overheads(variants: dict) -> list[dict]:
     for r in variants.values():
         plan = r.get("plan")
         if plan and not r.get("cap_gib"):
-            groups.setdefault((plan["gradient_checkpointing"], plan["compile"] in ("auto", "on"), plan["pad_to_budget"], plan["attention"],
-                               plan.get("dense_base")),
+            groups.setdefault((plan["gradient_checkpointing"], plan["compile"] in ("auto", "on"), plan.get("compile_mode"),
+                               plan["pad_to_budget"], plan["attention"], plan.get("dense_base")),
                               []).append(r)
     out = []
     for rows in groups.values():
