@@ -82,6 +82,12 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     # the same recipe doubled (16,384 tokens per optimizer step, one micro-batch): what a bigger micro-batch buys, not the default
     "compiled_16k": ["--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "16384",
                      "--tokens-per-step", "16384"],
+    # two micro-batches of 4,096 tokens per step with the 16-bit copy, uncapped: CUDA graphs with accumulation vs without
+    "cudagraphs_accum2": ["--compile", "on", "--pad-to-budget", "--compile-mode", "reduce-overhead", "--memory-plan", "off",
+                          "--no-gradient-checkpointing", "--pack-tokens", "4096", "--gradient-accumulation-steps", "2",
+                          "--dense-base", "yes"],
+    "dense_accum2": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "4096", "--gradient-accumulation-steps", "2",
+                     "--dense-base", "yes"],
     # the doubled recipe with the 16-bit copy of the base: the best setting's MFU (compiled_16k: the 4-bit base)
     "dense_16k": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "16384", "--tokens-per-step", "16384",
                   "--dense-base", "yes"],

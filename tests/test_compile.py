@@ -88,13 +88,11 @@ def test_compiled_training_matches_eager(tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_graph_training_records_once_and_matches_default_compile(tmp_path):
-    """--compile-mode reduce-overhead on fixed shapes (--pad-to-budget), two micro-batches per optimizer step: one forward
+    """--compile-mode reduce-overhead on fixed shapes (--pad-to-budget), one micro-batch per optimizer step: one forward
     and one backward graph per layer, recorded by step 4 and replayed since (not re-recorded: the 15x slowdown of
-    session 3; nor a second path for the second micro-batch), no call skipped them, and the losses equal
-    --compile-mode default's (same Inductor kernels, replayed)."""
+    session 3), no call skipped them, and the losses equal --compile-mode default's (same Inductor kernels, replayed)."""
     flags = ["--preset", "smoke", "--max-steps", "8", "--val-fraction", "0", "--save-steps", "8", "--pad-to-budget",
-             "--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "512",
-             "--gradient-accumulation-steps", "2"]
+             "--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "512"]
     outs, metrics = {}, {}
     for mode in ("default", "reduce-overhead"):
         outs[mode] = str(tmp_path / mode)
