@@ -43,6 +43,18 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return max(lists, key=len)
 
 
+def check_compile_mode(mode: str, accumulation: int) -> None:
+    """CUDA graphs (reduce-overhead) take one micro-batch per optimizer step: with two of 4,096 tokens, a step took 13.1 s
+    (16-bit copy) and 18.8 s (4-bit base, 24 GiB cap) on an H200 instead of ~0.5 s without CUDA graphs, its graphs recorded
+    once and no call skipped (BENCHMARKS.md, seventh run), so it is refused, not run."""
+    if mode == "reduce-overhead" and accumulation > 1:
+        from config import ConfigError
+
+        raise ConfigError(f"--compile-mode reduce-overhead with {accumulation} micro-batches per optimizer step (gradient "
+                          "accumulation): 13-19 s per step on an H200 instead of ~0.5 s with --compile-mode default; use it with one "
+                          "micro-batch per step (--pack-tokens N --tokens-per-step N) or keep --compile-mode default")
+
+
 def compile_decoder_layers(model: torch.nn.Module, mode: str = "default", dynamic: bool | None = None, recompile_limit: int = 16) -> dict:
     """Compile every decoder layer in place (`layer.compile()`, as torchtune's compile_model). Returns what CompileWatch checks.
 

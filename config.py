@@ -145,8 +145,9 @@ class TrainConfig:
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = doc(
         "default",
-        "torch.compile mode for --compile; reduce-overhead adds CUDA graphs (one shape: use it with --pad-to-budget). Measured "
-        "15x SLOWER than default on an H200 (1,118 vs 16,533 tokens/s: BENCHMARKS.md); kept for experiments.",
+        "torch.compile mode for --compile; reduce-overhead adds CUDA graphs (one shape: use it with --pad-to-budget; one "
+        "micro-batch per optimizer step, refused with accumulation). Measured on an H200 (BENCHMARKS.md): 1.27x default at "
+        "2,048-token micro-batches, equal at 8,192 (default's), 13-19 s per step with two micro-batches; not the default.",
     )
     pad_to_budget: bool = doc(
         False,
@@ -259,13 +260,14 @@ class EvalConfig:
     )
     engine: Literal["auto", "padded", "evict", "static", "compiled", "flash", "compiled_flash", "continuous"] = doc(
         "auto",
-        "How answers are decoded. auto: flash on a GPU once the base is a 16-bit copy (see --dequantize; static on a card "
-        "older than sm80), evict otherwise (greedy); padded when sampling. static = a static KV cache with the decode step "
+        "How answers are decoded. auto: flash on a GPU, the base a 16-bit copy (see --dequantize) or in 4 bits (2.4x evict "
+        "there on an H200 capped at 24 GiB; static on a card older than sm80), evict on a CPU (greedy); padded when sampling. "
+        "static = a static KV cache with the decode step "
         "replayed from a CUDA graph (auto falls back to evict if its engine fails); compiled = static with the decoder "
         "layers compiled for the decode steps (fused element-wise kernels; 1.14x static on an H200 after ~8 s of "
         "compilation per run); flash = static with each row attending only to its own cache positions (FlashAttention's "
-        "variable-length kernel reading the cache in place; 1.03x static on an H200); compiled_flash = both (0.37x "
-        "compiled on an H200: its compiled step copied the whole cache; fixed, not yet measured again); evict = greedy, a finished answer "
+        "variable-length kernel reading the cache in place; 1.03x static on an H200); compiled_flash = both (1.02-1.04x "
+        "compiled on an H200, after ~8 s of compilation); evict = greedy, a finished answer "
         "leaves its batch at once; padded = model.generate; continuous = transformers' generate_batch (paged KV cache; "
         "measured 3.6x slower than static).",
     )

@@ -41,28 +41,27 @@ ENGINES = ("auto", "padded", "evict", "static", "compiled", "flash", "compiled_f
 STATIC_ENGINES = ("static", "compiled", "flash", "compiled_flash")  # decode_static, with or without its two options
 
 
-def pick_engine(engine: str, device: torch.device, greedy: bool, four_bit: bool = False) -> str:
-    """auto, greedy answers: on CUDA when no bitsandbytes 4-bit layer is left in the model (a 16-bit copy or an unquantized
-    base), flash where FlashAttention runs (compute capability 8.0+; 1.03x static on an H200, session 6) and static on
-    older cards; else evict (finished rows leave the batch: a CPU, or a 4-bit base, whose static engines give evict's
-    answers on a GPU (tests) but were not timed against it); sampled answers: padded (plain model.generate).
+def pick_engine(engine: str, device: torch.device, greedy: bool) -> str:
+    """auto, greedy answers: on CUDA flash where FlashAttention runs (compute capability 8.0+; 1.03x static on an H200 with
+    the 16-bit copy, session 6; equal to static on a 4-bit base, both 2.4x evict there: base answers 1,152 / 1,160 vs 487 new
+    tokens/s, 64 prompts on an H200 capped at 24 GiB, session 7) and static on older cards, the base in 4 bits or a 16-bit copy; on
+    a CPU evict (finished rows leave the batch); sampled answers: padded (plain model.generate).
 
     static: a static KV cache, the decode step captured in a CUDA graph per batch. compiled: static with the decoder
     layers compiled for the decode steps (decoder_step_layers: Inductor fuses the element-wise kernels, ~40% of a decode
     step's GPU time; 1.14x static on an H200, after ~8 s of compilation per process). flash, compiled_flash: static,
     compiled with each row's query attending only to its own cache positions (flash_decode_attention: FlashAttention's
     variable-length kernel reading the cache in place) instead of SDPA over the whole cache with a mask: flash 1.03x
-    static on an H200; compiled_flash 0.37x compiled there (its compiled step copied both whole cache buffers: LayerCache's
-    column write since, not measured again). continuous: transformers'
-    generate_batch (paged attention, a finished sequence frees its slot at once), 3.6x slower than static on an H200.
-    All decode greedily.
+    static on an H200; compiled_flash 1.02-1.04x compiled there (session 7, after LayerCache's column write; 0.37x before),
+    after ~8 s of compilation. continuous: transformers' generate_batch (paged attention, a finished sequence frees its
+    slot at once), 3.6x slower than static on an H200. All decode greedily.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)} (got {engine!r})")
     if not greedy:
         return "padded"  # evict, static and continuous decode greedily; sampling goes through model.generate
     if engine == "auto":
-        if device.type != "cuda" or four_bit:
+        if device.type != "cuda":
             return "evict"
         return "flash" if torch.cuda.get_device_capability(device) >= (8, 0) else "static"
     return engine
@@ -82,7 +81,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     from tqdm.auto import tqdm
 
     greedy = generation.get("temperature", 0.0) <= 0
-    chosen = pick_engine(engine, model.device, greedy, four_bit=engine == "auto" and bool(linear4bit_modules(model)))
+    chosen = pick_engine(engine, model.device, greedy)
     if chosen == "continuous" and prompts:
         return generate_continuous(model, tokenizer, prompts, progress=progress, **generation)
     fallback = engine == "auto" and chosen in ("static", "flash")

@@ -70,6 +70,13 @@ def test_stable_gradients_gives_trainable_parameters_zeroed_buffers_and_keeps_ex
     assert torch.equal(model[0].bias.grad, reference[0].bias.grad)  # 0 + g = g
 
 
+def test_cuda_graphs_with_gradient_accumulation_are_refused_before_loading():
+    proc = run("main.py", "--preset", "smoke", "--compile", "on", "--compile-mode", "reduce-overhead", "--gradient-accumulation-steps", "2",
+               "--output-dir", "/nonexistent/never-written")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "reduce-overhead with 2 micro-batches per optimizer step" in proc.stderr and "[data]" not in proc.stdout
+
+
 @pytest.mark.slow  # ~2 minutes cold on 2 CPU cores (Inductor compiles the layer's forward and backward), ~1 with its cache
 def test_compiled_training_matches_eager(tmp_path):
     flags = ["--preset", "smoke", "--max-steps", "3", "--val-fraction", "0", "--save-steps", "3", "--pad-to-budget"]

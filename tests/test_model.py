@@ -440,7 +440,7 @@ def test_flash_decode_kernel_matches_the_masked_attention_and_the_engine_static(
 def test_static_engines_on_a_4bit_base_give_the_evicting_decoders_answers(trained):
     """A base kept in 4 bits (dequantize="no", what a 24 GB card gets under dequantize="auto"): its bitsandbytes layers
     inside the decode step's CUDA graph (static, compiled, flash) give evict's answers, fine-tuned (LoRA unmerged) and
-    base. auto still picks evict there until this has passed on a GPU (generation.pick_engine)."""
+    base: what auto's flash (static on older cards) decodes with on a 24 GB card (generation.pick_engine)."""
     _, _, out, _ = trained
     llama = Llama.load_pretrained_model(out, dequantize="no")
     for use_adapter in (True, False):
@@ -491,8 +491,8 @@ def test_continuous_batching_refuses_a_partial_result(trained):
 
 
 def test_auto_engine_is_flash_on_cuda_without_4bit_layers_and_falls_back_to_evict(trained, monkeypatch, capsys):
-    """auto, greedy: flash on CUDA once no 4-bit layer is left (the fastest measured there without a compile) where
-    FlashAttention runs (sm80+), static on older cards, evict on a CPU or with 4-bit layers; padded when sampling. When
+    """auto, greedy: flash on CUDA (the fastest measured there without a compile, 16-bit copy or 4-bit base) where
+    FlashAttention runs (sm80+), static on older cards, evict on a CPU; padded when sampling. When
     auto's engine fails (not out of memory), the remaining answers come from evict, said in one line; an engine asked
     for by name never falls back."""
     import generation
@@ -501,7 +501,6 @@ def test_auto_engine_is_flash_on_cuda_without_4bit_layers_and_falls_back_to_evic
     assert generation.pick_engine("auto", torch.device("cuda"), greedy=True) == "flash"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no FlashAttention
     assert generation.pick_engine("auto", torch.device("cuda"), greedy=True) == "static"
-    assert generation.pick_engine("auto", torch.device("cuda"), greedy=True, four_bit=True) == "evict"
     assert generation.pick_engine("auto", torch.device("cpu"), greedy=True) == "evict"
     assert generation.pick_engine("auto", torch.device("cuda"), greedy=False) == "padded"
     assert generation.pick_engine("static", torch.device("cuda"), greedy=False) == "padded"
@@ -514,7 +513,7 @@ def test_auto_engine_is_flash_on_cuda_without_4bit_layers_and_falls_back_to_evic
 
     monkeypatch.setattr(generation, "decode_static", broken)
     for chosen in ("static", "flash"):
-        monkeypatch.setattr(generation, "pick_engine", lambda engine, device, greedy, four_bit=False, chosen=chosen: chosen)
+        monkeypatch.setattr(generation, "pick_engine", lambda engine, device, greedy, chosen=chosen: chosen)
         assert llama.generate(QUESTIONS, batch_size=2, max_new_tokens=6) == expected  # engine auto (the Llama's default)
         assert capsys.readouterr().out.count(f"the {chosen} engine failed (RuntimeError: operation not permitted") == 1
     with pytest.raises(RuntimeError, match="not permitted"):  # asked for by name: no silent fallback
