@@ -91,18 +91,6 @@ def use_inductor_cache() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "llama-dolly", "inductor"))
 
 
-def stable_gradients(model: torch.nn.Module) -> None:
-    """Zeroed .grad buffers for the trainable parameters, allocated outside any CUDA graph, before each optimizer step's
-    first backward (Trainer sets them to None after the step). With CUDA graphs (--compile-mode reduce-overhead) a
-    compiled backward's gradient outputs live in the graphs' memory pool: stolen as .grad by the first micro-batch, they
-    stay alive into the next micro-batch, whose forward then cannot restart from the recorded graphs and records a new
-    path (measured on a GPU: 16 graphs at step 4, 32 at step 8, two micro-batches per step). Added into existing buffers,
-    they die at once and every micro-batch replays the same graphs. 0 + g = g: the same gradients."""
-    for p in model.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)
-
-
 def compiled_entries(code) -> int:
     """How many compiled variants Dynamo holds for a code object (one per guard set); 0 = it runs eager."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
@@ -175,10 +163,9 @@ class CompileWatch(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = time.perf_counter()
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if self.stats["mode"] == "reduce-overhead" and model is not None:
-            stable_gradients(model)
-            torch.compiler.cudagraph_mark_step_begin()  # one CUDA-graph generation per optimizer step, said explicitly
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.stats["mode"] == "reduce-overhead":  # one CUDA-graph generation per optimizer step, said explicitly (one
+            torch.compiler.cudagraph_mark_step_begin()  # micro-batch per step: check_compile_mode)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._t0 is not None:

@@ -9,9 +9,11 @@ check_compile_mode: 13-19 s per step on an H200). This script lifts that refusal
 its flags, printing after every optimizer step the CUDA graphs recorded so far, the calls that skipped them and the
 step's wall time (GPU synchronized). Session 7, tiny model, one H200: 4 more graphs at every step (cudagraph trees
 checkpoint the allocator and record the second micro-batch again). --mark-every-micro-batch also starts a new
-CUDA-graph generation before every micro-batch (TrainerCallback.on_substep_end), not only before each optimizer step:
-with CompileWatch's zeroed .grad buffers, nothing of the previous micro-batch's graphs should be needed after its
-backward (an access to it would raise, not read stale memory). Not yet run.
+CUDA-graph generation before every micro-batch (TrainerCallback.on_substep_end), not only before each optimizer step,
+and gives the trainable parameters zeroed .grad buffers before each step's first micro-batch, allocated outside the
+graphs: the backward's gradient outputs are then added into them and die, so nothing of the previous micro-batch's graphs
+should be needed after its backward (an access to it would raise, not read stale memory). Not yet run on a GPU. (The
+zeroed buffers alone, with one generation per optimizer step, did not stop the re-recording: session 7.)
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ import training  # noqa: E402
 class GraphsPerStep(TrainerCallback):
     def __init__(self, every_micro_batch: bool):
         self.every_micro_batch, self.last = every_micro_batch, None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.every_micro_batch:  # allocated outside any graph, at each step's start (Trainer sets them to None)
+            for p in model.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
 
     def on_substep_end(self, args, state, control, **kwargs):
         if self.every_micro_batch:

@@ -52,24 +52,6 @@ def test_a_layer_running_eager_fails_loudly():
         check_compiled({"layers": 2, "code": never_compiled.__code__, "mode": "default"})
 
 
-def test_stable_gradients_gives_trainable_parameters_zeroed_buffers_and_keeps_existing_ones():
-    from compile_layers import stable_gradients
-
-    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
-    model[0].weight.requires_grad_(False)
-    model[1].weight.grad = torch.ones_like(model[1].weight)
-    kept = model[1].weight.grad
-    stable_gradients(model)
-    assert model[0].weight.grad is None  # frozen: no buffer
-    assert model[1].weight.grad is kept  # an accumulating gradient is left alone
-    assert torch.equal(model[0].bias.grad, torch.zeros(2)) and torch.equal(model[1].bias.grad, torch.zeros(1))
-    model(torch.ones(1, 3)).sum().backward()
-    reference = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
-    reference.load_state_dict(model.state_dict())
-    reference(torch.ones(1, 3)).sum().backward()
-    assert torch.equal(model[0].bias.grad, reference[0].bias.grad)  # 0 + g = g
-
-
 def test_cuda_graphs_with_gradient_accumulation_are_refused_before_loading():
     proc = run("main.py", "--preset", "smoke", "--compile", "on", "--compile-mode", "reduce-overhead", "--gradient-accumulation-steps", "2",
                "--output-dir", "/nonexistent/never-written")
