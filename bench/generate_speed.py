@@ -23,9 +23,9 @@ Variants, in this order on the same weights (JSON written after each):
 - BEST_tuned_24gb / BEST_base_24gb ("cap" in --engines): the fastest warm engine so far as a 24 GB card runs it: a child
   process capped with torch.cuda.set_per_process_memory_fraction (--cap-gib) before it loads anything, the model
   loaded and its 16-bit copy made or not as eval.py decides (Llama's dequantize="auto"; the engine is named, not
-  eval.py's auto, which answers with evict on a 4-bit base), and the same with the copy
+  eval.py's auto, which answers with flash on sm80+, a 4-bit base included), and the same with the copy
   forced (BEST_tuned_24gb_copy) when auto made none; out-of-memory retries counted ("oom_retries"); --cap-engines adds
-  other engines to the first child (e.g. evict: what eval.py's auto answers with on a 4-bit base), --cap-prompts times
+  other engines to the first child (e.g. evict, static, flash: session 7 compared them on a 4-bit base), --cap-prompts times
   the children on fewer prompts (drawn the same way);
 - then (--profile-prompts, CUDA) one warm fine-tuned run of --profile-engine (default static) on that many prompts x 64
   new tokens under torch.profiler: the kernels by GPU time in OUT-ENGINE-profile.txt.
