@@ -43,18 +43,6 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return max(lists, key=len)
 
 
-def check_compile_mode(mode: str, accumulation: int) -> None:
-    """CUDA graphs (reduce-overhead) take one micro-batch per optimizer step: with two of 4,096 tokens, a step took 13.1 s
-    (16-bit copy) and 18.8 s (4-bit base, 24 GiB cap) on an H200 instead of ~0.5 s without CUDA graphs, its graphs recorded
-    once and no call skipped (BENCHMARKS.md, seventh run), so it is refused, not run."""
-    if mode == "reduce-overhead" and accumulation > 1:
-        from config import ConfigError
-
-        raise ConfigError(f"--compile-mode reduce-overhead with {accumulation} micro-batches per optimizer step (gradient "
-                          "accumulation): 13-19 s per step on an H200 instead of ~0.5 s with --compile-mode default; use it with one "
-                          "micro-batch per step (--pack-tokens N --tokens-per-step N) or keep --compile-mode default")
-
-
 def compile_decoder_layers(model: torch.nn.Module, mode: str = "default", dynamic: bool | None = None, recompile_limit: int = 16) -> dict:
     """Compile every decoder layer in place (`layer.compile()`, as torchtune's compile_model). Returns what CompileWatch checks.
 
@@ -149,6 +137,19 @@ def check_compiled(stats: dict, max_variants: int = 8) -> dict:
     return report
 
 
+def zero_grads_outside_graphs(model: torch.nn.Module) -> None:
+    """Give every trainable parameter without a gradient a zeroed .grad, allocated outside the CUDA graphs' memory pool.
+
+    With CUDA graphs (--compile-mode reduce-overhead) and several micro-batches per optimizer step: autograd would make the
+    first micro-batch's gradient, an output of the backward's graph living in the graphs' pool, the .grad itself, and the
+    next micro-batch's replay writes into that pool (pytorch#96693: a quarter of the gradient left with 4 micro-batches).
+    With a .grad already there, each backward's gradient is added into it and dies; a new CUDA-graph generation before
+    every micro-batch (CompileWatch) then replays one recorded path instead of recording each micro-batch's own."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 class CompileWatch(TrainerCallback):
     """Checks the compiled layers after optimizer step `check_at` (past warm-up and one automatic-dynamic recompile),
     raising CompileError, and reports them at the end without raising (the training is done by then); records the first
@@ -163,9 +164,15 @@ class CompileWatch(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = time.perf_counter()
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self.stats["mode"] == "reduce-overhead":  # one CUDA-graph generation per optimizer step, said explicitly (one
-            torch.compiler.cudagraph_mark_step_begin()  # micro-batch per step: check_compile_mode)
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.stats["mode"] == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # one CUDA-graph generation per micro-batch (and on_substep_end)
+            if args.gradient_accumulation_steps > 1 and model is not None:
+                zero_grads_outside_graphs(model)
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if self.stats["mode"] == "reduce-overhead":  # the next micro-batch replays the same graphs from the root
+            torch.compiler.cudagraph_mark_step_begin()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._t0 is not None:

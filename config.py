@@ -145,9 +145,9 @@ class TrainConfig:
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = doc(
         "default",
-        "torch.compile mode for --compile; reduce-overhead adds CUDA graphs (one shape: use it with --pad-to-budget; one "
-        "micro-batch per optimizer step, refused with accumulation). Measured on an H200 (BENCHMARKS.md): 1.27x default at "
-        "2,048-token micro-batches, equal at 8,192 (default's), 13-19 s per step with two micro-batches; not the default.",
+        "torch.compile mode for --compile; reduce-overhead adds CUDA graphs (one shape: use it with --pad-to-budget; with "
+        "accumulation each micro-batch replays the same graphs into zeroed gradients). Measured on an H200 (BENCHMARKS.md): "
+        "1.27x default at 2,048-token micro-batches, equal at 8,192 (default's); not the default.",
     )
     pad_to_budget: bool = doc(
         False,

@@ -27,7 +27,6 @@ import torch
 from transformers import set_seed
 
 from cli import run_cli
-from compile_layers import check_compile_mode, compile_enabled
 from config import ConfigError, TrainConfig, parse_config
 from dataset import (
     DataError,
@@ -43,7 +42,7 @@ from hub import TINY_MODEL, ModelError, base_model_available
 from loading import load_for_training
 from memory_plan import apply_memory_plan
 from resilience import EXIT_CODES, TrainingStopped, checkpoint_dir, checkpoints, main_process, newest_complete, remove_previous_run
-from runtime import launched_processes, runtime, silence_harmless_logs
+from runtime import launched_processes, silence_harmless_logs
 from training import build_trainer, save_outputs, train
 
 DEFAULT_BASE = TrainConfig.__dataclass_fields__["base_model"].default
@@ -78,8 +77,6 @@ def run(argv: list[str]) -> None:
     cfg, args = parse_config(TrainConfig, argv, __doc__, extra=_extra_flags)
     cfg = fall_back_if_needed(cfg, argv)
     cfg = apply_memory_plan(cfg, args.explicit)  # on a GPU: checkpointing, tokens per micro-batch, accumulation that fit
-    if compile_enabled(cfg.compile, runtime(), cfg.gradient_checkpointing):  # refused here, not after minutes of loading
-        check_compile_mode(cfg.compile_mode, cfg.gradient_accumulation_steps)
     print(f"[main] base model {cfg.base_model} -> adapter in {cfg.output_dir}/", flush=True)
     check_output_dir(cfg, args.overwrite)
     # Bad data fails here, before minutes of model loading.

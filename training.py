@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from compile_layers import CompileWatch, check_compile_mode, compile_decoder_layers, compile_enabled
+from compile_layers import CompileWatch, compile_decoder_layers, compile_enabled
 from config import CONFIG_NAME, FINGERPRINTS_NAME, TrainConfig, save_config
 from dataset import DocumentBounds, PaddedPackedCollator, collate_packed, make_collator, max_records_per_row
 from fsdp_state import create_optimizer_state, gather_lora, load_lora, write_adapter
@@ -167,7 +167,6 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", os.path.join(cfg.output_dir, "tensorboard"))
     callbacks: list[TrainerCallback] = [CheckpointMarker(keep=cfg.save_total_limit), MemoryProbe()]  # probe: LLAMA_DOLLY_MEMORY_PROBE
     if compiled:  # compiled lazily at the first step; Liger's patches (Trainer init) are traced too
-        check_compile_mode(cfg.compile_mode, cfg.gradient_accumulation_steps)
         callbacks.append(CompileWatch(compile_decoder_layers(model, cfg.compile_mode, dynamic=False if cfg.pad_to_budget else None)))
     return ProjectTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,

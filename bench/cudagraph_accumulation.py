@@ -1,19 +1,15 @@
-"""Why CUDA graphs in training re-record with gradient accumulation: a diagnosis on a GPU, not a benchmark.
+"""CUDA graphs in training with gradient accumulation: graphs recorded and wall time after every optimizer step (GPU).
 
     python bench/cudagraph_accumulation.py --preset smoke --max-steps 10 --val-fraction 0 --save-steps 10 --pad-to-budget \
         --compile on --compile-mode reduce-overhead --memory-plan off --no-gradient-checkpointing --pack-tokens 512 \
-        --gradient-accumulation-steps 2 --output-dir /tmp/cg [--mark-every-micro-batch]       # TORCH_LOGS=+cudagraphs: why
+        --gradient-accumulation-steps 2 --output-dir /tmp/cg [--one-generation-per-step]     # TORCH_LOGS=+cudagraphs: why
 
-main.py refuses --compile-mode reduce-overhead with more than one micro-batch per optimizer step (compile_layers.
-check_compile_mode: 13-19 s per step on an H200). This script lifts that refusal and runs main.py's own training with
-its flags, printing after every optimizer step the CUDA graphs recorded so far, the calls that skipped them and the
-step's wall time (GPU synchronized). Session 7, tiny model, one H200: 4 more graphs at every step (cudagraph trees
-checkpoint the allocator and record the second micro-batch again). --mark-every-micro-batch also starts a new
-CUDA-graph generation before every micro-batch (TrainerCallback.on_substep_end), not only before each optimizer step,
-and gives the trainable parameters zeroed .grad buffers before each step's first micro-batch, allocated outside the
-graphs: the backward's gradient outputs are then added into them and die, so nothing of the previous micro-batch's graphs
-should be needed after its backward (an access to it would raise, not read stale memory). Not yet run on a GPU. (The
-zeroed buffers alone, with one generation per optimizer step, did not stop the re-recording: session 7.)
+Runs main.py's own training with its flags. main.py's CompileWatch starts a CUDA-graph generation before every
+micro-batch and gives the trainable parameters zeroed .grad buffers (allocated outside the graphs) before each step's
+first micro-batch, so every micro-batch replays one recorded path. --one-generation-per-step undoes both (session 7's
+behaviour: one generation per optimizer step, the first micro-batch's gradients left in the graphs' pool): there, on an
+H200, cudagraph trees checkpointed the allocator and recorded the second micro-batch again at every step (4 more graphs
+per step on the tiny model; 13-19 s per step on the 7B).
 """
 
 from __future__ import annotations
@@ -33,18 +29,8 @@ import training  # noqa: E402
 
 
 class GraphsPerStep(TrainerCallback):
-    def __init__(self, every_micro_batch: bool):
-        self.every_micro_batch, self.last = every_micro_batch, None
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if self.every_micro_batch:  # allocated outside any graph, at each step's start (Trainer sets them to None)
-            for p in model.parameters():
-                if p.requires_grad and p.grad is None:
-                    p.grad = torch.zeros_like(p)
-
-    def on_substep_end(self, args, state, control, **kwargs):
-        if self.every_micro_batch:
-            torch.compiler.cudagraph_mark_step_begin()
+    def __init__(self):
+        self.last = None
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
@@ -56,14 +42,15 @@ class GraphsPerStep(TrainerCallback):
 
 
 def run(argv: list[str]) -> None:
-    every = "--mark-every-micro-batch" in argv
-    argv = [a for a in argv if a != "--mark-every-micro-batch"]
-    main.check_compile_mode = training.check_compile_mode = lambda mode, accumulation: None  # the refusal, lifted here only
+    if "--one-generation-per-step" in argv:
+        argv = [a for a in argv if a != "--one-generation-per-step"]
+        compile_layers.CompileWatch.on_substep_end = lambda self, *a, **k: None
+        compile_layers.zero_grads_outside_graphs = lambda model: None
     build = training.build_trainer
 
     def build_with_report(*args, **kwargs):
         trainer = build(*args, **kwargs)
-        trainer.add_callback(GraphsPerStep(every))
+        trainer.add_callback(GraphsPerStep())
         return trainer
 
     main.build_trainer = build_with_report

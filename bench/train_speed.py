@@ -81,8 +81,15 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     # the same recipe doubled (16,384 tokens per optimizer step, one micro-batch): what a bigger micro-batch buys, not the default
     "compiled_16k": ["--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "16384",
                      "--tokens-per-step", "16384"],
-    # (cudagraphs_cap24, cudagraphs_accum2, dense_accum2: CUDA graphs with two micro-batches per step, measured in session 7 and
-    # refused since by compile_layers.check_compile_mode; bench/cudagraph_accumulation.py runs that case with the refusal lifted)
+    # CUDA graphs with two micro-batches per step (session 7: 13-19 s per step, re-recorded at every step; session 8: one
+    # generation per micro-batch and zeroed gradients, compile_layers.CompileWatch): under a 24 / 40 GiB cap, and uncapped
+    "cudagraphs_cap24": ["--compile", "on", "--pad-to-budget", "--compile-mode", "reduce-overhead"],
+    "cudagraphs_cap40": ["--compile", "on", "--pad-to-budget", "--compile-mode", "reduce-overhead"],
+    "padded_cap24": ["--compile", "on", "--pad-to-budget"],  # with cudagraphs_cap24: what the padding alone costs
+    "cudagraphs_accum2": ["--compile", "on", "--pad-to-budget", "--compile-mode", "reduce-overhead", "--memory-plan", "off",
+                          "--no-gradient-checkpointing", "--pack-tokens", "4096", "--tokens-per-step", "8192", "--dense-base", "yes"],
+    "dense_accum2": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "4096", "--tokens-per-step", "8192",
+                     "--dense-base", "yes"],
     # the doubled recipe with the 16-bit copy of the base: the best setting's MFU (compiled_16k: the 4-bit base)
     "dense_16k": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "16384", "--tokens-per-step", "16384",
                   "--dense-base", "yes"],
@@ -94,7 +101,8 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "baseline_again": "hf_common",  # run twice: the spread between the two is the noise floor of this machine
 }
 # GiB: torch.cuda.set_per_process_memory_fraction
-CAPS = {"default_cap24": 24, "default_cap40": 40, "compiled_cap24": 24, "varlen_cap24": 24}
+CAPS = {"default_cap24": 24, "default_cap40": 40, "compiled_cap24": 24, "varlen_cap24": 24, "cudagraphs_cap24": 24,
+        "cudagraphs_cap40": 40, "padded_cap24": 24}
 REFERENCES = ("baseline", "hf_tuned", "hf_tuned_nogc")  # every row's tokens/s is given as a ratio to each of these
 
 
