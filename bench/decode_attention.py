@@ -12,6 +12,8 @@ bandwidth, and the largest difference from `flash_varlen` (bf16). Kernels:
   sdpa_masked   SDPA over the whole padded cache with a boolean mask (what the static engine runs; reads every slot)
   flex          flex_attention compiled, a BlockMask of each row's stretch (Triton; short queries take its decoding kernel,
                 which splits the keys across thread blocks and skips the blocks outside the mask)
+  flex_ahead128 the same with a BlockMask made for 128 steps ahead (what a decode loop in a CUDA graph could keep for
+                128 steps: the blocks a row will reach by then are read, the mask_mod still exact)
 Session 7's profile (bench/results-compiled-flash-profile-h200.txt) put flash_varlen at 213 us per layer and step, the
 largest decode item.
 """
@@ -65,22 +67,34 @@ def sdpa_masked(c: dict):
     return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=c["scale"])[:, :, 0]
 
 
-def flex(c: dict):
+def flex(c: dict, ahead: int = 0):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     first, end = c["first"], c["first"] + c["lengths"]
+    rows = c["q"].shape[0]
+    if ahead:  # the blocks a row will reach `ahead` steps from now, none marked full: one BlockMask for many steps,
+        from torch.nn.attention.flex_attention import BlockMask  # the mask_mod (each row's exact stretch) run on every block
+
+        reach = torch.minimum(end + ahead, torch.full_like(end, c["length"]))
+        block = torch.arange(-(-c["length"] // 128), device=DEVICE)[None]
+        needed = (block * 128 < reach[:, None]) & ((block + 1) * 128 > first[:, None])
+        order = torch.argsort((~needed).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        block_mask = BlockMask.from_kv_blocks(needed.sum(-1).to(torch.int32)[:, None, None], order[:, None, None],
+                                              BLOCK_SIZE=128, mask_mod=lambda b, h, q_idx, kv_idx: (kv_idx >= first[b]) &
+                                              (kv_idx < end[b]), seq_lengths=(1, c["length"]))
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx >= first[b]) & (kv_idx < end[b])
 
-    rows = c["q"].shape[0]
-    block_mask = create_block_mask(mask_mod, B=rows, H=None, Q_LEN=1, KV_LEN=c["length"], device=DEVICE)
+    if not ahead:
+        block_mask = create_block_mask(mask_mod, B=rows, H=None, Q_LEN=1, KV_LEN=c["length"], device=DEVICE)
     k, v, q = c["k"].transpose(1, 2), c["v"].transpose(1, 2), c["q"][:, :, None]
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda: compiled(q, k, v, block_mask=block_mask, scale=c["scale"])[:, :, 0]
 
 
-KERNELS = {"flash_varlen": flash_varlen, "sdpa_masked": sdpa_masked, "flex": flex}
+KERNELS = {"flash_varlen": flash_varlen, "sdpa_masked": sdpa_masked, "flex": flex,
+           "flex_ahead128": lambda c: flex(c, ahead=128)}
 
 
 def time_us(fn, iters: int) -> float:
