@@ -28,6 +28,7 @@ import time
 import torch
 
 HEADS, DIM = 32, 128
+BLOCK = 128  # flex attention's key block
 DEVICE = "cuda"  # --device cpu: the plumbing only (no flash_varlen, times meaningless)
 BANDWIDTH_TBS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
 
@@ -67,27 +68,30 @@ def sdpa_masked(c: dict):
     return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=c["scale"])[:, :, 0]
 
 
+def blocks_through(first: torch.Tensor, reach: torch.Tensor, length: int, mask_mod):
+    """A BlockMask of every 128-key block from each row's first position up to `reach` (exclusive), none marked full, so
+    `mask_mod` (each row's exact stretch) runs on every block read: one mask for as many steps as `reach` allows."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    block = torch.arange(-(-length // BLOCK), device=first.device)[None]
+    needed = (block * BLOCK < reach[:, None]) & ((block + 1) * BLOCK > first[:, None])
+    order = torch.argsort((~needed).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return BlockMask.from_kv_blocks(needed.sum(-1).to(torch.int32)[:, None, None], order[:, None, None], BLOCK_SIZE=BLOCK,
+                                    mask_mod=mask_mod, seq_lengths=(1, length))
+
+
 def flex(c: dict, ahead: int = 0):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    first, end = c["first"], c["first"] + c["lengths"]
-    rows = c["q"].shape[0]
-    if ahead:  # the blocks a row will reach `ahead` steps from now, none marked full: one BlockMask for many steps,
-        from torch.nn.attention.flex_attention import BlockMask  # the mask_mod (each row's exact stretch) run on every block
-
-        reach = torch.minimum(end + ahead, torch.full_like(end, c["length"]))
-        block = torch.arange(-(-c["length"] // 128), device=DEVICE)[None]
-        needed = (block * 128 < reach[:, None]) & ((block + 1) * 128 > first[:, None])
-        order = torch.argsort((~needed).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        block_mask = BlockMask.from_kv_blocks(needed.sum(-1).to(torch.int32)[:, None, None], order[:, None, None],
-                                              BLOCK_SIZE=128, mask_mod=lambda b, h, q_idx, kv_idx: (kv_idx >= first[b]) &
-                                              (kv_idx < end[b]), seq_lengths=(1, c["length"]))
+    first, end, length = c["first"], c["first"] + c["lengths"], c["length"]
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx >= first[b]) & (kv_idx < end[b])
 
-    if not ahead:
-        block_mask = create_block_mask(mask_mod, B=rows, H=None, Q_LEN=1, KV_LEN=c["length"], device=DEVICE)
+    if ahead:  # the blocks a row will reach `ahead` steps from now
+        block_mask = blocks_through(first, torch.clamp(end + ahead, max=length), length, mask_mod)
+    else:
+        block_mask = create_block_mask(mask_mod, B=c["q"].shape[0], H=None, Q_LEN=1, KV_LEN=length, device=DEVICE)
     k, v, q = c["k"].transpose(1, 2), c["v"].transpose(1, 2), c["q"][:, :, None]
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda: compiled(q, k, v, block_mask=block_mask, scale=c["scale"])[:, :, 0]

@@ -22,11 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import generate_speed  # noqa: E402
 import torch  # noqa: E402
-from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: E402
+from decode_attention import blocks_through  # noqa: E402
+from torch.nn.attention.flex_attention import flex_attention  # noqa: E402
 
 import generation  # noqa: E402
 
-BLOCK = 128
 _flex = torch.compile(flex_attention, dynamic=False)
 
 
@@ -41,12 +41,8 @@ def flex_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     length = key.shape[2]
     first = starts[:-1].long() - torch.arange(rows, device=query.device) * length
     end = first + lengths.long()
-    block = torch.arange(-(-length // BLOCK), device=query.device)[None]
-    needed = (block + 1) * BLOCK > first[:, None]
-    order = torch.argsort((~needed).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    block_mask = BlockMask.from_kv_blocks(needed.sum(-1).to(torch.int32)[:, None, None], order[:, None, None], BLOCK_SIZE=BLOCK,
-                                          mask_mod=lambda b, h, q_idx, kv_idx: (kv_idx >= first[b]) & (kv_idx < end[b]),
-                                          seq_lengths=(1, length))
+    block_mask = blocks_through(first, torch.full_like(first, length), length,
+                                lambda b, h, q_idx, kv_idx: (kv_idx >= first[b]) & (kv_idx < end[b]))
     out = _flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=heads != key.shape[1])
     return out.transpose(1, 2), None
 
