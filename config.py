@@ -84,14 +84,17 @@ class TrainConfig:
         "dtype the packed 4-bit weights are stored in: bfloat16 for FSDP (configs/accelerate/fsdp_qlora.yaml), so the 4-bit "
         "weights shard with the bf16 params; uint8 otherwise.",
     )
-    dense_base: Literal["auto", "yes", "no"] = doc(
+    dense_base: Literal["auto", "yes", "fp8", "no"] = doc(
         "auto",
         "Train against a 16-bit copy of the 4-bit base: the same NF4 weight values, dequantized once at load, so each linear "
         "layer runs one 16-bit matmul instead of unpacking its weight again in every forward and backward pass (fewer "
         "kernels, less host work per micro-batch; 1.046x on an H200). Costs 2 bytes per base weight instead of ~0.5 (computed: "
         "+9 GiB for 7B once the 4-bit weights are freed; the plan counts 12). auto: yes on one CUDA GPU when --memory-plan "
         "auto's plan still fits with it (never a smaller micro-batch for it), no otherwise. Needs --quantization 4bit; not "
-        "under FSDP. The adapter trained is the same (tests: equal losses and gradients).",
+        "under FSDP. The adapter trained is the same (tests: equal losses and gradients). fp8: the copy held in float8 e4m3 "
+        "(a scale per row, two orientations: the same 2 bytes per weight) and every base matmul run in FP8 with its input "
+        "or gradient cast to e4m3 per token (fp8.py; Hopper or newer, or the CPU); the LoRA branch stays 16-bit. A change "
+        "of numerics (~3-4% relative error per product), not the NF4 values exactly: see BENCHMARKS.md for its speed and loss.",
     )
     lora_r: int = doc(16, "LoRA rank (QLoRA paper uses 64 for 7B; 16 is the common PEFT recipe and 4x fewer adapter parameters).")
     lora_alpha: int = doc(32, "LoRA scaling numerator: the update is scaled by alpha / r (alpha = 2r is the PEFT convention).")
@@ -141,7 +144,8 @@ class TrainConfig:
         "auto",
         "torch.compile each decoder layer (regional, the 4-bit + LoRA layers inside; about a minute at the first steps); "
         "recompiles and graph breaks fail the run instead of falling back to eager. auto = on for one CUDA process without "
-        "gradient checkpointing (1.11x on an H100, same losses: BENCHMARKS.md), off otherwise.",
+        "gradient checkpointing (1.11x on an H100, same losses: BENCHMARKS.md) or with --dense-base fp8 (checkpointing or "
+        "not: eager FP8 casts were 2x slower on an H200), off otherwise.",
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = doc(
         "default",
@@ -222,8 +226,8 @@ class TrainConfig:
             ("batch_size", self.batch_size > 0, "must be positive"),
             ("pack_tokens", self.pack_tokens >= self.max_length, "must be >= max_length, so that every record fits a packed row"),
             ("attention", self.attention != "varlen" or self.packing, "varlen needs --packing (it reads each packed row's record bounds)"),
-            ("dense_base", self.dense_base != "yes" or self.quantization == "4bit",
-             "yes needs --quantization 4bit (it is a copy of the 4-bit base)"),
+            ("dense_base", self.dense_base not in ("yes", "fp8") or self.quantization == "4bit",
+             f"{self.dense_base} needs --quantization 4bit (it is a copy of the 4-bit base)"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps > 0, "must be positive"),
             ("tokens_per_step", self.tokens_per_step >= self.max_length, "must be >= max_length"),
             ("learning_rate", self.learning_rate > 0, "must be positive"),

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+import fp8
 from config import CONFIG_NAME, ConfigError, TrainConfig, load_train_config
 from hub import ModelError, explain_load_error, resolve_base_model
 from memory import MemoryProbe, start_recording
@@ -117,8 +118,8 @@ def check_fsdp_config(cfg: TrainConfig) -> None:
     --dense-base yes (FSDP shards the 4-bit weights), before anything is loaded."""
     if not fsdp_active() or cfg.quantization == "none":
         return
-    if cfg.dense_base == "yes":
-        raise ConfigError("--dense-base yes is for one process: FSDP shards the 4-bit weights (pass --dense-base no)")
+    if cfg.dense_base in ("yes", "fp8"):
+        raise ConfigError(f"--dense-base {cfg.dense_base} is for one process: FSDP shards the 4-bit weights (pass --dense-base no)")
     if cfg.quantization == "8bit":
         raise ConfigError("FSDP shards a 4-bit (bf16-stored) or unquantized base, not an 8-bit one: pass --quantization 4bit")
     if cfg.quant_storage != "bfloat16":
@@ -161,33 +162,46 @@ def load_for_training(cfg: TrainConfig) -> tuple[torch.nn.Module, PreTrainedToke
     name = resolve_base_model(cfg.base_model, cfg.gguf_file)
     tokenizer = load_tokenizer(name, cfg.trust_remote_code)
     attention = attention_kernel(cfg.attention, cfg.packing, runtime())
+    if cfg.dense_base == "fp8":
+        problem = fp8.check_fp8_device(runtime().device)
+        if problem:
+            raise ConfigError(f"--dense-base fp8: {problem}; pass --dense-base yes (the 16-bit copy) instead")
     model = load_base_model(name, cfg.quantization, cfg.trust_remote_code, attention, cfg.quant_storage)
-    if cfg.dense_base == "yes":
-        dequantize_for_training(model)
+    dense = dequantize_for_training(model, cfg.dense_base == "fp8") if cfg.dense_base in ("yes", "fp8") else []
     model = add_lora(model, cfg)
+    if dense:
+        count = fp8.to_fp8(model, dense)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"[model] the base's {count} linear layers compute in FP8 (e4m3, a scale per row; the LoRA branch stays 16-bit)",
+              flush=True)
+        MemoryProbe.mark("after the FP8 copy")
     MemoryProbe.mark("after LoRA")
     return model, tokenizer, name
 
 
-def dequantize_for_training(model: torch.nn.Module) -> None:
+def dequantize_for_training(model: torch.nn.Module, keep: bool = False) -> list[torch.nn.Module]:
     """--dense-base yes: every 4-bit linear layer replaced by a frozen 16-bit one holding its dequantized NF4 values, before
     LoRA wraps it, the 4-bit weights freed. Each forward and backward pass then multiplies by the same weight values
-    without unpacking them (bitsandbytes dequantizes each layer's weight in the forward and again in the backward)."""
+    without unpacking them (bitsandbytes dequantizes each layer's weight in the forward and again in the backward).
+    keep (--dense-base fp8): returns the 16-bit layers, for fp8.to_fp8 once LoRA has wrapped them; [] otherwise."""
     import generation
 
     layers = generation.linear4bit_modules(model)
     if not layers:
         raise ConfigError("--dense-base yes needs a 4-bit base (--quantization 4bit)")
     extra = generation.dequantized_bytes(model) - sum(q.weight.numel() * q.weight.element_size() for _, _, q in layers)
-    generation.dequantize_4bit(model)  # the {dense: 4-bit} map it returns is dropped: the 4-bit layers are freed
+    dense = list(generation.dequantize_4bit(model))  # its {dense: 4-bit} map is dropped: the 4-bit layers are freed
     count = len(layers)
     del layers
     gc.collect()  # bitsandbytes' 4-bit layers sit in reference cycles: without this they stay until Python's next collection
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    print(f"[model] training against a 16-bit copy of the 4-bit base ({count} layers, the same NF4 values; "
+    then = ", cast to FP8 once LoRA wraps them" if keep else ""
+    print(f"[model] training against a 16-bit copy of the 4-bit base ({count} layers, the same NF4 values{then}; "
           f"+{extra / 2**30:.1f} GiB)", flush=True)
     MemoryProbe.mark("after the 16-bit copy")
+    return dense if keep else []
 
 
 def read_train_config(adapter: str) -> TrainConfig | None:

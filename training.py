@@ -126,7 +126,7 @@ def peak_memory() -> dict[str, float]:
 def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Trainer:
     rt = runtime()
     evaluate = len(val_ds) > 0 and cfg.eval_steps > 0
-    compiled = compile_enabled(cfg.compile, rt, cfg.gradient_checkpointing)
+    compiled = compile_enabled(cfg.compile, rt, cfg.gradient_checkpointing, cfg.dense_base == "fp8")
     args = TrainingArguments(
         **checkpointing_args(cfg.gradient_checkpointing),
         output_dir=checkpoint_dir(cfg),

@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SIDES = {"project": [], "project_compiled": ["--compile", "on"], "project_varlen": ["--attention", "varlen"],
-         "project_flex": ["--attention", "flex_attention"], "project_dense": ["--dense-base", "yes"], "project_noliger": ["--no-liger"],
+         "project_flex": ["--attention", "flex_attention"], "project_dense": ["--dense-base", "yes"],
+         "project_fp8": ["--dense-base", "fp8"], "project_noliger": ["--no-liger"],
          "hf": None, "hf_nogc": None}  # None: plain HF (hf_side); hf_nogc without gradient checkpointing
 COMMON = ["--memory-plan", "off", "--gradient-accumulation-steps", "1", "--lr-scheduler", "constant", "--warmup-ratio", "0",
           "--logging-steps", "1", "--eval-steps", "0", "--val-fraction", "0", "--save-steps", "100000"]
@@ -176,8 +177,12 @@ def prepare(args) -> tuple[str, list[int]]:
     from loading import load_tokenizer
 
     args.data = os.path.join(args.out_dir, "parity-records.jsonl")
-    with open(args.data, "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in make_records(args.records, args.seed))
+    if args.records_file:  # real records (e.g. data/dolly_sample.jsonl, for a real model on the CPU), in their order
+        with open(args.records_file, encoding="utf-8") as src, open(args.data, "w") as fh:
+            fh.write(src.read())
+    else:
+        with open(args.data, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in make_records(args.records, args.seed))
     ds, _ = tokenize_records(load_records(args.data), load_tokenizer(args.model), 1024)
     groups = pack_groups([len(x) for x in ds["input_ids"]], args.pack_tokens, args.seed)[: args.steps]
     groups_path = os.path.join(args.out_dir, "parity-groups.json")
@@ -194,6 +199,7 @@ def main() -> None:
     parser.add_argument("--sides", default="project,project_compiled,hf", help="Comma-separated, project first: " + ", ".join(SIDES))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--records", type=int, default=1200, help="Synthetic dolly-like records (about 17 per step).")
+    parser.add_argument("--records-file", help="A dolly-format JSONL to train on instead of --records synthetic ones.")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--pack-tokens", type=int, default=4096, help="Tokens per packed row (one row, one step).")
     parser.add_argument("--no-gc", dest="gc", action="store_false",

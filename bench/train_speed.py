@@ -93,6 +93,15 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     # the doubled recipe with the 16-bit copy of the base: the best setting's MFU (compiled_16k: the 4-bit base)
     "dense_16k": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "16384", "--tokens-per-step", "16384",
                   "--dense-base", "yes"],
+    # --dense-base fp8 (session 9): the base's matmuls in FP8 (fp8.py); uncapped it keeps default's plan (8,192 x 1, no GC);
+    # under a 24 GiB cap the plan takes checkpointing with one 8,192-token micro-batch (the copy leaves no room without)
+    "fp8": ["--dense-base", "fp8"],
+    "fp8_cap24": ["--dense-base", "fp8"],
+    "fp8_cap24_compiled": ["--dense-base", "fp8", "--compile", "on"],
+    "fp8_cap40": ["--dense-base", "fp8"],
+    "fp8_16k": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "16384", "--tokens-per-step", "16384",
+                "--dense-base", "fp8"],
+    "fp8_nogc_2048": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048", "--dense-base", "fp8"],
     "compiled_nogc_2048": ["--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
     "nogc_2048": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
     "nogc_4096": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "4096"],
@@ -102,7 +111,7 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
 }
 # GiB: torch.cuda.set_per_process_memory_fraction
 CAPS = {"default_cap24": 24, "default_cap40": 40, "compiled_cap24": 24, "varlen_cap24": 24, "cudagraphs_cap24": 24,
-        "cudagraphs_cap40": 40, "padded_cap24": 24}
+        "cudagraphs_cap40": 40, "padded_cap24": 24, "fp8_cap24": 24, "fp8_cap24_compiled": 24, "fp8_cap40": 40}
 REFERENCES = ("baseline", "hf_tuned", "hf_tuned_nogc")  # every row's tokens/s is given as a ratio to each of these
 
 

@@ -152,6 +152,8 @@ def test_compile_auto_is_on_only_where_it_was_measured(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert compile_enabled("auto", gpu) and not compile_enabled("auto", cpu)
     assert not compile_enabled("auto", gpu, gradient_checkpointing=True)
+    assert compile_enabled("auto", gpu, gradient_checkpointing=True, fp8_base=True)  # eager FP8 casts: 2x slower
+    assert not compile_enabled("auto", cpu, gradient_checkpointing=True, fp8_base=True)
     assert compile_enabled("on", cpu, gradient_checkpointing=True) and not compile_enabled("off", gpu)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert not compile_enabled("auto", gpu) and compile_enabled("on", gpu)

@@ -1,0 +1,110 @@
+"""FP8 matmuls for the frozen base in training (--dense-base fp8).
+
+Each base linear layer holds its weight twice in float8 e4m3, with one fp32 scale per row: W (out x in, a scale per
+output row) for the forward pass, W^T (in x out, a scale per input column of W) for the input gradient, so both
+products scale along the dimensions they keep and the 2 bytes per weight equal the 16-bit copy's. The layer's input
+(forward) and its output gradient (backward) are cast to e4m3 with one scale per token row, and torch._scaled_mm
+multiplies the two at FP8 rate (2x bf16's on Hopper), writing 16-bit results. Nothing per token is saved for the
+backward pass (a frozen weight needs no input). The LoRA branch beside it stays 16-bit.
+
+This is a change of numerics, not a copy: e4m3 keeps 3 mantissa bits, so W is the NF4 values rounded again (and the
+inputs rounded too). BENCHMARKS.md has its loss against the 16-bit copy's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): t as contiguous e4m3 with one fp32 scale per row (shape [rows, 1]), t ~= q * scale. A row's largest
+    magnitude maps to 448; an all-zero row gets scale 1."""
+    amax = t.abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    q = (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).contiguous()
+    return q, scale
+
+
+def fp8_matmul(a: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a [n, k] (16-bit) @ b.T, b given as b_q [m, k] e4m3 with b_scale [1, m]: a is cast to e4m3 row by row here."""
+    a_q, a_scale = quantize_rows(a)
+    return torch._scaled_mm(a_q, b_q.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
+
+
+class _Fp8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_q, w_scale, wt_q, wt_scale):
+        ctx.save_for_backward(wt_q, wt_scale)
+        return fp8_matmul(x.reshape(-1, x.shape[-1]), w_q, w_scale, x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        wt_q, wt_scale = ctx.saved_tensors
+        grad_x = fp8_matmul(grad.reshape(-1, grad.shape[-1]), wt_q, wt_scale, grad.dtype)
+        return grad_x.reshape(*grad.shape[:-1], wt_q.shape[0]), None, None, None, None
+
+
+class Fp8Linear(torch.nn.Module):
+    """A frozen linear layer computing in FP8 (see the module docstring); built from a 16-bit weight [out, in]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        if self.in_features % 16 or self.out_features % 16:
+            raise ValueError(f"FP8 matmuls need both sizes of a weight divisible by 16, got {tuple(weight.shape)}")
+        with torch.no_grad():
+            w_q, w_scale = quantize_rows(weight)
+            wt_q, wt_scale = quantize_rows(weight.t().contiguous())
+        # buffers, not parameters: frozen, left out of state dicts and optimizers, and not mistaken by PEFT for the
+        # dtype its LoRA weights should take
+        self.register_buffer("weight_q", w_q, persistent=False)
+        self.register_buffer("weight_scale", w_scale.reshape(1, -1), persistent=False)
+        self.register_buffer("weight_t_q", wt_q, persistent=False)
+        self.register_buffer("weight_t_scale", wt_scale.reshape(1, -1), persistent=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _Fp8Linear.apply(x, self.weight_q, self.weight_scale, self.weight_t_q, self.weight_t_scale)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer multiplies by, in fp32 (for tests and error figures)."""
+        return self.weight_q.float() * self.weight_scale.reshape(-1, 1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3 row-scaled"
+
+
+def check_fp8_device(device: torch.device | str) -> str | None:
+    """Why FP8 matmuls cannot run on `device` (None when they can): the CPU can (slowly); CUDA needs compute capability
+    9.0 (Hopper) or newer for row-wise scaled FP8 products."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"FP8 matmuls run on CUDA or the CPU, not {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (9, 0):
+        name = torch.cuda.get_device_name(device)
+        return f"{name} (compute capability {major}.{minor}) has no row-wise scaled FP8 matmul: it needs 9.0+ (Hopper)"
+    return None
+
+
+@torch.no_grad()
+def to_fp8(model: torch.nn.Module, layers: list[torch.nn.Linear]) -> int:
+    """Replace each of `layers` (frozen 16-bit linear layers, wherever they sit in `model`, e.g. as a LoRA layer's
+    base_layer) by an Fp8Linear of its weight, one at a time so that only one layer's copies exist twice; returns the
+    count. The list is emptied: the 16-bit weights are freed as their layers go."""
+    wanted = {id(m) for m in layers}
+    places = [(parent, name) for parent in model.modules() for name, child in parent.named_children() if id(child) in wanted]
+    if len(places) != len(wanted):
+        raise ValueError(f"to_fp8: found {len(places)} of the {len(wanted)} layers in the model")
+    layers.clear()
+    for parent, name in places:
+        dense = getattr(parent, name)
+        setattr(parent, name, Fp8Linear(dense.weight, dense.bias))
+        del dense
+    return len(places)

@@ -1,0 +1,137 @@
+"""--dense-base fp8 (fp8.py): the FP8 products compute exactly what the docstring says (e4m3 values, a scale per row),
+within a few percent of the 16-bit copy, and a 4-bit base loaded for training gets them under its LoRA layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fp8
+from config import ConfigError, TrainConfig
+
+
+def emulated(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T with both cast to e4m3 row by row and multiplied in fp32: what _scaled_mm must compute, written out."""
+    a_q, a_s = fp8.quantize_rows(a)
+    b_q, b_s = fp8.quantize_rows(b)
+    return (a_q.float() * a_s) @ (b_q.float() * b_s).t()
+
+
+def test_quantize_rows_maps_each_rows_largest_magnitude_to_448_and_keeps_representable_values():
+    t = torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0], [3.0, 448.0, -448.0, 0.25]])
+    q, scale = fp8.quantize_rows(t)
+    assert q.dtype == torch.float8_e4m3fn and q.is_contiguous() and scale.shape == (3, 1) and scale.dtype == torch.float32
+    assert scale.flatten().tolist() == [torch.tensor(2.0 / 448).item(), 1.0, 1.0]  # (fp32) an all-zero row: scale 1
+    assert q.float().abs().amax(dim=1).tolist() == [448.0, 0.0, 448.0]
+    assert torch.equal(q[2].float() * scale[2], t[2])  # row 3 needs no scaling and holds e4m3 values: exact
+
+
+def test_fp8_linear_computes_the_documented_products_forward_and_backward():
+    torch.manual_seed(0)
+    weight = (torch.randn(48, 64) * 0.05).bfloat16()
+    layer = fp8.Fp8Linear(weight)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 5, 48) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), emulated(x.detach().reshape(10, 64), weight).reshape(2, 5, 48), rtol=8e-3, atol=1e-3)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    expected = emulated(grad.reshape(10, 48), weight.t().contiguous()).reshape(2, 5, 64)  # W^T scaled per input column
+    torch.testing.assert_close(x.grad.float(), expected, rtol=8e-3, atol=1e-3)
+    assert not any(p.requires_grad for p in layer.parameters()) and layer.state_dict() == {}  # frozen, nothing saved
+
+
+def test_fp8_linear_is_within_a_few_percent_of_the_16bit_product():
+    """The change of numerics, bounded: e4m3's 3 mantissa bits give ~2.6% rms weight error and ~4% per product."""
+    torch.manual_seed(0)
+    weight = (torch.randn(256, 512) * 0.02).bfloat16()
+    layer = fp8.Fp8Linear(weight, bias=torch.ones(256, dtype=torch.bfloat16))
+    x = torch.randn(64, 512, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    reference = torch.nn.functional.linear(x.float(), weight.float(), torch.ones(256))
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    assert 0.01 < rel(layer.dequantized(), weight.float()) < 0.04
+    assert 0.005 < rel(y, reference) < 0.06  # not exact (it is FP8), not far
+    grad = torch.randn(64, 256)
+    y.backward(grad.bfloat16())
+    assert 0.01 < rel(x.grad, grad @ weight.float()) < 0.06
+
+
+def test_fp8_linear_refuses_sizes_the_fp8_matmul_cannot_take():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        fp8.Fp8Linear(torch.zeros(48, 40))
+
+
+def test_fp8_needs_hopper_on_cuda(monkeypatch):
+    assert fp8.check_fp8_device("cpu") is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert "NVIDIA A100-SXM4-80GB (compute capability 8.0)" in fp8.check_fp8_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fp8.check_fp8_device("cuda:0") is None
+    with pytest.raises(ConfigError, match="fp8 needs --quantization 4bit"):
+        TrainConfig(quantization="none", dense_base="fp8")
+
+
+def test_fp8_base_puts_fp8_layers_under_lora_and_trains_near_the_16bit_copy(tiny_tokenizer):
+    """--dense-base fp8 on the tiny 4-bit base: every LoRA layer's base is an Fp8Linear (no 16-bit base weight left), LoRA
+    gets gradients through the FP8 products, and two SGD steps stay within 2% of the 16-bit copy's losses."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from hub import TINY_MODEL
+    from loading import load_for_training
+
+    batch = tiny_tokenizer(["### Response:\nParis is the capital of France.", "### Response:\nBlue."], return_tensors="pt", padding=True)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    losses = {}
+    for dense in ("yes", "fp8"):
+        torch.manual_seed(0)
+        model, _, _ = load_for_training(TrainConfig(base_model=TINY_MODEL, quantization="4bit", dense_base=dense, packing=False, seed=0))
+        lora = [m for m in model.modules() if isinstance(m, LoraLinear)]
+        assert len(lora) == 14  # 2 layers x 7 projections
+        if dense == "fp8":
+            assert all(type(m.base_layer) is fp8.Fp8Linear for m in lora)
+            frozen = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+            assert frozen == ["base_model.model.lm_head"]  # no 16-bit base weight left beside the FP8 ones
+            assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)  # PEFT kept LoRA's dtype
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        params = list(named.values())
+        optimizer = torch.optim.SGD(params, lr=1.0)
+        losses[dense] = []
+        for _ in range(2):
+            loss = model(**batch).loss
+            loss.backward()
+            assert all(p.grad.abs().sum() > 0 for n, p in named.items() if "lora_B" in n)  # through the FP8 products (B starts at 0)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[dense].append(loss.item())
+    assert losses["fp8"] == pytest.approx(losses["yes"], rel=0.02) and losses["fp8"] != losses["yes"]
+    assert losses["fp8"][1] < losses["fp8"][0]
+
+
+@pytest.mark.gpu
+def test_fp8_base_trains_compiled_on_the_gpu_near_the_16bit_copy(tmp_path):
+    """The tiny 4-bit base on a Hopper GPU, compiled layers, 8 steps: --dense-base fp8 runs _scaled_mm inside the compiled
+    decoder layers without a graph break and its losses stay within 2% of the 16-bit copy's."""
+    import json
+    import os
+
+    from conftest import run, step_losses
+
+    if fp8.check_fp8_device("cuda:0"):
+        pytest.skip(fp8.check_fp8_device("cuda:0"))
+    flags = ["--preset", "smoke", "--quantization", "4bit", "--max-steps", "8", "--val-fraction", "0", "--save-steps", "8",
+             "--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "512"]
+    losses = {}
+    for dense in ("yes", "fp8"):
+        out = str(tmp_path / dense)
+        proc = run("main.py", *flags, "--dense-base", dense, "--output-dir", out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with open(os.path.join(out, "metrics.json")) as fh:
+            compiled = json.load(fh)["compile"]
+        assert compiled["graph_breaks"] == {}, compiled
+        losses[dense] = step_losses(out)
+    assert losses["fp8"] == pytest.approx(losses["yes"], rel=0.02) and losses["fp8"] != losses["yes"]
