@@ -263,8 +263,7 @@ class EvalConfig:
         "Questions generated together (longest first; halved automatically on out-of-memory). Default: sized from free GPU "
         "memory (KV cache + prefill per row), 64 on a CPU.",
     )
-    engine: Literal["auto", "padded", "evict", "static", "compiled", "flash", "compiled_flash", "flex", "compiled_flex",
-                    "continuous"] = doc(
+    engine: Literal["auto", "padded", "evict", "static", "compiled", "flash", "compiled_flash", "continuous"] = doc(
         "auto",
         "How answers are decoded. auto: flash on a GPU, the base a 16-bit copy (see --dequantize) or in 4 bits (2.4x evict "
         "there on an H200 capped at 24 GiB; static on a card older than sm80), evict on a CPU (greedy); padded when sampling. "
@@ -273,9 +272,7 @@ class EvalConfig:
         "layers compiled for the decode steps (fused element-wise kernels; 1.14x static on an H200 after ~8 s of "
         "compilation per run); flash = static with each row attending only to its own cache positions (FlashAttention's "
         "variable-length kernel reading the cache in place; 1.03x static on an H200); compiled_flash = both (1.02-1.04x "
-        "compiled on an H200, after ~8 s of compilation); flex / compiled_flex = flash / compiled_flash with that attention "
-        "through compiled flex attention's decoding kernel (one BlockMask per 128 steps; BENCHMARKS.md has its speed); "
-        "evict = greedy, a finished answer "
+        "compiled on an H200, after ~8 s of compilation); evict = greedy, a finished answer "
         "leaves its batch at once; padded = model.generate; continuous = transformers' generate_batch (paged KV cache; "
         "measured 3.6x slower than static).",
     )

@@ -37,9 +37,8 @@ def generation_kwargs(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 
     return kwargs | extra
 
 
-ENGINES = ("auto", "padded", "evict", "static", "compiled", "flash", "compiled_flash", "flex", "compiled_flex", "continuous")
-STATIC_ENGINES = ("static", "compiled", "flash", "compiled_flash", "flex", "compiled_flex")  # decode_static and its options
-FLEX_AHEAD = 128  # flex engines: decode steps one BlockMask serves (it lists the key blocks each row reaches by then)
+ENGINES = ("auto", "padded", "evict", "static", "compiled", "flash", "compiled_flash", "continuous")
+STATIC_ENGINES = ("static", "compiled", "flash", "compiled_flash")  # decode_static, with or without its two options
 
 
 def pick_engine(engine: str, device: torch.device, greedy: bool) -> str:
@@ -146,7 +145,7 @@ def generate_batch(
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     if engine in STATIC_ENGINES:
         rows = decode_static(model, tokenizer, batch, stop_strings or [], stats=stats, compiled=engine.startswith("compiled"),
-                             flash=engine.endswith(("flash", "flex")), flex=engine.endswith("flex"), **generation)
+                             flash=engine.endswith("flash"), **generation)
     elif engine == "evict":
         rows = decode_evicting(model, tokenizer, batch, stop_strings or [], **generation)
     else:
@@ -197,8 +196,7 @@ def decode_evicting(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
 @torch.inference_mode()
 def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: Any, stop_strings: list[str],
                   max_new_tokens: int = 256, min_new_tokens: int = 0, cuda_graphs: bool | None = None, check_every: int = 8,
-                  compiled: bool = False, flash: bool = False, flex: bool = False, stats: dict | None = None,
-                  **_: Any) -> list[list[int]]:
+                  compiled: bool = False, flash: bool = False, stats: dict | None = None, **_: Any) -> list[list[int]]:
     """Greedy decoding with a static KV cache (prompt + max_new_tokens, allocated once) and, on CUDA, the decode step
     captured once per batch in a CUDA graph and replayed: one launch per generated token instead of ~1,000 kernels
     launched from Python, which is what bounds the eager decoders at eval.py's batch sizes.
@@ -210,9 +208,7 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     would have ended it, so `raw` is the same too.
     cuda_graphs None: on CUDA. Without graphs (a CPU) the same steps run eagerly. compiled: the decode steps run the
     decoder layers compiled (decoder_step_layers); the prompt runs eagerly. flash: the decode steps attend through
-    flash_decode_attention (each row reads only its own cache positions, in place; no mask). flex (with flash): that
-    attention through compiled flex attention's decoding kernel (flex_decode_attention), one BlockMask per FLEX_AHEAD
-    steps, refreshed in place between replays. stats (a dict): "captures" and the host
+    flash_decode_attention (each row reads only its own cache positions, in place; no mask). stats (a dict): "captures" and the host
     seconds of the captures' warm-up (with compiled, the first one compiles), recording and instantiation
     ("capture_*_s") added up, for the benchmark.
     """
@@ -249,8 +245,6 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
         bounds = {"decode_cu_q": torch.arange(rows + 1, device=device, dtype=torch.int32),
                   "decode_starts": torch.cat([row_starts, row_starts.new_tensor([rows * length])]).to(torch.int32),
                   "decode_lengths": (prompt + 1 - padding).to(torch.int32)}
-        if flex:
-            bounds["decode_block_mask"] = decode_block_mask(padding, bounds["decode_lengths"], length)
 
     def forward() -> torch.Tensor:
         return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions, past_key_values=cache,
@@ -286,8 +280,6 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
         step_positions.add_(1)
         if flash:
             bounds["decode_lengths"].add_(1)
-        if flex and step % FLEX_AHEAD == 0:
-            refresh_block_mask(bounds["decode_block_mask"], padding, bounds["decode_lengths"], length)
         if column is not None:
             column.add_(1)
         if (step + 1) % check_every == 0 and step + 1 >= min_new_tokens:
@@ -327,8 +319,6 @@ def flash_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: to
         raise ValueError("flash decode attention needs decode_cu_q, decode_starts and decode_lengths (generation.decode_static)")
     rows, heads, _, dim = query.shape
     length = key.shape[2]
-    if kwargs.get("decode_block_mask") is not None:  # the flex engines
-        return flex_decode_attention(query, key, value, kwargs["decode_block_mask"], scaling), None
     k, v = key.transpose(1, 2), value.transpose(1, 2)  # (rows, length, kv heads, dim)
     if not (k.is_contiguous() and v.is_contiguous()):
         raise ValueError("flash decode attention reads the cache in place: lay it out with generation.relayout_cache first")
@@ -340,60 +330,6 @@ def flash_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     else:
         out = masked_decode_attention(q, k, v, starts, lengths, length, scaling)
     return out.view(rows, 1, heads, dim), None
-
-
-def reached_blocks(first: torch.Tensor, lengths: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kv_num_blocks, kv_indices) of a flex BlockMask listing, for each row, every 128-key block from its first position
-    to the position it reaches FLEX_AHEAD steps from now (first + lengths + FLEX_AHEAD, at most the cache's end), in
-    order, the unused slots after them."""
-    from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE as block
-
-    reach = torch.clamp(first + lengths + FLEX_AHEAD, max=length)
-    index = torch.arange(-(-length // block), device=first.device)[None]
-    needed = (index * block < reach[:, None]) & ((index + 1) * block > first[:, None])
-    order = torch.argsort((~needed).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return needed.sum(-1).to(torch.int32)[:, None, None], order[:, None, None]
-
-
-def decode_block_mask(first: torch.Tensor, lengths: torch.Tensor, length: int) -> Any:
-    """The flex engines' BlockMask for a batch: reached_blocks' blocks, none marked full, so that the mask_mod (row b sees
-    positions first[b] .. first[b] + lengths[b], read from the `lengths` tensor the decode loop advances in place) runs on
-    every block read and stays exact between refreshes (refresh_block_mask, every FLEX_AHEAD steps)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    first = first.to(torch.int32)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx >= first[b]) & (kv_idx < first[b] + lengths[b])
-
-    num, indices = reached_blocks(first, lengths, length)
-    return BlockMask.from_kv_blocks(num, indices, mask_mod=mask_mod, seq_lengths=(1, length), compute_q_blocks=False)
-
-
-def refresh_block_mask(block_mask: Any, first: torch.Tensor, lengths: torch.Tensor, length: int) -> None:
-    """The blocks of the next FLEX_AHEAD steps written into block_mask's own tensors (a captured decode step reads them)."""
-    num, indices = reached_blocks(first.to(torch.int32), lengths, length)
-    block_mask.kv_num_blocks.copy_(num)
-    block_mask.kv_indices.copy_(indices)
-
-
-_compiled_flex: Any = None
-
-
-def flex_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any,
-                          scale: float | None) -> torch.Tensor:
-    """Row r's one query over its cache stretch through compiled flex attention (its decoding kernel splits each row's
-    keys across thread blocks and skips the blocks block_mask leaves out): (rows, heads, 1, dim) -> (rows, 1, heads, dim)."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if torch.compiler.is_compiling():  # inside compiled_flex's decoder layers: traced with them
-        attend = flex_attention
-    else:
-        _compiled_flex = _compiled_flex or torch.compile(flex_attention)  # a new batch shape: one dynamic recompile
-        attend = _compiled_flex
-    out = attend(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2)
 
 
 def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,

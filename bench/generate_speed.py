@@ -19,8 +19,7 @@ Variants, in this order on the same weights (JSON written after each):
 - ENGINE static_unplanned: static with each batch sized for its own longest prompt, as before generation.plan_batches;
   compiled (static with the decoder layers compiled for the decode steps) runs compiled_tuned_cold first, which carries
   the compilation; flash / compiled_flash: static / compiled with each row attending only to its own cache positions
-  (generation.flash_decode_attention), compiled_flash with a cold run first too; flex / compiled_flex: flash /
-  compiled_flash with that attention through compiled flex attention (generation.flex_decode_attention), cold runs first;
+  (generation.flash_decode_attention), compiled_flash with a cold run first too;
 - BEST_tuned_24gb / BEST_base_24gb ("cap" in --engines): the fastest warm engine so far as a 24 GB card runs it: a child
   process capped with torch.cuda.set_per_process_memory_fraction (--cap-gib) before it loads anything, the model
   loaded and its 16-bit copy made or not as eval.py decides (Llama's dequantize="auto"; the engine is named, not
@@ -70,8 +69,7 @@ def build_llama(model_path: str, seed: int, gguf_file: str | None = None):
     return Llama(model, load_tokenizer(model_path), dequantize="no")
 
 
-# engines that compile: a cold fine-tuned run first, not in the warm figures
-COLD_FIRST = ("continuous", "compiled", "compiled_flash", "flex", "compiled_flex")
+COLD_FIRST = ("continuous", "compiled", "compiled_flash")  # engines that compile: a cold fine-tuned run first, not in the warm figures
 BANDWIDTH_TBS = {"H200": 4.8, "H100 PCIe": 2.0, "H100": 3.35, "A100": 2.0, "L4": 0.3, "4090": 1.0}  # spec sheets, TB/s
 
 

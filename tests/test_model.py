@@ -365,43 +365,6 @@ def test_flash_decode_attention_reads_each_rows_span_of_the_flat_cache():
                                           decode_lengths=torch.tensor(used, dtype=torch.int32))
 
 
-def test_flex_decode_attention_keeps_the_contract_between_block_mask_refreshes():
-    """The flex engines' attention (flash_decode_attention with a decode_block_mask): row r's query over its stretch of a
-    300-position cache (3 key blocks), checked by hand with GQA; the decode loop then advances decode_lengths in place
-    and the same BlockMask (the blocks FLEX_AHEAD steps ahead) stays exact; refresh_block_mask lists the new reach."""
-    torch.manual_seed(0)
-    rows, length, heads, kv_heads, dim = 3, 300, 4, 2, 16
-    keys, values = torch.randn(rows, length, kv_heads, dim), torch.randn(rows, length, kv_heads, dim)
-    query = torch.randn(rows, heads, 1, dim)
-    first, used = torch.tensor([100, 2, 150]), torch.tensor([4, 130, 20], dtype=torch.int32)
-    starts = torch.tensor([r * length + int(f) for r, f in enumerate(first)] + [rows * length], dtype=torch.int32)
-    block_mask = generation.decode_block_mask(first, used, length)
-    assert block_mask.kv_num_blocks.flatten().tolist() == [2, 3, 2]  # reach first + used + 128: 232, 260, 298 positions
-    for advance in (0, 60, 60):
-        used.add_(advance)
-        out, _ = generation.flash_decode_attention(None, query, keys.transpose(1, 2), values.transpose(1, 2), None, scaling=0.3,
-                                                   decode_cu_q=torch.arange(rows + 1, dtype=torch.int32), decode_starts=starts,
-                                                   decode_lengths=used, decode_block_mask=block_mask)
-        for r in range(rows):
-            f, n = int(first[r]), int(used[r])
-            for h in range(heads):
-                expected = torch.softmax(query[r, h, 0] @ keys[r, f : f + n, h // 2].T * 0.3, -1) @ values[r, f : f + n, h // 2]
-                torch.testing.assert_close(out[r, 0, h], expected, rtol=1e-5, atol=1e-5)
-    generation.refresh_block_mask(block_mask, first, used, length)
-    assert block_mask.kv_num_blocks.flatten().tolist() == [3, 3, 2]  # row 0 now reaches 100 + 124 + 128 (the cache's end)
-    assert block_mask.kv_indices[0, 0, 0, :3].tolist() == [0, 1, 2] and block_mask.kv_indices[2, 0, 0, :2].tolist() == [1, 2]
-
-
-def test_flex_engine_gives_the_static_engines_answers_across_a_block_mask_refresh(trained):
-    """engine="flex": static's answers (stop strings; 140 forced tokens, past the first refresh at step 128 and into a
-    second key block)."""
-    model, tokenizer, _, _ = trained
-    llama = Llama(model, tokenizer)
-    for kwargs in ({"max_new_tokens": 12, "stop_strings": [" the", "."]}, {"max_new_tokens": 140, "min_new_tokens": 140}):
-        static = llama.generate(QUESTIONS, batch_size=3, engine="static", **kwargs)
-        assert llama.generate(QUESTIONS, batch_size=3, engine="flex", **kwargs) == static, kwargs
-
-
 @pytest.mark.slow
 def test_compiled_engine_gives_the_static_engines_answers_and_compiles_once(trained):
     """engine="compiled" (and compiled_flash): the decode steps run the decoder layers compiled (one graph for all layers,
@@ -415,16 +378,15 @@ def test_compiled_engine_gives_the_static_engines_answers_and_compiles_once(trai
         static = llama.generate(QUESTIONS, batch_size=2, engine="static", **kwargs)  # batches of 2 rows, then 1
         assert llama.generate(QUESTIONS, batch_size=2, engine="compiled", **kwargs) == static, kwargs
         assert llama.generate(QUESTIONS, batch_size=2, engine="compiled_flash", **kwargs) == static, kwargs
-        assert llama.generate(QUESTIONS, batch_size=2, engine="compiled_flex", **kwargs) == static, kwargs
         assert "forward" not in layer.__dict__  # eager again outside the decode steps
     assert len(model.__dict__["_decode_step_layers"]) == len(generation_layers(model))
     assert [m.self_attn.layer_idx for m in generation_layers(model)] == list(range(len(generation_layers(model))))
-    # per engine (compiled, compiled_flash, compiled_flex: other attentions), one compiled variant for batches of 2 rows and one for 1
+    # per engine (compiled, compiled_flash: another attention), one compiled variant for batches of 2 rows and one for 1
     # row (a size-1 dimension is specialized), whatever the number of layers: no layer index reaches the graph (on a GPU
     # a 32-layer model hit the recompile limit of 8 before)
     from compile_layers import compiled_entries
 
-    assert compiled_entries(type(layer).forward.__code__) == 6
+    assert compiled_entries(type(layer).forward.__code__) == 4
 
 
 def generation_layers(model):
@@ -451,8 +413,8 @@ def test_compiled_engine_replays_compiled_layers_in_a_cuda_graph(trained):
 @pytest.mark.gpu
 def test_flash_decode_kernel_matches_the_masked_attention_and_the_engine_static(trained):
     """On CUDA, flash_decode_attention runs FlashAttention's variable-length kernel (seqused_k): its output equals the
-    masked SDPA form on rows with different first positions and lengths (bf16 tolerance); engine="flash",
-    "compiled_flash", "flex" and "compiled_flex" (graphs captured) give static's 3-token answers, fine-tuned and base."""
+    masked SDPA form on rows with different first positions and lengths (bf16 tolerance); engine="flash" and
+    "compiled_flash" (graphs captured) give static's 3-token answers, fine-tuned and base."""
     torch.manual_seed(0)
     rows, length, heads, dim = 5, 300, 4, 128
     cache = torch.randn(2, rows, length, heads, dim, device="cuda", dtype=torch.bfloat16)
@@ -472,8 +434,6 @@ def test_flash_decode_kernel_matches_the_masked_attention_and_the_engine_static(
         static = llama.generate(QUESTIONS, batch_size=3, engine="static", **gen)
         assert llama.generate(QUESTIONS, batch_size=3, engine="flash", **gen) == static
         assert llama.generate(QUESTIONS, batch_size=3, engine="compiled_flash", **gen) == static
-        assert llama.generate(QUESTIONS, batch_size=3, engine="flex", **gen) == static
-        assert llama.generate(QUESTIONS, batch_size=3, engine="compiled_flex", **gen) == static
 
 
 @pytest.mark.gpu
