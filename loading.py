@@ -189,7 +189,7 @@ def dequantize_for_training(model: torch.nn.Module, keep: bool = False) -> list[
 
     layers = generation.linear4bit_modules(model)
     if not layers:
-        raise ConfigError("--dense-base yes needs a 4-bit base (--quantization 4bit)")
+        raise ConfigError(f"--dense-base {'fp8' if keep else 'yes'} needs a 4-bit base (--quantization 4bit)")
     extra = generation.dequantized_bytes(model) - sum(q.weight.numel() * q.weight.element_size() for _, _, q in layers)
     dense = list(generation.dequantize_4bit(model))  # its {dense: 4-bit} map is dropped: the 4-bit layers are freed
     count = len(layers)
