@@ -169,7 +169,7 @@ def load_for_training(cfg: TrainConfig) -> tuple[torch.nn.Module, PreTrainedToke
     model = load_base_model(name, cfg.quantization, cfg.trust_remote_code, attention, cfg.quant_storage)
     dense = dequantize_for_training(model, cfg.dense_base == "fp8") if cfg.dense_base in ("yes", "fp8") else []
     model = add_lora(model, cfg)
-    if dense:
+    if cfg.dense_base == "fp8":
         count = fp8.to_fp8(model, dense)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -180,16 +180,17 @@ def load_for_training(cfg: TrainConfig) -> tuple[torch.nn.Module, PreTrainedToke
     return model, tokenizer, name
 
 
-def dequantize_for_training(model: torch.nn.Module, keep: bool = False) -> list[torch.nn.Module]:
+def dequantize_for_training(model: torch.nn.Module, for_fp8: bool = False) -> list[torch.nn.Module]:
     """--dense-base yes: every 4-bit linear layer replaced by a frozen 16-bit one holding its dequantized NF4 values, before
     LoRA wraps it, the 4-bit weights freed. Each forward and backward pass then multiplies by the same weight values
     without unpacking them (bitsandbytes dequantizes each layer's weight in the forward and again in the backward).
-    keep (--dense-base fp8): returns the 16-bit layers, for fp8.to_fp8 once LoRA has wrapped them; [] otherwise."""
+    Returns the 16-bit layers (--dense-base fp8 hands them to fp8.to_fp8 once LoRA has wrapped them; for_fp8 only
+    changes what is printed)."""
     import generation
 
     layers = generation.linear4bit_modules(model)
     if not layers:
-        raise ConfigError(f"--dense-base {'fp8' if keep else 'yes'} needs a 4-bit base (--quantization 4bit)")
+        raise ConfigError(f"--dense-base {'fp8' if for_fp8 else 'yes'} needs a 4-bit base (--quantization 4bit)")
     extra = generation.dequantized_bytes(model) - sum(q.weight.numel() * q.weight.element_size() for _, _, q in layers)
     dense = list(generation.dequantize_4bit(model))  # its {dense: 4-bit} map is dropped: the 4-bit layers are freed
     count = len(layers)
@@ -197,11 +198,11 @@ def dequantize_for_training(model: torch.nn.Module, keep: bool = False) -> list[
     gc.collect()  # bitsandbytes' 4-bit layers sit in reference cycles: without this they stay until Python's next collection
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    then = ", cast to FP8 once LoRA wraps them" if keep else ""
+    then = ", cast to FP8 once LoRA wraps them" if for_fp8 else ""
     print(f"[model] training against a 16-bit copy of the 4-bit base ({count} layers, the same NF4 values{then}; "
           f"+{extra / 2**30:.1f} GiB)", flush=True)
     MemoryProbe.mark("after the 16-bit copy")
-    return dense if keep else []
+    return dense
 
 
 def read_train_config(adapter: str) -> TrainConfig | None:

@@ -3,11 +3,15 @@ within a few percent of the 16-bit copy, and a 4-bit base loaded for training ge
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
 import fp8
 from config import ConfigError, TrainConfig
+from conftest import run, step_losses
 
 
 def emulated(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -116,11 +120,6 @@ def test_fp8_base_puts_fp8_layers_under_lora_and_trains_near_the_16bit_copy(tiny
 def test_fp8_base_trains_compiled_on_the_gpu_near_the_16bit_copy(tmp_path):
     """The tiny 4-bit base on a Hopper GPU, compiled layers, 8 steps: --dense-base fp8 runs _scaled_mm inside the compiled
     decoder layers without a graph break and its losses stay within 2% of the 16-bit copy's."""
-    import json
-    import os
-
-    from conftest import run, step_losses
-
     if fp8.check_fp8_device("cuda:0"):
         pytest.skip(fp8.check_fp8_device("cuda:0"))
     flags = ["--preset", "smoke", "--quantization", "4bit", "--max-steps", "8", "--val-fraction", "0", "--save-steps", "8",
