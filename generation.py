@@ -37,8 +37,10 @@ def generation_kwargs(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 
     return kwargs | extra
 
 
-ENGINES = ("auto", "padded", "evict", "static", "compiled", "flash", "compiled_flash", "continuous")
-STATIC_ENGINES = ("static", "compiled", "flash", "compiled_flash")  # decode_static, with or without its two options
+ENGINES = ("auto", "padded", "evict", "static", "compiled", "flash", "compiled_flash", "triton", "compiled_triton", "continuous")
+# decode_static, with or without its two options: compiled layers, and a decode attention reading each row's own positions
+# (flash: FlashAttention's variable-length kernel; triton: decode_kernel's one-query kernel)
+STATIC_ENGINES = ("static", "compiled", "flash", "compiled_flash", "triton", "compiled_triton")
 
 
 def pick_engine(engine: str, device: torch.device, greedy: bool) -> str:
@@ -144,8 +146,9 @@ def generate_batch(
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     if engine in STATIC_ENGINES:
+        kernel = engine.removeprefix("compiled_") if engine.endswith(("flash", "triton")) else None
         rows = decode_static(model, tokenizer, batch, stop_strings or [], stats=stats, compiled=engine.startswith("compiled"),
-                             flash=engine.endswith("flash"), **generation)
+                             flash=kernel is not None, kernel=kernel or "flash", **generation)
     elif engine == "evict":
         rows = decode_evicting(model, tokenizer, batch, stop_strings or [], **generation)
     else:
@@ -196,7 +199,8 @@ def decode_evicting(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
 @torch.inference_mode()
 def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: Any, stop_strings: list[str],
                   max_new_tokens: int = 256, min_new_tokens: int = 0, cuda_graphs: bool | None = None, check_every: int = 8,
-                  compiled: bool = False, flash: bool = False, stats: dict | None = None, **_: Any) -> list[list[int]]:
+                  compiled: bool = False, flash: bool = False, kernel: str = "flash", stats: dict | None = None,
+                  **_: Any) -> list[list[int]]:
     """Greedy decoding with a static KV cache (prompt + max_new_tokens, allocated once) and, on CUDA, the decode step
     captured once per batch in a CUDA graph and replayed: one launch per generated token instead of ~1,000 kernels
     launched from Python, which is what bounds the eager decoders at eval.py's batch sizes.
@@ -208,7 +212,8 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     would have ended it, so `raw` is the same too.
     cuda_graphs None: on CUDA. Without graphs (a CPU) the same steps run eagerly. compiled: the decode steps run the
     decoder layers compiled (decoder_step_layers); the prompt runs eagerly. flash: the decode steps attend through
-    flash_decode_attention (each row reads only its own cache positions, in place; no mask). stats (a dict): "captures" and the host
+    flash_decode_attention (each row reads only its own cache positions, in place; no mask), through `kernel` on CUDA:
+    "flash" (FlashAttention's variable-length kernel) or "triton" (decode_kernel). stats (a dict): "captures" and the host
     seconds of the captures' warm-up (with compiled, the first one compiles), recording and instantiation
     ("capture_*_s") added up, for the benchmark.
     """
@@ -256,7 +261,7 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     if compiled:
         forward = decoder_step_layers(model, forward, cache, column)
     if flash:
-        forward = with_flash_decode_attention(model, forward)
+        forward = with_flash_decode_attention(model, forward, kernel)
     times: dict[str, float] = {}
     replay = capture_decode_step(forward, cache, prompt, times) if cuda_graphs and max_new_tokens > 1 else forward
     ends: dict[int, int] = {}  # row -> its length: the first step at which decode_evicting would have ended it (row_ended)
@@ -295,7 +300,7 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     return cut
 
 
-FLASH_DECODE = "flash_decode"  # the attn_implementation of the flash engines' decode steps (with_flash_decode_attention)
+DECODE_ATTENTION = {"flash": "flash_decode", "triton": "triton_decode"}  # decode kernel -> attn_implementation name
 
 
 def relayout_cache(cache: Any) -> None:
@@ -309,11 +314,13 @@ def relayout_cache(cache: Any) -> None:
 
 def flash_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                           **kwargs: Any) -> tuple[torch.Tensor, None]:
+                           kernel: str = "flash", **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention interface for the flash engines' decode steps: row r's one query attends to the cache
     positions decode_starts[r] .. + decode_lengths[r] of the flattened (rows x length) cache (its first real prompt token
     to the token fed now), no mask and no other position read. The cache must be laid out by relayout_cache. On CUDA in
-    16 bits: FlashAttention's variable-length kernel (seqused_k); elsewhere the same attention through SDPA and a mask."""
+    16 bits, kernel "flash": FlashAttention's variable-length kernel (seqused_k); kernel "triton": decode_kernel's
+    one-query kernel (also on a CPU under Triton's interpreter, TRITON_INTERPRET=1: the tests); elsewhere the same
+    attention through SDPA and a mask."""
     cu_q, starts, lengths = kwargs.get("decode_cu_q"), kwargs.get("decode_starts"), kwargs.get("decode_lengths")
     if cu_q is None or starts is None or lengths is None:
         raise ValueError("flash decode attention needs decode_cu_q, decode_starts and decode_lengths (generation.decode_static)")
@@ -324,12 +331,28 @@ def flash_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: to
         raise ValueError("flash decode attention reads the cache in place: lay it out with generation.relayout_cache first")
     q = query.transpose(1, 2).reshape(rows, heads, dim)
     k, v = k.reshape(rows * length, k.shape[2], dim), v.reshape(rows * length, v.shape[2], dim)
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if kernel == "triton" and (q.is_cuda and half or _interpreted()):
+        import decode_kernel
+
+        out = decode_kernel.decode_attention(q, k, v, starts, lengths, scaling)
+    elif kernel == "flash" and q.is_cuda and half:
         out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, starts, 1, length, 0.0, False, False, scale=scaling,
                                                       seqused_k=lengths)[0]
     else:
         out = masked_decode_attention(q, k, v, starts, lengths, length, scaling)
     return out.view(rows, 1, heads, dim), None
+
+
+def _interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_decode_attention(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """flash_decode_attention through decode_kernel (the triton engines)."""
+    return flash_decode_attention(*args, kernel="triton", **kwargs)
 
 
 def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
@@ -345,19 +368,20 @@ def masked_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     return out[:, :, 0]
 
 
-def with_flash_decode_attention(model: torch.nn.Module, forward: Any) -> Any:
-    """forward() with the model's attention implementation set to flash_decode_attention (registered with transformers
-    as FLASH_DECODE), then back to what it was."""
+def with_flash_decode_attention(model: torch.nn.Module, forward: Any, kernel: str = "flash") -> Any:
+    """forward() with the model's attention implementation set to flash_decode_attention through `kernel` (registered
+    with transformers as DECODE_ATTENTION[kernel]), then back to what it was."""
     from transformers import AttentionInterface
 
     from compile_layers import decoder_layers
 
-    AttentionInterface.register(FLASH_DECODE, flash_decode_attention)
+    name = DECODE_ATTENTION[kernel]
+    AttentionInterface.register(name, triton_decode_attention if kernel == "triton" else flash_decode_attention)
     config = decoder_layers(model)[0].self_attn.config
 
     def run() -> torch.Tensor:
         before = config._attn_implementation
-        config._attn_implementation = FLASH_DECODE
+        config._attn_implementation = name
         try:
             return forward()
         finally:

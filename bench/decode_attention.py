@@ -14,6 +14,8 @@ bandwidth, and the largest difference from `flash_varlen` (bf16). Kernels:
                 which splits the keys across thread blocks and skips the blocks outside the mask)
   flex_ahead128 the same with a BlockMask made for 128 steps ahead (what a decode loop in a CUDA graph could keep for
                 128 steps: the blocks a row will reach by then are read, the mask_mod still exact)
+  triton_B_W_S  decode_kernel's one-query Triton kernel (the triton engines), BLOCK_N B, W warps, S stages: one program
+                per (row, head) streaming the row's stretch once on the CUDA cores; --triton-configs lists the sweep
 Session 7's profile (bench/results-compiled-flash-profile-h200.txt) put flash_varlen at 213 us per layer and step, the
 largest decode item.
 """
@@ -23,9 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HEADS, DIM = 32, 128
 BLOCK = 128  # flex attention's key block
@@ -97,8 +103,18 @@ def flex(c: dict, ahead: int = 0):
     return lambda: compiled(q, k, v, block_mask=block_mask, scale=c["scale"])[:, :, 0]
 
 
+def triton_kernel(c: dict, config: tuple[int, int, int]):
+    import decode_kernel
+
+    rows, length = c["q"].shape[0], c["length"]
+    k, v = c["k"].view(rows * length, HEADS, DIM), c["v"].view(rows * length, HEADS, DIM)
+    lengths = c["lengths"].to(torch.int32)
+    return lambda: decode_kernel.decode_attention(c["q"], k, v, c["starts"], lengths, c["scale"], config=config)
+
+
 KERNELS = {"flash_varlen": flash_varlen, "sdpa_masked": sdpa_masked, "flex": flex,
            "flex_ahead128": lambda c: flex(c, ahead=128)}
+TRITON_CONFIGS = "16_4_2,32_4_2,32_8_2,64_4_2,64_4_3,64_8_2,64_8_3,128_8_2,128_8_3"
 
 
 def time_us(fn, iters: int) -> float:
@@ -123,7 +139,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="204,52", help="Batch sizes (the flash engines' two batches in session 7's bench).")
     parser.add_argument("--mean-context", type=int, default=360, help="Mean cached tokens per row (dolly-like prompt + half the answer).")
-    parser.add_argument("--kernels", default=",".join(KERNELS))
+    parser.add_argument("--kernels", default=",".join(KERNELS) + ",triton",
+                        help="triton: every --triton-configs entry (triton_B_W_S names one).")
+    parser.add_argument("--triton-configs", default=TRITON_CONFIGS, help="BLOCK_N_WARPS_STAGES entries for the triton kernel.")
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--out", default="decode_attention.json")
     parser.add_argument("--device", default="cuda", help="cpu: a plumbing check (flash_varlen needs CUDA; times meaningless).")
@@ -138,9 +156,12 @@ def main() -> None:
         kv_bytes = int(c["lengths"].sum()) * HEADS * DIM * 2 * 2
         case = {"rows": rows, "cache_length": c["length"], "kv_gb": kv_bytes / 1e9}
         reference = None
-        for name in args.kernels.split(","):
+        names = [n for k in args.kernels.split(",") for n in
+                 ([f"triton_{t}" for t in args.triton_configs.split(",")] if k == "triton" else [k])]
+        for name in names:
             try:
-                fn = KERNELS[name](c)
+                fn = (triton_kernel(c, tuple(int(x) for x in name.split("_")[1:])) if name.startswith("triton_")
+                      else KERNELS[name](c))
                 out = fn().float()
                 reference = out if reference is None else reference
                 us = time_us(fn, args.iters)
@@ -149,6 +170,9 @@ def main() -> None:
             except Exception as e:  # a kernel this torch cannot run: said, the others still measured
                 case[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"[decode_attention] rows {rows}: {name} {case[name]}", flush=True)
+        timed = {n: r["us"] for n, r in case.items() if isinstance(r, dict) and n.startswith("triton_") and "us" in r}
+        if timed:
+            case["best_triton"] = min(timed, key=timed.get)
         results["cases"][str(rows)] = case
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=1)

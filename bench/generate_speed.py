@@ -19,7 +19,9 @@ Variants, in this order on the same weights (JSON written after each):
 - ENGINE static_unplanned: static with each batch sized for its own longest prompt, as before generation.plan_batches;
   compiled (static with the decoder layers compiled for the decode steps) runs compiled_tuned_cold first, which carries
   the compilation; flash / compiled_flash: static / compiled with each row attending only to its own cache positions
-  (generation.flash_decode_attention), compiled_flash with a cold run first too;
+  (generation.flash_decode_attention), compiled_flash with a cold run first too; triton / compiled_triton: the same
+  with decode_kernel's one-query Triton kernel in place of FlashAttention's (a cold run first: Triton's JIT), its launch
+  set by --decode-config (bench/decode_attention.py sweeps them);
 - BEST_tuned_24gb / BEST_base_24gb ("cap" in --engines): the fastest warm engine so far as a 24 GB card runs it: a child
   process capped with torch.cuda.set_per_process_memory_fraction (--cap-gib) before it loads anything, the model
   loaded and its 16-bit copy made or not as eval.py decides (Llama's dequantize="auto"; the engine is named, not
@@ -69,7 +71,8 @@ def build_llama(model_path: str, seed: int, gguf_file: str | None = None):
     return Llama(model, load_tokenizer(model_path), dequantize="no")
 
 
-COLD_FIRST = ("continuous", "compiled", "compiled_flash")  # engines that compile: a cold fine-tuned run first, not in the warm figures
+# engines that compile (Triton's JIT included): a cold fine-tuned run first, not in the warm figures
+COLD_FIRST = ("continuous", "compiled", "compiled_flash", "triton", "compiled_triton")
 BANDWIDTH_TBS = {"H200": 4.8, "H100 PCIe": 2.0, "H100": 3.35, "A100": 2.0, "L4": 0.3, "4090": 1.0}  # spec sheets, TB/s
 
 
@@ -191,6 +194,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cap-engines", default="", help="Engines the capped child times besides the fastest (comma-separated).")
     parser.add_argument("--cap-prompts", type=int, default=None,
                         help="Prompts of the capped children (N drawn as --prompts are; default --prompts).")
+    parser.add_argument("--decode-config", default=None,
+                        help="BLOCK_N,WARPS,STAGES of the triton engines' kernel (decode_kernel.CONFIG when not given).")
     parser.add_argument("--capped-child", help=argparse.SUPPRESS)  # ENGINE[,ENGINE]:DEQUANTIZE, cap_variant's child process
     return parser.parse_args()
 
@@ -215,6 +220,10 @@ def main() -> None:
     from model import Llama
 
     args = parse_args()
+    if args.decode_config:
+        import decode_kernel
+
+        decode_kernel.CONFIG = tuple(int(x) for x in args.decode_config.split(","))
     if args.capped_child:
         run_capped(args)
         return
@@ -303,7 +312,7 @@ def cap_variant(prompts: list[str], args, results: dict, record) -> None:
         engines = ",".join([best, *extra] if dequantize == "auto" else [best])
         cmd = [sys.executable, __file__, "--model", args.model, "--out", out, "--prompts", str(args.cap_prompts or args.prompts),
                "--new-tokens", str(args.new_tokens), "--cap-gib", str(args.cap_gib), "--seed", str(args.seed),
-               "--capped-child", f"{engines}:{dequantize}"]
+               "--capped-child", f"{engines}:{dequantize}"] + (["--decode-config", args.decode_config] if args.decode_config else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         print("\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith(("[bench]", "[model]"))), flush=True)
         if proc.returncode != 0 or not os.path.exists(out):

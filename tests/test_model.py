@@ -378,15 +378,16 @@ def test_compiled_engine_gives_the_static_engines_answers_and_compiles_once(trai
         static = llama.generate(QUESTIONS, batch_size=2, engine="static", **kwargs)  # batches of 2 rows, then 1
         assert llama.generate(QUESTIONS, batch_size=2, engine="compiled", **kwargs) == static, kwargs
         assert llama.generate(QUESTIONS, batch_size=2, engine="compiled_flash", **kwargs) == static, kwargs
+        assert llama.generate(QUESTIONS, batch_size=2, engine="compiled_triton", **kwargs) == static, kwargs
         assert "forward" not in layer.__dict__  # eager again outside the decode steps
     assert len(model.__dict__["_decode_step_layers"]) == len(generation_layers(model))
     assert [m.self_attn.layer_idx for m in generation_layers(model)] == list(range(len(generation_layers(model))))
-    # per engine (compiled, compiled_flash: another attention), one compiled variant for batches of 2 rows and one for 1
+    # per engine (compiled, compiled_flash, compiled_triton: other attentions), one compiled variant for batches of 2 rows and one for 1
     # row (a size-1 dimension is specialized), whatever the number of layers: no layer index reaches the graph (on a GPU
     # a 32-layer model hit the recompile limit of 8 before)
     from compile_layers import compiled_entries
 
-    assert compiled_entries(type(layer).forward.__code__) == 4
+    assert compiled_entries(type(layer).forward.__code__) == 6
 
 
 def generation_layers(model):
@@ -413,8 +414,8 @@ def test_compiled_engine_replays_compiled_layers_in_a_cuda_graph(trained):
 @pytest.mark.gpu
 def test_flash_decode_kernel_matches_the_masked_attention_and_the_engine_static(trained):
     """On CUDA, flash_decode_attention runs FlashAttention's variable-length kernel (seqused_k): its output equals the
-    masked SDPA form on rows with different first positions and lengths (bf16 tolerance); engine="flash" and
-    "compiled_flash" (graphs captured) give static's 3-token answers, fine-tuned and base."""
+    masked SDPA form on rows with different first positions and lengths (bf16 tolerance); engine="flash",
+    "compiled_flash", "triton" and "compiled_triton" (graphs captured) give static's 3-token answers, fine-tuned and base."""
     torch.manual_seed(0)
     rows, length, heads, dim = 5, 300, 4, 128
     cache = torch.randn(2, rows, length, heads, dim, device="cuda", dtype=torch.bfloat16)
@@ -434,6 +435,8 @@ def test_flash_decode_kernel_matches_the_masked_attention_and_the_engine_static(
         static = llama.generate(QUESTIONS, batch_size=3, engine="static", **gen)
         assert llama.generate(QUESTIONS, batch_size=3, engine="flash", **gen) == static
         assert llama.generate(QUESTIONS, batch_size=3, engine="compiled_flash", **gen) == static
+        assert llama.generate(QUESTIONS, batch_size=3, engine="triton", **gen) == static
+        assert llama.generate(QUESTIONS, batch_size=3, engine="compiled_triton", **gen) == static
 
 
 @pytest.mark.gpu

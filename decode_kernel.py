@@ -1,0 +1,117 @@
+"""A Triton kernel for the decode step's attention (issue 13): one query per row against that row's stretch of the cache.
+
+    out = decode_attention(q, k, v, starts, lengths, scale)   # q (rows, heads, dim); k, v (rows * length, kv_heads, dim)
+
+Row r's query attends to the flattened cache positions starts[r] .. starts[r] + lengths[r] (its first real prompt token
+to the token fed now), the layout generation.relayout_cache makes; GQA where kv_heads < heads. One program per (row,
+head) streams that stretch once in blocks of BLOCK_N positions, an online softmax in fp32, each key and value read once:
+the bytes the step must read and no more, on the CUDA cores (a query of one row wastes a tensor-core tile).
+
+Why: FlashAttention's variable-length kernel (the flash engines' first kernel) computes one query row as a tile of 128,
+and reached 42-47% of an H200's memory bandwidth on this work (bench/decode_attention.py, session 8), the largest item
+of a decode step. Registered as a torch.library custom op (llama_qa::decode_attention) so torch.compile keeps it whole.
+
+On a CPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set before triton is first imported): the
+tests check it there against SDPA with a mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# (BLOCK_N, num_warps, num_stages): positions per loop iteration and the launch; bench/decode_attention.py sweeps them
+CONFIG = (64, 4, 2)
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode_attention_kernel(Q, K, V, Out, Starts, Lengths, scale_log2,
+                                stride_qr, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_or, stride_oh,
+                                GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+        row, head = tl.program_id(0), tl.program_id(1)
+        kv_head = head // GROUP
+        start = tl.load(Starts + row).to(tl.int64)
+        length = tl.load(Lengths + row)
+        d = tl.arange(0, DIM)
+        q = tl.load(Q + row * stride_qr + head * stride_qh + d).to(tl.float32) * scale_log2  # scores in log2 units
+        k_base, v_base = K + kv_head * stride_kh, V + kv_head * stride_vh
+        m = tl.full([1], float("-inf"), tl.float32)
+        den = tl.zeros([1], tl.float32)
+        acc = tl.zeros([DIM], tl.float32)
+        for n0 in range(0, length, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            valid = n < length
+            t = start + n
+            k = tl.load(k_base + t[:, None] * stride_kt + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.where(valid, tl.sum(k * q[None, :], 1), float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new)
+            v = tl.load(v_base + t[:, None] * stride_vt + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            den = den * alpha + tl.sum(p, 0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+            m = m_new
+        tl.store(Out + row * stride_or + head * stride_oh + d, (acc / den).to(Out.dtype.element_ty))
+
+    return decode_attention_kernel
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, scale: float,
+            config: tuple[int, int, int]) -> torch.Tensor:
+    from torch.library import wrap_triton
+
+    rows, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    block_n, warps, stages = config
+    wrap_triton(_kernel())[(rows, heads)](
+        q, k, v, out, starts, lengths, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        GROUP=heads // kv_heads, DIM=dim, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return out
+
+
+@torch.library.triton_op("llama_qa::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                         scale: float, block_n: int, warps: int, stages: int) -> torch.Tensor:
+    return _launch(q, k, v, starts, lengths, scale, (block_n, warps, stages))
+
+
+def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor) -> None:
+    """The kernel's contract, said before it reads out of bounds (no host sync: shapes and dtypes only)."""
+    rows, heads, dim = q.shape
+    if k.dim() != 3 or k.shape != v.shape or k.shape[2] != dim or heads % k.shape[1]:
+        raise ValueError(f"decode_attention: k and v must be (positions, kv_heads, {dim}) with heads ({heads}) a multiple of "
+                         f"kv_heads (got k {tuple(k.shape)}, v {tuple(v.shape)})")
+    if dim & (dim - 1):
+        raise ValueError(f"decode_attention: head dim must be a power of two (got {dim})")
+    if k.stride(2) != 1 or v.stride(2) != 1 or q.stride(2) != 1:
+        raise ValueError("decode_attention: the head dim of q, k and v must be contiguous")
+    if starts.shape[0] < rows or lengths.shape[0] != rows or starts.dtype != torch.int32 or lengths.dtype != torch.int32:
+        raise ValueError(f"decode_attention: starts (>= {rows}) and lengths ({rows}) must be int32 per row "
+                         f"(got {tuple(starts.shape)} {starts.dtype}, {tuple(lengths.shape)} {lengths.dtype})")
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
+                     scale: float | None = None, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """(rows, heads, dim): row r's query attending to k/v positions starts[r] .. starts[r] + lengths[r] (a row of length 0
+    gives NaN: the callers always include the token fed now). scale None: 1 / sqrt(dim). config: (BLOCK_N, num_warps,
+    num_stages), CONFIG by default."""
+    check(q, k, v, starts, lengths)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _decode_attention_op(q, k, v, starts, lengths, scale, *(config or CONFIG))
+
+
+def available() -> bool:
+    """Whether Triton imports here (it comes with CUDA builds of torch and with liger-kernel)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
