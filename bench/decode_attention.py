@@ -14,8 +14,9 @@ bandwidth, and the largest difference from `flash_varlen` (bf16). Kernels:
                 which splits the keys across thread blocks and skips the blocks outside the mask)
   flex_ahead128 the same with a BlockMask made for 128 steps ahead (what a decode loop in a CUDA graph could keep for
                 128 steps: the blocks a row will reach by then are read, the mask_mod still exact)
-  triton_B_W_S  decode_kernel's one-query Triton kernel (the triton engines), BLOCK_N B, W warps, S stages: one program
-                per (row, head) streaming the row's stretch once on the CUDA cores; --triton-configs lists the sweep
+  triton_K_B_W_S  decode_kernel's one-query Triton kernel (the triton engines): kind K (cores: the products on the CUDA
+                cores; dot: on the tensor cores, the query repeated over 16 rows), BLOCK_N B, W warps, S stages; one program
+                per (row, head) streaming the row's stretch once; --triton-configs lists the sweep
 Session 7's profile (bench/results-compiled-flash-profile-h200.txt) put flash_varlen at 213 us per layer and step, the
 largest decode item.
 """
@@ -103,7 +104,7 @@ def flex(c: dict, ahead: int = 0):
     return lambda: compiled(q, k, v, block_mask=block_mask, scale=c["scale"])[:, :, 0]
 
 
-def triton_kernel(c: dict, config: tuple[int, int, int]):
+def triton_kernel(c: dict, config: tuple):
     import decode_kernel
 
     rows, length = c["q"].shape[0], c["length"]
@@ -114,7 +115,8 @@ def triton_kernel(c: dict, config: tuple[int, int, int]):
 
 KERNELS = {"flash_varlen": flash_varlen, "sdpa_masked": sdpa_masked, "flex": flex,
            "flex_ahead128": lambda c: flex(c, ahead=128)}
-TRITON_CONFIGS = "16_4_2,32_4_2,32_8_2,64_4_2,64_4_3,64_8_2,64_8_3,128_8_2,128_8_3"
+TRITON_CONFIGS = ("cores_64_4_2,cores_128_4_2,cores_32_2_2,cores_64_2_2,"
+                  "dot_32_4_3,dot_64_4_2,dot_64_4_3,dot_64_4_4,dot_64_8_3,dot_128_4_3,dot_128_8_3,dot_128_8_2,dot_32_2_4")
 
 
 def time_us(fn, iters: int) -> float:
@@ -141,7 +143,7 @@ def main() -> None:
     parser.add_argument("--mean-context", type=int, default=360, help="Mean cached tokens per row (dolly-like prompt + half the answer).")
     parser.add_argument("--kernels", default=",".join(KERNELS) + ",triton",
                         help="triton: every --triton-configs entry (triton_B_W_S names one).")
-    parser.add_argument("--triton-configs", default=TRITON_CONFIGS, help="BLOCK_N_WARPS_STAGES entries for the triton kernel.")
+    parser.add_argument("--triton-configs", default=TRITON_CONFIGS, help="KIND_BLOCKN_WARPS_STAGES entries for the triton kernel.")
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--out", default="decode_attention.json")
     parser.add_argument("--device", default="cuda", help="cpu: a plumbing check (flash_varlen needs CUDA; times meaningless).")
@@ -160,7 +162,7 @@ def main() -> None:
                  ([f"triton_{t}" for t in args.triton_configs.split(",")] if k == "triton" else [k])]
         for name in names:
             try:
-                fn = (triton_kernel(c, tuple(int(x) for x in name.split("_")[1:])) if name.startswith("triton_")
+                fn = (triton_kernel(c, (name.split("_")[1], *(int(x) for x in name.split("_")[2:]))) if name.startswith("triton_")
                       else KERNELS[name](c))
                 out = fn().float()
                 reference = out if reference is None else reference

@@ -9,6 +9,6 @@ timeout 150 python3 -m pytest -q -m gpu tests/test_decode_kernel.py tests/test_m
 wait
 timeout 100 python3 bench/decode_attention.py --mean-context 360 --kernels flash_varlen,sdpa_masked,triton --out $OUT/decode_attention_ctx360.json > $OUT/da.log 2>&1
 timeout 40 python3 bench/decode_attention.py --mean-context 200 --kernels flash_varlen,triton --out $OUT/decode_attention_ctx200.json > $OUT/da200.log 2>&1
-CFG=$(python3 -c "import json;print(','.join(json.load(open('$OUT/decode_attention_ctx360.json'))['cases']['204']['best_triton'].split('_')[1:]))" 2>/dev/null || echo 64,4,2); echo "cfg $CFG" | tee $OUT/cfg.txt
-timeout 330 python3 bench/generate_speed.py --model /tmp/l7 --out $OUT/gen/generate_speed.json --engines flash,triton,compiled_flash,compiled_triton --decode-config $CFG --single-prompts 0 --naive-prompts 0 --old-prompts 0 --profile-prompts 128 --profile-engine triton --budget-s 300 > $OUT/gen.log 2>&1
-tail -5 $OUT/pytest.log; grep "\[bench\]" $OUT/gen.log | tail -14; grep -h "rows" $OUT/da.log $OUT/da200.log | cut -c1-150
+CFG=$(python3 -c "import json;print(','.join(json.load(open('$OUT/decode_attention_ctx360.json'))['cases']['204']['best_triton'].split('_')[1:]))" 2>/dev/null || echo dot,64,4,3); echo "cfg $CFG" | tee $OUT/cfg.txt
+timeout 330 python3 bench/generate_speed.py --model /tmp/l7 --out $OUT/gen/generate_speed.json --engines flash,triton,compiled_flash,compiled_triton --decode-config $CFG --single-prompts 0 --naive-prompts 0 --old-prompts 0 --profile-prompts 128 --profile-engine compiled_triton --budget-s 300 > $OUT/gen.log 2>&1
+cd $OUT && tar czf results.tgz --remove-files gen *.log *.json; cd - >/dev/null; tar xzf $OUT/results.tgz -O --wildcards "*pytest.log" | tail -5; tar xzf $OUT/results.tgz -O --wildcards "*gen.log" | grep "\[bench\]" | tail -14
