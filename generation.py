@@ -225,13 +225,11 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     cache = StaticCache(config=model.config, max_cache_len=length)
     visible = torch.zeros(rows, length, dtype=torch.bool, device=device)  # the cache positions each row attends to
     visible[:, :prompt] = mask
-    causal = torch.ones(prompt, length, dtype=torch.bool, device=device).tril()
-    own = torch.eye(prompt, length, dtype=torch.bool, device=device)  # a padding query sees itself: no all-masked row (NaN)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    prefill_mask = ((causal[None] & visible[:, None]) | own[None])[:, None]
-    logits = model(input_ids=ids, attention_mask=prefill_mask, position_ids=positions, past_key_values=cache,
-                   logits_to_keep=1).logits[:, -1]
-    del prefill_mask
+    init_cache(cache, rows, model)
+    if flash:
+        relayout_cache(cache)
+    logits = prefill(model, ids, mask, cache, relaid=flash)
 
     def next_tokens(logits: torch.Tensor, step: int) -> torch.Tensor:
         if step < min_new_tokens and eos is not None:
@@ -244,7 +242,6 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
 
     bounds: dict[str, torch.Tensor] = {}
     if flash:  # each row's cache positions: from its first real prompt token to the token fed now (grows by 1 a step)
-        relayout_cache(cache)
         padding = (~mask).sum(-1)
         row_starts = torch.arange(rows, device=device) * length + padding
         bounds = {"decode_cu_q": torch.arange(rows + 1, device=device, dtype=torch.int32),
@@ -303,13 +300,84 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
 DECODE_ATTENTION = {"flash": "flash_decode", "triton": "triton_decode"}  # decode kernel -> attn_implementation name
 
 
+def init_cache(cache: Any, rows: int, model: torch.nn.Module) -> None:
+    """A StaticCache's buffers allocated for `rows` rows in the model's 16-bit (or CPU float) dtype, before the prompt."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    weight = model.get_input_embeddings().weight
+    cache.early_initialization(rows, c.num_key_value_heads, head_dim, weight.dtype, weight.device)
+
+
 def relayout_cache(cache: Any) -> None:
-    """Each layer's keys and values copied into a (rows, length, heads, dim) buffer and kept as a (rows, heads, length,
-    dim) view of it: the shape every transformers cache path expects, the layout FlashAttention's variable-length
-    kernel reads in place (flash_decode_attention). One layer at a time, after the prompt has filled the cache."""
+    """Each layer's keys and values as a (rows, length, heads, dim) buffer kept as a (rows, heads, length, dim) view of it:
+    the shape every transformers cache path expects, the layout FlashAttention's variable-length kernel and
+    decode_kernel read in place (flash_decode_attention). On an initialized cache, before the prompt."""
     for layer in cache.layers:
         layer.flash_keys, layer.flash_values = layer.keys.transpose(1, 2).contiguous(), layer.values.transpose(1, 2).contiguous()
         layer.keys, layer.values = layer.flash_keys.transpose(1, 2), layer.flash_values.transpose(1, 2)
+
+
+PREFILL_TOKENS = 16384  # tokens (padding included) per prefill chunk at most
+
+
+def prefill_chunks(lengths: list[int], budget: int = PREFILL_TOKENS, waste: float = 0.25) -> list[list[int]]:
+    """The rows of a batch in groups for the prompt's forward pass: longest first, a group closed before it would pass
+    `budget` tokens padded to its longest row, or before padding would be more than `waste` of it. A batch padded to its
+    longest prompt (dolly: p50 60 tokens, max 1,126) would spend most of its prefill on padding."""
+    chunks: list[list[int]] = []
+    for r in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if chunks:
+            chunk = chunks[-1]
+            longest, n = lengths[chunk[0]], len(chunk) + 1
+            if n * longest <= budget and sum(lengths[i] for i in chunk) + lengths[r] >= (1 - waste) * n * longest:
+                chunk.append(r)
+                continue
+        chunks.append([r])
+    return chunks
+
+
+class PrefillCache:
+    """The cache the prompt's forward pass sees, for a group of rows padded to `span` tokens: a layer's keys and values
+    go into the static cache's last `span` prompt positions of those rows (right-aligned: where the full batch's
+    left-padded prompt puts them), and attention runs over the group's own keys and values."""
+
+    def __init__(self, cache: Any, rows: torch.Tensor, prompt: int, span: int, relaid: bool):
+        self.cache, self.rows, self.prompt, self.span, self.relaid = cache, rows, prompt, span, relaid
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        layer, where = self.cache.layers[layer_idx], slice(self.prompt - self.span, self.prompt)
+        if self.relaid:  # (rows, length, heads, dim) buffers
+            layer.flash_keys[self.rows, where] = key_states.transpose(1, 2)
+            layer.flash_values[self.rows, where] = value_states.transpose(1, 2)
+        else:
+            layer.keys[self.rows, :, where] = key_states
+            layer.values[self.rows, :, where] = value_states
+        return key_states, value_states
+
+
+def prefill(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache: Any, relaid: bool) -> torch.Tensor:
+    """The prompt's forward pass for a left-padded batch, in groups of rows of similar length (prefill_chunks), each padded
+    only to its own longest: the keys and values land in `cache` where one pass over the whole batch would put them, and
+    each layer's cache position is set past the prompt. `cache` initialized (init_cache), relaid or not (relayout_cache).
+    Returns each row's last-position logits."""
+    rows, prompt = ids.shape
+    lengths = mask.sum(-1).tolist()
+    logits = None
+    for chunk in prefill_chunks(lengths):
+        span = max(lengths[i] for i in chunk)
+        index = torch.tensor(chunk, device=ids.device)
+        part = mask[index, prompt - span :]
+        causal = torch.ones(span, span, dtype=torch.bool, device=ids.device).tril()
+        own = torch.eye(span, dtype=torch.bool, device=ids.device)  # a padding query sees itself: no all-masked row (NaN)
+        out = model(input_ids=ids[index, prompt - span :], attention_mask=((causal[None] & part[:, None]) | own[None])[:, None],
+                    position_ids=(part.long().cumsum(-1) - 1).clamp(min=0),
+                    past_key_values=PrefillCache(cache, index, prompt, span, relaid), logits_to_keep=1).logits[:, -1]
+        if logits is None:
+            logits = out.new_empty(rows, out.shape[-1])
+        logits[index] = out
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(prompt)
+    return logits
 
 
 def flash_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -41,3 +41,61 @@ def test_batch_plan_keeps_long_prompts_apart_from_short_ones_and_fits_memory():
     # at most 16 rows: 4 batches either way; the long prompts go in the smallest one
     assert plan_batches(lengths, new, lambda length: 256, weight_bytes=10**12, kv_per_token=kv, max_rows=16) == [4, 16, 16, 16]
     assert sum(plan_batches([5] * 7, new, lambda length: 3, weight_bytes=1, kv_per_token=1)) == 7
+
+
+def test_prefill_chunks_group_rows_of_similar_length_within_a_token_budget():
+    """Longest first; a group closes before it would pass the budget padded to its longest row, or waste over 25% on padding."""
+    from generation import prefill_chunks
+
+    lengths = [60, 1126, 58, 400, 390, 61, 59, 1000]
+    assert prefill_chunks(lengths, budget=16384) == [[1, 7], [3, 4], [5, 0, 6, 2]]
+    assert prefill_chunks(lengths, budget=2048) == [[1], [7], [3, 4], [5, 0, 6, 2]]
+    assert prefill_chunks([10] * 5, budget=20) == [[0, 1], [2, 3], [4]]
+    assert prefill_chunks([]) == []
+
+
+@pytest.mark.parametrize("relaid", [False, True])
+def test_prefill_in_groups_fills_the_cache_as_one_padded_pass_does(relaid):
+    """generation.prefill (rows in groups, each padded to its own longest, keys and values written right-aligned) == the
+    whole left-padded batch in one forward pass: the same last-position logits and the same cache at every real prompt
+    position, in transformers' cache layout and in the flash engines' (relayout_cache); the cache position past the prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
+
+    import generation
+    from tiny_llama import ensure_tiny_llama
+
+    path = ensure_tiny_llama()
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token, tokenizer.padding_side = tokenizer.unk_token, "left"
+    prompts = ["Name three primary colors.", "Why is the sky blue? Explain it briefly to a child who asks every day.",
+               "Hi", "What is the capital of France?", "Summarize: " + "the quick brown fox jumps over the lazy dog " * 6]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    rows, prompt = ids.shape
+    length = prompt + 4
+    with torch.no_grad():
+        whole = StaticCache(config=model.config, max_cache_len=length)
+        visible = torch.zeros(rows, length, dtype=torch.bool)
+        visible[:, :prompt] = mask
+        causal, own = torch.ones(prompt, length, dtype=torch.bool).tril(), torch.eye(prompt, length, dtype=torch.bool)
+        full_mask = ((causal[None] & visible[:, None]) | own[None])[:, None]  # decode_static's one pass before session 10
+        expected = model(input_ids=ids, attention_mask=full_mask, position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
+                         past_key_values=whole, logits_to_keep=1).logits[:, -1]
+        grouped = StaticCache(config=model.config, max_cache_len=length)
+        generation.init_cache(grouped, rows, model)
+        if relaid:
+            generation.relayout_cache(grouped)
+        chunks = generation.prefill_chunks(mask.sum(-1).tolist(), budget=3 * prompt)
+        assert len(chunks) > 1 and any(len(c) > 1 for c in chunks)  # groups of several rows, of different spans
+        original = generation.prefill_chunks
+        generation.prefill_chunks = lambda lengths: original(lengths, budget=3 * prompt)
+        try:
+            logits = generation.prefill(model, ids, mask, grouped, relaid=relaid)
+        finally:
+            generation.prefill_chunks = original
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(whole.layers, grouped.layers, strict=True):
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            torch.testing.assert_close(y[:, :, :prompt].transpose(1, 2)[mask], x[:, :, :prompt].transpose(1, 2)[mask], rtol=1e-5, atol=1e-5)
+        assert int(b.cumulative_length) == prompt
