@@ -43,20 +43,25 @@ ENGINES = ("auto", "padded", "evict", "static", "compiled", "flash", "compiled_f
 STATIC_ENGINES = ("static", "compiled", "flash", "compiled_flash", "triton", "compiled_triton")
 
 
-def pick_engine(engine: str, device: torch.device, greedy: bool) -> str:
-    """auto, greedy answers: on CUDA flash where FlashAttention runs (compute capability 8.0+; 1.03x static on an H200 with
-    the 16-bit copy, session 6; equal to static on a 4-bit base, both 2.4x evict there: base answers 1,152 / 1,160 vs 487 new
-    tokens/s, 64 prompts on an H200 capped at 24 GiB, session 7) and static on older cards, the base in 4 bits or a 16-bit copy; on
-    a CPU evict (finished rows leave the batch); sampled answers: padded (plain model.generate).
+AUTO_COMPILE_TOKENS = 131072  # auto compiles the decode step (compiled_triton) from this many prompts x max_new_tokens
+
+
+def pick_engine(engine: str, device: torch.device, greedy: bool, tokens: int = 0) -> str:
+    """auto, greedy answers, on CUDA cards of compute capability 8.0+ where Triton imports (it comes with CUDA builds of
+    torch): triton (decode_kernel: 1.24x flash, 6,822 vs 5,488 new tokens/s on an H200, session 10), or compiled_triton
+    when the call asks for at least AUTO_COMPILE_TOKENS (prompts x max_new_tokens: 1.16x triton after ~2 s more of
+    compilation per process, which that many tokens repay; eval.py on dolly's validation split asks for ~192k per
+    model); flash (FlashAttention's kernel) without Triton; static on older cards; evict on a CPU (finished rows leave the
+    batch). The base in 4 bits or a 16-bit copy. Sampled answers: padded (plain model.generate).
 
     static: a static KV cache, the decode step captured in a CUDA graph per batch. compiled: static with the decoder
-    layers compiled for the decode steps (decoder_step_layers: Inductor fuses the element-wise kernels, ~40% of a decode
-    step's GPU time; 1.14x static on an H200, after ~8 s of compilation per process). flash, compiled_flash: static,
-    compiled with each row's query attending only to its own cache positions (flash_decode_attention: FlashAttention's
-    variable-length kernel reading the cache in place) instead of SDPA over the whole cache with a mask: flash 1.03x
-    static on an H200; compiled_flash 1.02-1.04x compiled there (session 7, after LayerCache's column write; 0.37x before),
-    after ~8 s of compilation. continuous: transformers' generate_batch (paged attention, a finished sequence frees its
-    slot at once), 3.6x slower than static on an H200. All decode greedily.
+    layers compiled for the decode steps (decoder_step_layers: Inductor fuses the element-wise kernels; 1.14x static on
+    an H200, after ~8 s of compilation per process). flash, triton: static with each row's query attending only to its
+    own cache positions (flash_decode_attention: FlashAttention's variable-length kernel, or decode_kernel's one-query
+    Triton kernel, reading the cache in place) instead of SDPA over the whole cache with a mask; compiled_flash,
+    compiled_triton: both options. continuous: transformers' generate_batch (paged attention, a finished sequence frees
+    its slot at once), 3.6x slower than static on an H200. All decode greedily; every static engine runs the prompt in
+    groups of rows of similar length (prefill).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)} (got {engine!r})")
@@ -65,7 +70,13 @@ def pick_engine(engine: str, device: torch.device, greedy: bool) -> str:
     if engine == "auto":
         if device.type != "cuda":
             return "evict"
-        return "flash" if torch.cuda.get_device_capability(device) >= (8, 0) else "static"
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return "static"
+        import decode_kernel
+
+        if not decode_kernel.available():
+            return "flash"
+        return "compiled_triton" if tokens >= AUTO_COMPILE_TOKENS else "triton"
     return engine
 
 
@@ -83,10 +94,10 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     from tqdm.auto import tqdm
 
     greedy = generation.get("temperature", 0.0) <= 0
-    chosen = pick_engine(engine, model.device, greedy)
+    chosen = pick_engine(engine, model.device, greedy, len(prompts) * generation.get("max_new_tokens", 256))
     if chosen == "continuous" and prompts:
         return generate_continuous(model, tokenizer, prompts, progress=progress, **generation)
-    fallback = engine == "auto" and chosen in ("static", "flash")
+    fallback = engine == "auto" and chosen in STATIC_ENGINES
     engine = chosen
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])

@@ -442,14 +442,15 @@ def test_flash_decode_kernel_matches_the_masked_attention_and_the_engine_static(
 @pytest.mark.gpu
 def test_static_engines_on_a_4bit_base_give_the_evicting_decoders_answers(trained):
     """A base kept in 4 bits (dequantize="no", what a 24 GB card gets under dequantize="auto"): its bitsandbytes layers
-    inside the decode step's CUDA graph (static, compiled, flash) give evict's answers, fine-tuned (LoRA unmerged) and
-    base: what auto's flash (static on older cards) decodes with on a 24 GB card (generation.pick_engine)."""
+    inside the decode step's CUDA graph (static, compiled, flash, triton, compiled_triton) give evict's answers,
+    fine-tuned (LoRA unmerged) and base: what auto's triton (static on older cards) decodes with on a 24 GB card
+    (generation.pick_engine)."""
     _, _, out, _ = trained
     llama = Llama.load_pretrained_model(out, dequantize="no")
     for use_adapter in (True, False):
         gen = {"use_adapter": use_adapter, "max_new_tokens": 3, "min_new_tokens": 3}
         evict = llama.generate(QUESTIONS, batch_size=3, engine="evict", **gen)
-        for engine in ("static", "compiled", "flash"):
+        for engine in ("static", "compiled", "flash", "triton", "compiled_triton"):
             assert llama.generate(QUESTIONS, batch_size=3, engine=engine, **gen) == evict, (engine, use_adapter)
     assert generation.linear4bit_modules(llama.model)  # still 4-bit throughout
 
@@ -493,14 +494,19 @@ def test_continuous_batching_refuses_a_partial_result(trained):
         generation.generate_continuous(fake, tokenizer, ["a question", "another question"])
 
 
-def test_auto_engine_is_flash_on_cuda_without_4bit_layers_and_falls_back_to_evict(trained, monkeypatch, capsys):
-    """auto, greedy: flash on CUDA (the fastest measured there without a compile, 16-bit copy or 4-bit base) where
-    FlashAttention runs (sm80+), static on older cards, evict on a CPU; padded when sampling. When
-    auto's engine fails (not out of memory), the remaining answers come from evict, said in one line; an engine asked
-    for by name never falls back."""
+def test_auto_engine_is_triton_on_cuda_compiled_for_large_calls_and_falls_back_to_evict(trained, monkeypatch, capsys):
+    """auto, greedy, on CUDA sm80+: triton (the fastest measured there without a compile, 16-bit copy or 4-bit base),
+    compiled_triton from AUTO_COMPILE_TOKENS prompts x new tokens, flash where Triton is missing; static on older cards,
+    evict on a CPU; padded when sampling. When auto's engine fails (not out of memory), the remaining answers come from
+    evict, said in one line; an engine asked for by name never falls back."""
+    import decode_kernel
     import generation
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert generation.pick_engine("auto", torch.device("cuda"), greedy=True) == "triton"
+    assert generation.pick_engine("auto", torch.device("cuda"), greedy=True, tokens=750 * 256) == "compiled_triton"
+    assert generation.pick_engine("auto", torch.device("cuda"), greedy=True, tokens=generation.AUTO_COMPILE_TOKENS - 1) == "triton"
+    monkeypatch.setattr(decode_kernel, "available", lambda: False)
     assert generation.pick_engine("auto", torch.device("cuda"), greedy=True) == "flash"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no FlashAttention
     assert generation.pick_engine("auto", torch.device("cuda"), greedy=True) == "static"
@@ -515,8 +521,8 @@ def test_auto_engine_is_flash_on_cuda_without_4bit_layers_and_falls_back_to_evic
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(generation, "decode_static", broken)
-    for chosen in ("static", "flash"):
-        monkeypatch.setattr(generation, "pick_engine", lambda engine, device, greedy, chosen=chosen: chosen)
+    for chosen in ("static", "flash", "triton"):
+        monkeypatch.setattr(generation, "pick_engine", lambda engine, device, greedy, tokens=0, chosen=chosen: chosen)
         assert llama.generate(QUESTIONS, batch_size=2, max_new_tokens=6) == expected  # engine auto (the Llama's default)
         assert capsys.readouterr().out.count(f"the {chosen} engine failed (RuntimeError: operation not permitted") == 1
     with pytest.raises(RuntimeError, match="not permitted"):  # asked for by name: no silent fallback
