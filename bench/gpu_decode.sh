@@ -10,7 +10,7 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site WHEELS_INSTALLED=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p $OUT/gen; nvidia-smi --query-gpu=name --format=csv > $OUT/card.txt
 (timeout 60 python3 bench/make_random_llama.py --out /tmp/l7 --tokenizer .tok/llama2-tokenizer > $OUT/make.log 2>&1) &
-timeout 200 python3 -m pytest -q -m gpu tests/test_decode_kernel.py tests/test_model.py -k "${TESTS:-kernel}" > $OUT/pytest.log 2>&1
+timeout 200 python3 -m pytest -q -m gpu tests/test_decode_kernel.py tests/test_model.py -k "${TESTS-kernel}" > $OUT/pytest.log 2>&1
 wait
 CFG=${CFG:-dot,64,4,3}
 if [ "${KERNELS:-1}" != 0 ]; then
