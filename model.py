@@ -34,7 +34,8 @@ class Llama:
     merge: on a dense base (the 16-bit copy, or an unquantized base) the adapter is merged into the weights for
     fine-tuned answers and the exact base weights are put back for base answers (generation.MergeSwitch), so both
     run at the base's speed; the switch happens only when the requested side changes.
-    engine: how answers are decoded (generation.pick_engine): auto, padded, evict, static, compiled, flash, compiled_flash or continuous.
+    engine: how answers are decoded (generation.pick_engine): auto, padded, evict, static, compiled, flash, compiled_flash,
+    triton, compiled_triton or continuous.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, base_model: str | None = None,
