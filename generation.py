@@ -775,11 +775,18 @@ def dense_weight(q: torch.nn.Module) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).to(dtype)
 
 
-def dequantize_fits(extra_bytes: int, headroom: float = 0.5) -> bool:
-    """Whether `extra_bytes` (see dequantized_bytes) is at most `headroom` of the free GPU memory (the rest is left for the KV cache)."""
+COPY_LEAVES = (4 * 2**30, 0.25)  # what the 16-bit copy must leave free for the KV cache: at least 4 GiB and a quarter
+
+
+def dequantize_fits(extra_bytes: int, leaves: tuple[int, float] = COPY_LEAVES) -> bool:
+    """Whether the 16-bit copy (`extra_bytes`, see dequantized_bytes) leaves at least max(leaves[0] bytes, leaves[1] of the
+    free GPU memory) for the KV cache. A 7B copy (12.6 GiB) is made on an 80 GB card and under a 24 GiB cap (~7 GiB
+    left), where it decoded 1.78x faster than the 4-bit base (session 10: 2,007 vs 1,130 new tokens/s fine-tuned,
+    peak 20.9 GiB, no out-of-memory retry); not on a 16 GB card."""
     if not torch.cuda.is_available():
         return False  # on the CPU the 4-bit path is the documented low-memory fallback; opt in with dequantize="yes"
-    return extra_bytes <= headroom * free_memory(torch.device("cuda", torch.cuda.current_device()))
+    free = free_memory(torch.device("cuda", torch.cuda.current_device()))
+    return free - extra_bytes >= max(leaves[0], leaves[1] * free)
 
 
 def lora_delta(layer: torch.nn.Module, adapter: str = "default") -> torch.Tensor:
