@@ -6,7 +6,9 @@ Row r's query attends to the flattened cache positions starts[r] .. starts[r] + 
 to the token fed now), the layout generation.relayout_cache makes; GQA where kv_heads < heads. One program per (row,
 head) streams that stretch once in blocks of BLOCK_N positions, an online softmax in fp32, each key and value read once:
 the bytes the step must read and no more. The products run on the tensor cores with the query repeated over 16 rows
-(Triton software-pipelines the loads that feed tl.dot; FlashAttention computes 128 rows) or on the CUDA cores (CONFIG).
+(the smallest tl.dot tile; FlashAttention computes 128), so Triton software-pipelines the loads that feed them: 89% of
+an H200's bandwidth at 204 rows of ~360 cached positions, against 65-72% for the same loop on the CUDA cores (dropped)
+and 46% for FlashAttention's kernel (bench/decode_attention.py, session 10).
 
 Why: FlashAttention's variable-length kernel (the flash engines' first kernel) computes one query row as a tile of 128,
 and reached 42-47% of an H200's memory bandwidth on this work (bench/decode_attention.py, session 8), the largest item
@@ -14,7 +16,7 @@ of a decode step. Registered as an opaque torch.library custom op (llama_qa::dec
 as it is (Inductor recompiling it failed on the GPU, session 10).
 
 On a CPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set before triton is first imported): the
-tests check it there against SDPA with a mask.
+tests check it there against attention written out by hand, and the engine against the static one.
 """
 
 from __future__ import annotations
@@ -23,45 +25,15 @@ import functools
 
 import torch
 
-# (kind, BLOCK_N, num_warps, num_stages): "cores" = the scores and sums on the CUDA cores; "dot" = on the tensor cores
-# with the query repeated over 16 rows (Triton pipelines the loads that feed tl.dot); bench/decode_attention.py sweeps them
-CONFIG = ("dot", 64, 4, 3)
+# (BLOCK_N, num_warps, num_stages): the best of bench/decode_attention.py's sweep at 204 rows (H200, session 10)
+CONFIG = (64, 4, 3)
 DOT_ROWS = 16  # the smallest tl.dot tile; row 0 is kept
 
 
 @functools.cache
-def _kernels() -> dict:
+def _kernel():
     import triton
     import triton.language as tl
-
-    @triton.jit
-    def cores_kernel(Q, K, V, Out, Starts, Lengths, scale_log2,
-                     stride_qr, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_or, stride_oh,
-                     GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_N: tl.constexpr):
-        row, head = tl.program_id(0), tl.program_id(1)
-        kv_head = head // GROUP
-        start = tl.load(Starts + row).to(tl.int64)
-        length = tl.load(Lengths + row)
-        d = tl.arange(0, DIM)
-        q = tl.load(Q + row * stride_qr + head * stride_qh + d).to(tl.float32) * scale_log2  # scores in log2 units
-        k_base, v_base = K + kv_head * stride_kh, V + kv_head * stride_vh
-        m = tl.full([1], float("-inf"), tl.float32)
-        den = tl.zeros([1], tl.float32)
-        acc = tl.zeros([DIM], tl.float32)
-        for n0 in range(0, length, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            valid = n < length
-            t = start + n
-            k = tl.load(k_base + t[:, None] * stride_kt + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            v = tl.load(v_base + t[:, None] * stride_vt + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            s = tl.where(valid, tl.sum(k * q[None, :], 1), float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 0))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new)
-            den = den * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-            m = m_new
-        tl.store(Out + row * stride_or + head * stride_oh + d, (acc / den).to(Out.dtype.element_ty))
 
     @triton.jit
     def dot_kernel(Q, K, V, Out, Starts, Lengths, scale_log2,
@@ -96,31 +68,30 @@ def _kernels() -> dict:
         tl.store(Out + row * stride_or + head * stride_oh + tl.zeros([ROWS], tl.int32)[:, None] + d[None, :],
                  out.to(Out.dtype.element_ty), mask=first)
 
-    return {"cores": cores_kernel, "dot": dot_kernel}
+    return dot_kernel
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, scale: float,
             config: tuple) -> torch.Tensor:
     rows, heads, dim = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    kind, block_n, warps, stages = config
-    extra = {"ROWS": DOT_ROWS} if kind == "dot" else {}
-    _kernels()[kind][(rows, heads)](
+    block_n, warps, stages = config
+    _kernel()[(rows, heads)](
         q, k, v, out, starts, lengths, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        GROUP=heads // k.shape[1], DIM=dim, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **extra)
+        GROUP=heads // k.shape[1], DIM=dim, BLOCK_N=block_n, ROWS=DOT_ROWS, num_warps=warps, num_stages=stages)
     return out
 
 
 # An opaque custom op: torch.compile calls it as it is (Triton's own JIT), rather than recompiling the kernel in Inductor
 @torch.library.custom_op("llama_qa::decode_attention", mutates_args=())
 def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
-                         scale: float, kind: str, block_n: int, warps: int, stages: int) -> torch.Tensor:
-    return _launch(q, k, v, starts, lengths, scale, (kind, block_n, warps, stages))
+                         scale: float, block_n: int, warps: int, stages: int) -> torch.Tensor:
+    return _launch(q, k, v, starts, lengths, scale, (block_n, warps, stages))
 
 
 @_decode_attention_op.register_fake
-def _(q, k, v, starts, lengths, scale, kind, block_n, warps, stages):
+def _(q, k, v, starts, lengths, scale, block_n, warps, stages):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -142,8 +113,8 @@ def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tenso
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
                      scale: float | None = None, config: tuple | None = None) -> torch.Tensor:
     """(rows, heads, dim): row r's query attending to k/v positions starts[r] .. starts[r] + lengths[r] (a row of length 0
-    gives NaN: the callers always include the token fed now). scale None: 1 / sqrt(dim). config: (kind, BLOCK_N,
-    num_warps, num_stages), CONFIG by default."""
+    gives NaN: the callers always include the token fed now). scale None: 1 / sqrt(dim). config: (BLOCK_N, num_warps,
+    num_stages), CONFIG by default."""
     check(q, k, v, starts, lengths)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _decode_attention_op(q, k, v, starts, lengths, scale, *(config or CONFIG))

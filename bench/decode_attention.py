@@ -14,9 +14,9 @@ bandwidth, and the largest difference from `flash_varlen` (bf16). Kernels:
                 which splits the keys across thread blocks and skips the blocks outside the mask)
   flex_ahead128 the same with a BlockMask made for 128 steps ahead (what a decode loop in a CUDA graph could keep for
                 128 steps: the blocks a row will reach by then are read, the mask_mod still exact)
-  triton_K_B_W_S  decode_kernel's one-query Triton kernel (the triton engines): kind K (cores: the products on the CUDA
-                cores; dot: on the tensor cores, the query repeated over 16 rows), BLOCK_N B, W warps, S stages; one program
-                per (row, head) streaming the row's stretch once; --triton-configs lists the sweep
+  triton_B_W_S  decode_kernel's one-query Triton kernel (the triton engines): BLOCK_N B, W warps, S stages; one program
+                per (row, head) streaming the row's stretch once, the products on the tensor cores (the query repeated
+                over 16 rows); --triton-configs lists the sweep (session 10 also swept a CUDA-core version, dropped)
 Session 7's profile (bench/results-compiled-flash-profile-h200.txt) put flash_varlen at 213 us per layer and step, the
 largest decode item.
 """
@@ -115,8 +115,7 @@ def triton_kernel(c: dict, config: tuple):
 
 KERNELS = {"flash_varlen": flash_varlen, "sdpa_masked": sdpa_masked, "flex": flex,
            "flex_ahead128": lambda c: flex(c, ahead=128)}
-TRITON_CONFIGS = ("cores_64_4_2,cores_128_4_2,cores_32_2_2,cores_64_2_2,"
-                  "dot_32_4_3,dot_64_4_2,dot_64_4_3,dot_64_4_4,dot_64_8_3,dot_128_4_3,dot_128_8_3,dot_128_8_2,dot_32_2_4")
+TRITON_CONFIGS = "32_4_3,64_4_2,64_4_3,64_4_4,64_8_3,128_4_3,128_8_3,128_8_2,32_2_4"
 
 
 def time_us(fn, iters: int) -> float:
@@ -143,7 +142,7 @@ def main() -> None:
     parser.add_argument("--mean-context", type=int, default=360, help="Mean cached tokens per row (dolly-like prompt + half the answer).")
     parser.add_argument("--kernels", default=",".join(KERNELS) + ",triton",
                         help="triton: every --triton-configs entry (triton_B_W_S names one).")
-    parser.add_argument("--triton-configs", default=TRITON_CONFIGS, help="KIND_BLOCKN_WARPS_STAGES entries for the triton kernel.")
+    parser.add_argument("--triton-configs", default=TRITON_CONFIGS, help="BLOCKN_WARPS_STAGES entries for the triton kernel.")
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--out", default="decode_attention.json")
     parser.add_argument("--device", default="cuda", help="cpu: a plumbing check (flash_varlen needs CUDA; times meaningless).")
@@ -162,7 +161,7 @@ def main() -> None:
                  ([f"triton_{t}" for t in args.triton_configs.split(",")] if k == "triton" else [k])]
         for name in names:
             try:
-                fn = (triton_kernel(c, (name.split("_")[1], *(int(x) for x in name.split("_")[2:]))) if name.startswith("triton_")
+                fn = (triton_kernel(c, tuple(int(x) for x in name.split("_")[1:])) if name.startswith("triton_")
                       else KERNELS[name](c))
                 out = fn().float()
                 reference = out if reference is None else reference

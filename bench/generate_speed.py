@@ -195,7 +195,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cap-prompts", type=int, default=None,
                         help="Prompts of the capped children (N drawn as --prompts are; default --prompts).")
     parser.add_argument("--decode-config", default=None,
-                        help="KIND,BLOCK_N,WARPS,STAGES of the triton engines' kernel (decode_kernel.CONFIG when not given).")
+                        help="BLOCK_N,WARPS,STAGES of the triton engines' kernel (decode_kernel.CONFIG when not given).")
     parser.add_argument("--capped-child", help=argparse.SUPPRESS)  # ENGINE[,ENGINE]:DEQUANTIZE, cap_variant's child process
     return parser.parse_args()
 
@@ -223,8 +223,7 @@ def main() -> None:
     if args.decode_config:
         import decode_kernel
 
-        kind, *numbers = args.decode_config.split(",")
-        decode_kernel.CONFIG = (kind, *(int(x) for x in numbers))
+        decode_kernel.CONFIG = tuple(int(x) for x in args.decode_config.split(","))
     if args.capped_child:
         run_capped(args)
         return

@@ -3,7 +3,7 @@
 #   bash bench/gpu_decode.sh          (OUT set by the device tool)
 # 1. gpu tests of the decode kernels and the static engines (tests/test_decode_kernel.py, tests/test_model.py -k TESTS);
 # 2. unless KERNELS=0: bench/decode_attention.py at mean contexts 360 and 200 (FlashAttention's varlen kernel, SDPA,
-#    decode_kernel's launch configs swept); the best config at 204 rows goes to step 3 (else CFG, default dot,64,4,3);
+#    decode_kernel's launch configs swept); the best config at 204 rows goes to step 3 (else CFG, default 64,4,3);
 # 3. bench/generate_speed.py on a random Llama-2-7B: ENGINES (default flash,triton,compiled_flash,compiled_triton),
 #    256 prompts x 256 forced tokens, then a profile of PROFILE_ENGINE (default compiled_triton) on PROFILE_PROMPTS x 64;
 #    GEN_ARGS: more arguments for it (the last of a repeated one wins).
@@ -13,7 +13,7 @@ mkdir -p $OUT/gen; nvidia-smi --query-gpu=name --format=csv > $OUT/card.txt
 (timeout 60 python3 bench/make_random_llama.py --out /tmp/l7 --tokenizer .tok/llama2-tokenizer > $OUT/make.log 2>&1) &
 timeout 200 python3 -m pytest -q -m gpu tests/test_decode_kernel.py tests/test_model.py -k "${TESTS-kernel}" > $OUT/pytest.log 2>&1
 wait
-CFG=${CFG:-dot,64,4,3}
+CFG=${CFG:-64,4,3}
 if [ "${KERNELS:-1}" != 0 ]; then
 timeout 100 python3 bench/decode_attention.py --mean-context 360 --kernels flash_varlen,sdpa_masked,triton --out $OUT/decode_attention_ctx360.json > $OUT/da.log 2>&1
 timeout 40 python3 bench/decode_attention.py --mean-context 200 --kernels flash_varlen,triton --out $OUT/decode_attention_ctx200.json > $OUT/da200.log 2>&1

@@ -49,8 +49,8 @@ def interpreted_checks() -> None:
     engine="static" on the tiny random Llama with the kernel doing every decode step's attention."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     q, k, v, starts, lengths, first, used, length = case()
-    # 16: a row of 33 positions spans 3 blocks, the last one masked; "dot" in fp32 here (the interpreter multiplies exactly)
-    for config in (("cores", 16, 1, 1), ("dot", 16, 4, 2), ("cores", 64, 4, 2), ("dot", 64, 4, 3)):
+    # 16: a row of 33 positions spans 3 blocks, the last one masked; fp32 here (the interpreter multiplies exactly)
+    for config in ((16, 4, 2), decode_kernel.CONFIG):
         out = decode_kernel.decode_attention(q, k, v, starts, lengths, 0.3, config=config)
         torch.testing.assert_close(out, by_hand(q, k, v, first, used, length, 0.3), rtol=1e-5, atol=1e-5)
     print("kernel ok", flush=True)
@@ -98,11 +98,11 @@ def test_kernel_refuses_what_it_would_read_wrongly():
 
 @pytest.mark.gpu
 def test_kernel_compiled_on_cuda_matches_the_masked_attention():
-    """On CUDA in bf16, at Llama-2-7B's head size: both kernels at several launch configs against attention by hand, and
+    """On CUDA in bf16, at Llama-2-7B's head size: the kernel at several launch configs against attention by hand, and
     the op inside torch.compile (fullgraph, dynamic) and a CUDA graph."""
     q, k, v, starts, lengths, first, used, length = case("cuda", torch.bfloat16, dim=128)
     expected = by_hand(q.cpu(), k.cpu(), v.cpu(), first, used, length, 128 ** -0.5)
-    for config in [(kind, *c) for kind in ("cores", "dot") for c in ((16, 1, 1), (32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2))]:
+    for config in ((16, 1, 1), (32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)):
         out = decode_kernel.decode_attention(q, k, v, starts, lengths, config=config)
         torch.testing.assert_close(out.float().cpu(), expected, rtol=2e-2, atol=2e-2)
     compiled = torch.compile(decode_kernel.decode_attention, fullgraph=True, dynamic=True)
