@@ -71,16 +71,35 @@ def _kernel():
     return dot_kernel
 
 
+_FITTED: dict[tuple, tuple] = {}  # (config, dim, dtype, device) -> the config that fit the card's shared memory
+
+
+def smaller_configs(config: tuple) -> list[tuple]:
+    """config, then fewer pipeline stages, then half the positions per block: what to try on a card with less shared
+    memory than an H100/H200 (3 stages of 64 keys and values x 128 dims in bf16 take 96 KB; an sm86/sm89 card has ~100)."""
+    block_n, warps, stages = config
+    tries = [(block_n, warps, s) for s in range(stages, 0, -1)]
+    return tries + ([(block_n // 2, warps, 1)] if block_n > 16 else [])
+
+
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, scale: float,
             config: tuple) -> torch.Tensor:
+    from triton.runtime.errors import OutOfResources
+
     rows, heads, dim = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    block_n, warps, stages = config
-    _kernel()[(rows, heads)](
-        q, k, v, out, starts, lengths, scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        GROUP=heads // k.shape[1], DIM=dim, BLOCK_N=block_n, ROWS=DOT_ROWS, num_warps=warps, num_stages=stages)
-    return out
+    key = (config, dim, q.dtype, q.device)
+    for block_n, warps, stages in [_FITTED[key]] if key in _FITTED else smaller_configs(config):
+        try:
+            _kernel()[(rows, heads)](
+                q, k, v, out, starts, lengths, scale * 1.4426950408889634,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+                GROUP=heads // k.shape[1], DIM=dim, BLOCK_N=block_n, ROWS=DOT_ROWS, num_warps=warps, num_stages=stages)
+        except OutOfResources:
+            continue
+        _FITTED[key] = (block_n, warps, stages)
+        return out
+    raise RuntimeError(f"decode_attention: no launch config from {config} fits this card's shared memory (head dim {dim})")
 
 
 # An opaque custom op: torch.compile calls it as it is (Triton's own JIT), rather than recompiling the kernel in Inductor

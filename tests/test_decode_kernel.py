@@ -118,3 +118,31 @@ def test_kernel_compiled_on_cuda_matches_the_masked_attention():
 
 if __name__ == "__main__":
     interpreted_checks()
+
+
+def test_a_card_with_less_shared_memory_gets_fewer_stages_then_smaller_blocks(monkeypatch):
+    """Triton's OutOfResources (shared memory) at CONFIG: fewer pipeline stages, then half the block, the first that fits
+    kept for later calls; none fitting is an error that says so."""
+    from triton.runtime.errors import OutOfResources
+
+    tried = []
+
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_N, num_stages, **kwargs):
+                tried.append((BLOCK_N, num_stages))
+                if BLOCK_N * num_stages > fits:
+                    raise OutOfResources(BLOCK_N * num_stages * 512, fits * 512, "shared memory")
+            return launch
+
+    monkeypatch.setattr(decode_kernel, "_kernel", lambda: Launcher())
+    monkeypatch.setattr(decode_kernel, "_FITTED", {})
+    q, k, v, starts, lengths, *_ = case()
+    fits = 128  # 64 keys x 2 stages
+    decode_kernel._launch(q, k, v, starts, lengths, 0.3, (64, 4, 3))
+    decode_kernel._launch(q, k, v, starts, lengths, 0.3, (64, 4, 3))
+    assert tried == [(64, 3), (64, 2), (64, 2)]  # the second call goes straight to what fit
+    assert decode_kernel.smaller_configs((64, 4, 3)) == [(64, 4, 3), (64, 4, 2), (64, 4, 1), (32, 4, 1)]
+    fits = 8
+    with pytest.raises(RuntimeError, match="no launch config"):
+        decode_kernel._launch(q, k, v, starts, lengths, 0.3, (32, 4, 2))
