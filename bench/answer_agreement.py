@@ -2,9 +2,11 @@
 
     python bench/answer_agreement.py --out answer_agreement.json                  # SmolLM2-135M-Instruct (the demo's base), 64 prompts
     python bench/answer_agreement.py --adapter /tmp/demo13 --out agree.json      # the fine-tuned side: merged vs unmerged LoRA
+    python bench/answer_agreement.py --engine static --out agree-static.json     # the static engines' path (grouped prefill)
 
 fast: Llama.generate as eval.py runs it (evicting decoder, longest first, batch sized automatically; with --adapter the LoRA
-update merged into the weights). plain: one prompt at a time through model.generate (engine padded, batch 1), with an
+update merged into the weights); --engine another of generation.ENGINES (on a CPU static runs the GPU engines' prompt in
+groups and static cache, the decode steps eagerly). plain: one prompt at a time through model.generate (engine padded, batch 1), with an
 unmerged adapter. Prompts: the first --prompts records of data/dolly_sample.jsonl (80; cycled with a shorter instruction
 prefix beyond 80). Every answer that differs is printed side by side with the first differing token.
 """
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> dict:
 
     prompts = prompts_from_sample(args.prompts)
     path = args.adapter or SMOLLM2
-    fast = Llama.load_pretrained_model(path, quantization="none")
+    fast = Llama.load_pretrained_model(path, quantization="none", engine=getattr(args, "engine", "auto"))
     plain = Llama.load_pretrained_model(path, quantization="none", merge=False, engine="padded")
     gen = {"max_new_tokens": args.max_new_tokens, "stop_strings": section_markers()}
     t0 = time.perf_counter()
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> dict:
     plain_answers = [plain.generate([p], 1, **gen)[0] for p in prompts]
     t2 = time.perf_counter()
     result = compare(fast_answers, plain_answers, fast.tokenizer, prompts)
-    return result | {"model": path, "max_new_tokens": args.max_new_tokens, "fast_s": t1 - t0, "plain_s": t2 - t1,
+    return result | {"model": path, "engine": getattr(args, "engine", "auto"), "max_new_tokens": args.max_new_tokens,
+                     "fast_s": t1 - t0, "plain_s": t2 - t1,
                      "fast_tokens": sum(a["answer_tokens"] for a in fast_answers)}
 
 
@@ -75,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", default=None, help="An adapter on SmolLM2 (the fine-tuned side); default: the bare base.")
     parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--engine", default="auto", help="The fast side's engine (generation.ENGINES; auto = evict on a CPU).")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="answer_agreement.json")
