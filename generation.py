@@ -14,6 +14,7 @@ stopped no longer decides when its batch ends. `raw` keeps the decoded text befo
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from typing import Any
 
@@ -313,10 +314,8 @@ DECODE_ATTENTION = {"flash": "flash_decode", "triton": "triton_decode"}  # decod
 
 def init_cache(cache: Any, rows: int, model: torch.nn.Module) -> None:
     """A StaticCache's buffers allocated for `rows` rows in the model's 16-bit (or CPU float) dtype, before the prompt."""
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     weight = model.get_input_embeddings().weight
-    cache.early_initialization(rows, c.num_key_value_heads, head_dim, weight.dtype, weight.device)
+    cache.early_initialization(rows, model.config.num_key_value_heads, head_dim(model), weight.dtype, weight.device)
 
 
 def relayout_cache(cache: Any) -> None:
@@ -424,8 +423,6 @@ def flash_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: to
 
 
 def _interpreted() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -642,11 +639,16 @@ def auto_batch_size(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: 
     return max(1, min(prompts, MAX_ROWS, int(use * free_memory(model.device) // row_bytes(model, prompt_tokens, max_new_tokens))))
 
 
+def head_dim(model: torch.nn.Module) -> int:
+    """The size of one attention head: the config's head_dim, else hidden_size / num_attention_heads."""
+    c = model.config
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
 def kv_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of 16-bit KV cache one token takes in every layer."""
     c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim(model) * 2
 
 
 def row_bytes(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: int) -> int:
