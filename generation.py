@@ -160,7 +160,7 @@ def generate_batch(
     if engine in STATIC_ENGINES:
         kernel = engine.removeprefix("compiled_") if engine.endswith(("flash", "triton")) else None
         rows = decode_static(model, tokenizer, batch, stop_strings or [], stats=stats, compiled=engine.startswith("compiled"),
-                             flash=kernel is not None, kernel=kernel or "flash", **generation)
+                             kernel=kernel, **generation)
     elif engine == "evict":
         rows = decode_evicting(model, tokenizer, batch, stop_strings or [], **generation)
     else:
@@ -211,7 +211,7 @@ def decode_evicting(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
 @torch.inference_mode()
 def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, batch: Any, stop_strings: list[str],
                   max_new_tokens: int = 256, min_new_tokens: int = 0, cuda_graphs: bool | None = None, check_every: int = 8,
-                  compiled: bool = False, flash: bool = False, kernel: str = "flash", stats: dict | None = None,
+                  compiled: bool = False, kernel: str | None = None, stats: dict | None = None,
                   **_: Any) -> list[list[int]]:
     """Greedy decoding with a static KV cache (prompt + max_new_tokens, allocated once) and, on CUDA, the decode step
     captured once per batch in a CUDA graph and replayed: one launch per generated token instead of ~1,000 kernels
@@ -223,10 +223,10 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     decoding until every row has ended (checked every `check_every` steps); each row is then cut where decode_evicting
     would have ended it, so `raw` is the same too.
     cuda_graphs None: on CUDA. Without graphs (a CPU) the same steps run eagerly. compiled: the decode steps run the
-    decoder layers compiled (decoder_step_layers); the prompt runs eagerly. flash: the decode steps attend through
-    flash_decode_attention (each row reads only its own cache positions, in place; no mask), through `kernel` on CUDA:
-    "flash" (FlashAttention's variable-length kernel) or "triton" (decode_kernel). stats (a dict): "captures" and the host
-    seconds of the captures' warm-up (with compiled, the first one compiles), recording and instantiation
+    decoder layers compiled (decoder_step_layers); the prompt runs eagerly. kernel "flash" or "triton": the decode steps
+    attend through flash_decode_attention (each row reads only its own cache positions, in place; no mask), on CUDA with
+    FlashAttention's variable-length kernel or decode_kernel; None: SDPA over the whole cache with a mask. stats (a
+    dict): "captures" and the host seconds of the captures' warm-up (with compiled, the first one compiles), recording and instantiation
     ("capture_*_s") added up, for the benchmark.
     """
     from transformers import StaticCache
@@ -238,6 +238,7 @@ def decode_static(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, ba
     visible = torch.zeros(rows, length, dtype=torch.bool, device=device)  # the cache positions each row attends to
     visible[:, :prompt] = mask
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    flash = kernel is not None  # the cache relaid for flash_decode_attention
     init_cache(cache, rows, model)
     if flash:
         relayout_cache(cache)
