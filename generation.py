@@ -50,7 +50,7 @@ AUTO_COMPILE_TOKENS = 131072  # auto compiles the decode step (compiled_triton) 
 def pick_engine(engine: str, device: torch.device, greedy: bool, tokens: int = 0) -> str:
     """auto, greedy answers, on CUDA cards of compute capability 8.0+ where Triton imports (it comes with CUDA builds of
     torch): triton (decode_kernel: 1.24x flash, 6,822 vs 5,488 new tokens/s on an H200, session 10), or compiled_triton
-    when the call asks for at least AUTO_COMPILE_TOKENS (prompts x max_new_tokens: 1.16x triton after ~2 s more of
+    when the call asks for at least AUTO_COMPILE_TOKENS (prompts x max_new_tokens: 1.16x triton after ~2-4 s more of
     compilation per process, which that many tokens repay; eval.py on dolly's validation split asks for ~192k per
     model); flash (FlashAttention's kernel) without Triton; static on older cards; evict on a CPU (finished rows leave the
     batch). The base in 4 bits or a 16-bit copy. Sampled answers: padded (plain model.generate).
