@@ -29,6 +29,8 @@ CONFIG_DIR = os.path.join(ROOT, "configs")
 PRESETS = ("smoke", "demo")
 CONFIG_NAME = "train_config.yaml"  # the resolved TrainConfig, saved beside every adapter
 FINGERPRINTS_NAME = "data_fingerprints.json"  # content hashes of the training and validation records, beside every adapter
+COPIES = ("yes", "fp8", "fp8_backward")  # --dense-base values that copy the 4-bit base (FP8ES: those with FP8 products)
+FP8ES = ("fp8", "fp8_backward")
 LLAMA_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -84,7 +86,7 @@ class TrainConfig:
         "dtype the packed 4-bit weights are stored in: bfloat16 for FSDP (configs/accelerate/fsdp_qlora.yaml), so the 4-bit "
         "weights shard with the bf16 params; uint8 otherwise.",
     )
-    dense_base: Literal["auto", "yes", "fp8", "no"] = doc(
+    dense_base: Literal["auto", "yes", "fp8", "fp8_backward", "no"] = doc(
         "auto",
         "Train against a 16-bit copy of the 4-bit base: the same NF4 weight values, dequantized once at load, so each linear "
         "layer runs one 16-bit matmul instead of unpacking its weight again in every forward and backward pass (fewer "
@@ -94,7 +96,9 @@ class TrainConfig:
         "under FSDP. The adapter trained is the same (tests: equal losses and gradients). fp8: the copy held in float8 e4m3 "
         "(a scale per row, two orientations: the same 2 bytes per weight) and every base matmul run in FP8 with its input "
         "or gradient cast to e4m3 per token (fp8.py; Hopper or newer, or the CPU); the LoRA branch stays 16-bit. A change "
-        "of numerics (~3-4% relative error per product), not the NF4 values exactly: see BENCHMARKS.md for its speed and loss.",
+        "of numerics (~3-4% relative error per product), not the NF4 values exactly: see BENCHMARKS.md for its speed and loss. "
+        "fp8_backward: the forward pass exactly the 16-bit copy's (the same losses), only the input gradient through each base "
+        "weight in FP8 (W^T held in e4m3 beside the 16-bit W: 3 bytes per base weight).",
     )
     lora_r: int = doc(16, "LoRA rank (QLoRA paper uses 64 for 7B; 16 is the common PEFT recipe and 4x fewer adapter parameters).")
     lora_alpha: int = doc(32, "LoRA scaling numerator: the update is scaled by alpha / r (alpha = 2r is the PEFT convention).")
@@ -226,7 +230,7 @@ class TrainConfig:
             ("batch_size", self.batch_size > 0, "must be positive"),
             ("pack_tokens", self.pack_tokens >= self.max_length, "must be >= max_length, so that every record fits a packed row"),
             ("attention", self.attention != "varlen" or self.packing, "varlen needs --packing (it reads each packed row's record bounds)"),
-            ("dense_base", self.dense_base not in ("yes", "fp8") or self.quantization == "4bit",
+            ("dense_base", self.dense_base not in COPIES or self.quantization == "4bit",
              f"{self.dense_base} needs --quantization 4bit (it is a copy of the 4-bit base)"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps > 0, "must be positive"),
             ("tokens_per_step", self.tokens_per_step >= self.max_length, "must be >= max_length"),

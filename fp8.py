@@ -1,4 +1,4 @@
-"""FP8 matmuls for the frozen base in training (--dense-base fp8).
+"""FP8 matmuls for the frozen base in training (--dense-base fp8, --dense-base fp8_backward).
 
 Each base linear layer holds its weight twice in float8 e4m3, with one fp32 scale per row: W (out x in, a scale per
 output row) for the forward pass, W^T (in x out, a scale per input column of W) for the input gradient, so both
@@ -9,6 +9,11 @@ backward pass (a frozen weight needs no input). The LoRA branch beside it stays 
 
 This is a change of numerics, not a copy: e4m3 keeps 3 mantissa bits, so W is the NF4 values rounded again (and the
 inputs rounded too). BENCHMARKS.md has its loss against the 16-bit copy's.
+
+--dense-base fp8_backward keeps the forward pass exact: the layer holds the 16-bit weight (the NF4 values) for the
+forward product and only W^T in e4m3 for the input gradient, so the loss (and everything the forward computes) is the
+16-bit copy's, and only the gradient flowing back through each frozen base weight is rounded (the product that is half
+of the base's FLOPs). 3 bytes per base weight instead of 2.
 """
 
 from __future__ import annotations
@@ -47,35 +52,62 @@ class _Fp8Linear(torch.autograd.Function):
         return grad_x.reshape(*grad.shape[:-1], wt_q.shape[0]), None, None, None, None
 
 
-class Fp8Linear(torch.nn.Module):
-    """A frozen linear layer computing in FP8 (see the module docstring); built from a 16-bit weight [out, in]."""
+class _Fp8BackwardLinear(torch.autograd.Function):
+    """x @ W.T exactly (16-bit); the input gradient in FP8 (W^T in e4m3 scaled per input column, the gradient per row)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    @staticmethod
+    def forward(ctx, x, weight, wt_q, wt_scale):
+        ctx.save_for_backward(wt_q, wt_scale)
+        return torch.nn.functional.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        wt_q, wt_scale = ctx.saved_tensors
+        grad_x = fp8_matmul(grad.reshape(-1, grad.shape[-1]), wt_q, wt_scale, grad.dtype)
+        return grad_x.reshape(*grad.shape[:-1], wt_q.shape[0]), None, None, None
+
+
+class Fp8Linear(torch.nn.Module):
+    """A frozen linear layer computing in FP8 (see the module docstring); built from a 16-bit weight [out, in].
+    exact_forward=True (--dense-base fp8_backward): the forward product stays 16-bit with `weight` itself (kept, not
+    copied), only the input gradient is FP8."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, exact_forward: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.exact_forward = exact_forward
         if self.in_features % 16 or self.out_features % 16:
             raise ValueError(f"FP8 matmuls need both sizes of a weight divisible by 16, got {tuple(weight.shape)}")
         with torch.no_grad():
-            w_q, w_scale = quantize_rows(weight)
             wt_q, wt_scale = quantize_rows(weight.t().contiguous())
-        # buffers, not parameters: frozen, left out of state dicts and optimizers, and not mistaken by PEFT for the
-        # dtype its LoRA weights should take
-        self.register_buffer("weight_q", w_q, persistent=False)
-        self.register_buffer("weight_scale", w_scale.reshape(1, -1), persistent=False)
+            # buffers, not parameters: frozen, left out of state dicts and optimizers, and not mistaken by PEFT for the
+            # dtype its LoRA weights should take
+            if exact_forward:
+                self.register_buffer("weight", weight.detach(), persistent=False)
+            else:
+                w_q, w_scale = quantize_rows(weight)
+                self.register_buffer("weight_q", w_q, persistent=False)
+                self.register_buffer("weight_scale", w_scale.reshape(1, -1), persistent=False)
         self.register_buffer("weight_t_q", wt_q, persistent=False)
         self.register_buffer("weight_t_scale", wt_scale.reshape(1, -1), persistent=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _Fp8Linear.apply(x, self.weight_q, self.weight_scale, self.weight_t_q, self.weight_t_scale)
+        if self.exact_forward:
+            y = _Fp8BackwardLinear.apply(x, self.weight, self.weight_t_q, self.weight_t_scale)
+        else:
+            y = _Fp8Linear.apply(x, self.weight_q, self.weight_scale, self.weight_t_q, self.weight_t_scale)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantized(self) -> torch.Tensor:
-        """The weight this layer multiplies by, in fp32 (for tests and error figures)."""
+        """The weight the forward product multiplies by, in fp32 (for tests and error figures)."""
+        if self.exact_forward:
+            return self.weight.float()
         return self.weight_q.float() * self.weight_scale.reshape(-1, 1)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3 row-scaled"
+        how = "16-bit forward, e4m3 input gradient" if self.exact_forward else "e4m3 row-scaled"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {how}"
 
 
 def check_fp8_device(device: torch.device | str) -> str | None:
@@ -94,10 +126,10 @@ def check_fp8_device(device: torch.device | str) -> str | None:
 
 
 @torch.no_grad()
-def to_fp8(model: torch.nn.Module, layers: list[torch.nn.Linear]) -> int:
+def to_fp8(model: torch.nn.Module, layers: list[torch.nn.Linear], exact_forward: bool = False) -> int:
     """Replace each of `layers` (frozen 16-bit linear layers, wherever they sit in `model`, e.g. as a LoRA layer's
     base_layer) by an Fp8Linear of its weight, one at a time so that only one layer's copies exist twice; returns the
-    count. The list is emptied: the 16-bit weights are freed as their layers go."""
+    count. The list is emptied: the 16-bit weights are freed as their layers go (exact_forward: kept, in the new layer)."""
     wanted = {id(m) for m in layers}
     places = [(parent, name) for parent in model.modules() for name, child in parent.named_children() if id(child) in wanted]
     if len(places) != len(wanted):
@@ -105,6 +137,6 @@ def to_fp8(model: torch.nn.Module, layers: list[torch.nn.Linear]) -> int:
     layers.clear()
     for parent, name in places:
         dense = getattr(parent, name)
-        setattr(parent, name, Fp8Linear(dense.weight, dense.bias))
+        setattr(parent, name, Fp8Linear(dense.weight, dense.bias, exact_forward))
         del dense
     return len(places)

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 import fp8
-from config import CONFIG_NAME, ConfigError, TrainConfig, load_train_config
+from config import CONFIG_NAME, COPIES, FP8ES, ConfigError, TrainConfig, load_train_config
 from hub import ModelError, explain_load_error, resolve_base_model
 from memory import MemoryProbe, start_recording
 from runtime import VARLEN, Runtime, attention_kernel, fsdp_active, padding_mask_hook, quantization_config, runtime
@@ -118,7 +118,7 @@ def check_fsdp_config(cfg: TrainConfig) -> None:
     --dense-base yes (FSDP shards the 4-bit weights), before anything is loaded."""
     if not fsdp_active() or cfg.quantization == "none":
         return
-    if cfg.dense_base in ("yes", "fp8"):
+    if cfg.dense_base in COPIES:
         raise ConfigError(f"--dense-base {cfg.dense_base} is for one process: FSDP shards the 4-bit weights (pass --dense-base no)")
     if cfg.quantization == "8bit":
         raise ConfigError("FSDP shards a 4-bit (bf16-stored) or unquantized base, not an 8-bit one: pass --quantization 4bit")
@@ -162,18 +162,20 @@ def load_for_training(cfg: TrainConfig) -> tuple[torch.nn.Module, PreTrainedToke
     name = resolve_base_model(cfg.base_model, cfg.gguf_file)
     tokenizer = load_tokenizer(name, cfg.trust_remote_code)
     attention = attention_kernel(cfg.attention, cfg.packing, runtime())
-    if cfg.dense_base == "fp8":
+    if cfg.dense_base in FP8ES:
         problem = fp8.check_fp8_device(runtime().device)
         if problem:
-            raise ConfigError(f"--dense-base fp8: {problem}; pass --dense-base yes (the 16-bit copy) instead")
+            raise ConfigError(f"--dense-base {cfg.dense_base}: {problem}; pass --dense-base yes (the 16-bit copy) instead")
     model = load_base_model(name, cfg.quantization, cfg.trust_remote_code, attention, cfg.quant_storage)
-    dense = dequantize_for_training(model, cfg.dense_base == "fp8") if cfg.dense_base in ("yes", "fp8") else []
+    dense = dequantize_for_training(model, cfg.dense_base in FP8ES) if cfg.dense_base in COPIES else []
     model = add_lora(model, cfg)
-    if cfg.dense_base == "fp8":
-        count = fp8.to_fp8(model, dense)
+    if cfg.dense_base in FP8ES:
+        exact_forward = cfg.dense_base == "fp8_backward"
+        count = fp8.to_fp8(model, dense, exact_forward)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        print(f"[model] the base's {count} linear layers compute in FP8 (e4m3, a scale per row; the LoRA branch stays 16-bit)",
+        what = "compute their input gradients in FP8 (the forward stays 16-bit)" if exact_forward else "compute in FP8"
+        print(f"[model] the base's {count} linear layers {what} (e4m3, a scale per row; the LoRA branch stays 16-bit)",
               flush=True)
         MemoryProbe.mark("after the FP8 copy")
     MemoryProbe.mark("after LoRA")
@@ -190,7 +192,7 @@ def dequantize_for_training(model: torch.nn.Module, for_fp8: bool = False) -> li
 
     layers = generation.linear4bit_modules(model)
     if not layers:
-        raise ConfigError(f"--dense-base {'fp8' if for_fp8 else 'yes'} needs a 4-bit base (--quantization 4bit)")
+        raise ConfigError(f"--dense-base {'fp8 / fp8_backward' if for_fp8 else 'yes'} needs a 4-bit base (--quantization 4bit)")
     extra = generation.dequantized_bytes(model) - sum(q.weight.numel() * q.weight.element_size() for _, _, q in layers)
     dense = list(generation.dequantize_4bit(model))  # its {dense: 4-bit} map is dropped: the 4-bit layers are freed
     count = len(layers)
@@ -198,7 +200,7 @@ def dequantize_for_training(model: torch.nn.Module, for_fp8: bool = False) -> li
     gc.collect()  # bitsandbytes' 4-bit layers sit in reference cycles: without this they stay until Python's next collection
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    then = ", cast to FP8 once LoRA wraps them" if for_fp8 else ""
+    then = ", with FP8 products once LoRA wraps them" if for_fp8 else ""
     print(f"[model] training against a 16-bit copy of the 4-bit base ({count} layers, the same NF4 values{then}; "
           f"+{extra / 2**30:.1f} GiB)", flush=True)
     MemoryProbe.mark("after the 16-bit copy")

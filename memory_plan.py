@@ -131,7 +131,7 @@ class Plan:
     fits: bool = True
     card: str = "GPU"
     explicit: tuple[str, ...] = ()
-    dense_base: str = "no"  # "yes"/"fp8": the 4-bit base dequantized once to a 16-bit (FP8) copy (--dense-base), in the peak
+    dense_base: str = "no"  # "yes"/"fp8"/"fp8_backward": the 4-bit base copied once (--dense-base), in the peak
 
     def line(self) -> str:
         tokens = self.pack_tokens * self.gradient_accumulation_steps
@@ -144,7 +144,9 @@ class Plan:
                 f"expected peak {self.predicted_peak_gib:.1f} GiB{warn}")
 
 
-COPY_WORDS = {"yes": "16-bit copy of the base on", "fp8": "FP8 copy of the base on (FP8 matmuls)"}
+COPY_WORDS = {"yes": "16-bit copy of the base on", "fp8": "FP8 copy of the base on (FP8 matmuls)",
+              "fp8_backward": "16-bit copy of the base + its FP8 transpose on (FP8 input gradients)"}
+COPY_BYTES = {"yes": 2, "fp8": 2, "fp8_backward": 3}  # per base weight: W in 16 bits; W and W^T in e4m3; W in 16 bits + W^T in e4m3
 
 
 def micro_batches(tokens_per_step: int, max_length: int, pack_tokens: int | None, accumulation: int | None) -> list[tuple[int, int]]:
@@ -177,13 +179,13 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
 
     dense_base (a 4-bit base only): "auto" adds the 16-bit copy of the base to the plan chosen without it when that plan
     still fits with it (dense_copy_gib on top of its peak); it never buys the copy with a smaller micro-batch or with
-    checkpointing. "yes" or "fp8" (given; the FP8 copy has the same 2 bytes per weight) counts it in every option.
+    checkpointing. "yes", "fp8" or "fp8_backward" (given) counts it in every option: 2, 2 and 3 bytes per base weight.
     """
     fixed = fixed or {}
     if quantization != "4bit":
         dense_base = "no"
     copy = dense_copy_gib(shape)
-    extra = copy if dense_base in ("yes", "fp8") else 0.0  # given: counted in every option (the FP8 copy's 2 bytes too)
+    extra = copy * COPY_BYTES[dense_base] / 2 if dense_base in COPY_BYTES else 0.0  # given: counted in every option
     usable = min(free_bytes, total_bytes, cap_bytes or total_bytes) / GIB
     budget = usable / fragmentation - reserve_gib
     gcs = [fixed["gradient_checkpointing"]] if "gradient_checkpointing" in fixed else [False, True]
@@ -198,7 +200,7 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
         need = predict_peak_gib(shape, max_length, True, quantization, lora_r, fused_cross_entropy) + extra
         raise PlanError(f"--memory-plan auto: even gradient checkpointing with {max_length}-token micro-batches needs ~{need:.1f} GiB, "
                         f"but {card} leaves a budget of {budget:.1f} GiB ({usable:.1f} GiB usable); "
-                        f"{f'drop --dense-base {dense_base} (the copy of the base), ' if dense_base in ('yes', 'fp8') else ''}"
+                        f"{f'drop --dense-base {dense_base} (the copy of the base), ' if dense_base in COPY_BYTES else ''}"
                         "free GPU memory, lower "
                         f"--max-length or --lora-r, or pass --memory-plan off with your own --pack-tokens")
     if dense_base == "auto":

@@ -21,7 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from compile_layers import CompileWatch, compile_decoder_layers, compile_enabled
-from config import CONFIG_NAME, FINGERPRINTS_NAME, TrainConfig, save_config
+from config import CONFIG_NAME, FINGERPRINTS_NAME, FP8ES, TrainConfig, save_config
 from dataset import DocumentBounds, PaddedPackedCollator, collate_packed, make_collator, max_records_per_row
 from fsdp_state import create_optimizer_state, gather_lora, load_lora, write_adapter
 from memory import MemoryProbe, dump_snapshot
@@ -126,7 +126,7 @@ def peak_memory() -> dict[str, float]:
 def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Trainer:
     rt = runtime()
     evaluate = len(val_ds) > 0 and cfg.eval_steps > 0
-    compiled = compile_enabled(cfg.compile, rt, cfg.gradient_checkpointing, cfg.dense_base == "fp8")
+    compiled = compile_enabled(cfg.compile, rt, cfg.gradient_checkpointing, cfg.dense_base in FP8ES)
     args = TrainingArguments(
         **checkpointing_args(cfg.gradient_checkpointing),
         output_dir=checkpoint_dir(cfg),

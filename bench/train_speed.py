@@ -105,6 +105,11 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "fp8_cudagraphs": ["--dense-base", "fp8", "--compile", "on", "--pad-to-budget", "--compile-mode", "reduce-overhead"],
     "fp8_cudagraphs_cap24": ["--dense-base", "fp8", "--compile", "on", "--pad-to-budget", "--compile-mode", "reduce-overhead"],
     "fp8_nogc_2048": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048", "--dense-base", "fp8"],
+    # --dense-base fp8_backward (session 11): the forward exact (16-bit copy), only the input gradients in FP8
+    "fp8_backward": ["--dense-base", "fp8_backward"],
+    "fp8_backward_cap40": ["--dense-base", "fp8_backward"],
+    "fp8_backward_nogc_2048": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048", "--dense-base",
+                               "fp8_backward"],
     "compiled_nogc_2048": ["--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
     "nogc_2048": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
     "nogc_4096": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "4096"],
@@ -115,7 +120,7 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
 # GiB: torch.cuda.set_per_process_memory_fraction
 CAPS = {"default_cap24": 24, "default_cap40": 40, "compiled_cap24": 24, "varlen_cap24": 24, "cudagraphs_cap24": 24,
         "cudagraphs_cap40": 40, "padded_cap24": 24, "fp8_cap24": 24, "fp8_cap24_compiled": 24, "fp8_cap40": 40,
-        "fp8_cudagraphs_cap24": 24}
+        "fp8_cudagraphs_cap24": 24, "fp8_backward_cap40": 40}
 REFERENCES = ("baseline", "hf_tuned", "hf_tuned_nogc")  # every row's tokens/s is given as a ratio to each of these
 
 

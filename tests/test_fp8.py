@@ -64,6 +64,25 @@ def test_fp8_linear_is_within_a_few_percent_of_the_16bit_product():
     assert 0.01 < rel(x.grad, grad @ weight.float()) < 0.06
 
 
+def test_fp8_backward_linear_keeps_the_forward_exact_and_rounds_only_the_input_gradient():
+    """--dense-base fp8_backward: the forward product is the 16-bit one bit for bit (the very weight tensor, not a copy);
+    the input gradient is the e4m3 product of the gradient (per row) and W^T (per input column)."""
+    torch.manual_seed(0)
+    weight = (torch.randn(48, 64) * 0.05).bfloat16()
+    layer = fp8.Fp8Linear(weight, exact_forward=True)
+    assert layer.weight.data_ptr() == weight.data_ptr() and not hasattr(layer, "weight_q")
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert torch.equal(y, torch.nn.functional.linear(x.detach(), weight))
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    expected = emulated(grad.reshape(10, 48), weight.t().contiguous()).reshape(2, 5, 64)
+    torch.testing.assert_close(x.grad.float(), expected, rtol=8e-3, atol=1e-3)
+    assert not torch.equal(x.grad, (grad @ weight).to(x.grad.dtype))  # rounded: FP8, not the 16-bit product
+    assert layer.state_dict() == {} and "16-bit forward, e4m3 input gradient" in repr(layer)
+    torch.testing.assert_close(layer.dequantized(), weight.float(), rtol=0, atol=0)
+
+
 def test_fp8_linear_refuses_sizes_the_fp8_matmul_cannot_take():
     with pytest.raises(ValueError, match="divisible by 16"):
         fp8.Fp8Linear(torch.zeros(48, 40))
@@ -116,16 +135,46 @@ def test_fp8_base_puts_fp8_layers_under_lora_and_trains_near_the_16bit_copy(tiny
     assert losses["fp8"][1] < losses["fp8"][0]
 
 
+def test_fp8_backward_base_has_the_16bit_copys_first_loss_and_near_its_lora_gradients(tiny_tokenizer):
+    """--dense-base fp8_backward on the tiny 4-bit base: the forward pass (so the loss before any update) equals the 16-bit
+    copy's exactly; the LoRA gradients, which flow back through the FP8 input gradients, are close but not equal."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from hub import TINY_MODEL
+    from loading import load_for_training
+
+    batch = tiny_tokenizer(["### Response:\nParis is the capital of France.", "### Response:\nBlue."], return_tensors="pt", padding=True)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    losses, grads = {}, {}
+    for dense in ("yes", "fp8_backward"):
+        torch.manual_seed(0)
+        model, _, _ = load_for_training(TrainConfig(base_model=TINY_MODEL, quantization="4bit", dense_base=dense, packing=False, seed=0))
+        lora = [m for m in model.modules() if isinstance(m, LoraLinear)]
+        if dense == "fp8_backward":
+            assert len(lora) == 14 and all(type(m.base_layer) is fp8.Fp8Linear and m.base_layer.exact_forward for m in lora)
+        with torch.no_grad():  # LoRA B starts at zero: give it values, so that gradients reach A through B
+            for m in lora:
+                m.lora_B["default"].weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+        loss = model(**batch).loss
+        loss.backward()
+        losses[dense] = loss.item()
+        grads[dense] = torch.cat([p.grad.flatten() for n, p in sorted(model.named_parameters()) if p.requires_grad])
+    assert losses["fp8_backward"] == losses["yes"]
+    rel = ((grads["fp8_backward"] - grads["yes"]).norm() / grads["yes"].norm()).item()
+    assert 1e-4 < rel < 0.05, rel
+
+
 @pytest.mark.gpu
 def test_fp8_base_trains_compiled_on_the_gpu_near_the_16bit_copy(tmp_path):
-    """The tiny 4-bit base on a Hopper GPU, compiled layers, 8 steps: --dense-base fp8 runs _scaled_mm inside the compiled
-    decoder layers without a graph break and its losses stay within 2% of the 16-bit copy's."""
+    """The tiny 4-bit base on a Hopper GPU, compiled layers, 8 steps: --dense-base fp8 and fp8_backward run _scaled_mm
+    inside the compiled decoder layers without a graph break and their losses stay within 2% of the 16-bit copy's;
+    fp8_backward's first loss (before any update: its forward is the 16-bit one) within 1e-3."""
     if fp8.check_fp8_device("cuda:0"):
         pytest.skip(fp8.check_fp8_device("cuda:0"))
     flags = ["--preset", "smoke", "--quantization", "4bit", "--max-steps", "8", "--val-fraction", "0", "--save-steps", "8",
              "--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "512"]
     losses = {}
-    for dense in ("yes", "fp8"):
+    for dense in ("yes", "fp8", "fp8_backward"):
         out = str(tmp_path / dense)
         proc = run("main.py", *flags, "--dense-base", dense, "--output-dir", out)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -134,3 +183,5 @@ def test_fp8_base_trains_compiled_on_the_gpu_near_the_16bit_copy(tmp_path):
         assert compiled["graph_breaks"] == {}, compiled
         losses[dense] = step_losses(out)
     assert losses["fp8"] == pytest.approx(losses["yes"], rel=0.02) and losses["fp8"] != losses["yes"]
+    assert losses["fp8_backward"] == pytest.approx(losses["yes"], rel=0.02)
+    assert losses["fp8_backward"][0] == pytest.approx(losses["yes"][0], rel=1e-3)

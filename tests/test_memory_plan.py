@@ -138,6 +138,10 @@ def test_dense_base_is_added_only_where_the_plan_still_fits_with_it():
     forced = plan_memory(**H100, cap_bytes=24 * GIB, dense_base="yes")  # given: checkpointing is what fits with it
     assert (forced.gradient_checkpointing, forced.dense_base) == (True, "yes") and forced.predicted_peak_gib <= forced.budget_gib
     assert plan_memory(**H100, quantization="none", dense_base="auto").dense_base == "no"  # nothing to copy
+    both = plan_memory(**H100, dense_base="fp8_backward")  # W in 16 bits + W^T in e4m3: 3 bytes per base weight
+    assert both.predicted_peak_gib == pytest.approx(plan_memory(**H100).predicted_peak_gib + 1.5 * copy, abs=0.01)
+    assert (both.gradient_checkpointing, both.pack_tokens, both.dense_base) == (False, 8192, "fp8_backward")
+    assert "FP8 transpose on (FP8 input gradients)" in both.line()
     with pytest.raises(PlanError, match="drop --dense-base yes"):
         plan_memory(total_bytes=int(11.6 * GIB), free_bytes=int(11.2 * GIB), dense_base="yes")
 
