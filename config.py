@@ -91,14 +91,16 @@ class TrainConfig:
         "Train against a 16-bit copy of the 4-bit base: the same NF4 weight values, dequantized once at load, so each linear "
         "layer runs one 16-bit matmul instead of unpacking its weight again in every forward and backward pass (fewer "
         "kernels, less host work per micro-batch; 1.046x on an H200). Costs 2 bytes per base weight instead of ~0.5 (computed: "
-        "+9 GiB for 7B once the 4-bit weights are freed; the plan counts 12). auto: yes on one CUDA GPU when --memory-plan "
-        "auto's plan still fits with it (never a smaller micro-batch for it), no otherwise. Needs --quantization 4bit; not "
+        "+9 GiB for 7B once the 4-bit weights are freed; the plan counts 12). auto: on one CUDA GPU, when --memory-plan auto's "
+        "plan still fits with it (never a smaller micro-batch for it), fp8_backward on a Hopper or newer card with compiled "
+        "layers (1.15x yes on an H200, the same losses within noise: BENCHMARKS.md), yes otherwise; no where neither fits. "
+        "Needs --quantization 4bit; not "
         "under FSDP. The adapter trained is the same (tests: equal losses and gradients). fp8: the copy held in float8 e4m3 "
         "(a scale per row, two orientations: the same 2 bytes per weight) and every base matmul run in FP8 with its input "
         "or gradient cast to e4m3 per token (fp8.py; Hopper or newer, or the CPU); the LoRA branch stays 16-bit. A change "
         "of numerics (~3-4% relative error per product), not the NF4 values exactly: see BENCHMARKS.md for its speed and loss. "
-        "fp8_backward: the forward pass exactly the 16-bit copy's (the same losses), only the input gradient through each base "
-        "weight in FP8 (W^T held in e4m3 beside the 16-bit W: 3 bytes per base weight).",
+        "fp8_backward: the forward pass exactly the 16-bit copy's, only the input gradient through each base weight in FP8 "
+        "(W^T held in e4m3 beside the 16-bit W: 3 bytes per base weight); the LoRA gradients are then rounded, not the loss.",
     )
     lora_r: int = doc(16, "LoRA rank (QLoRA paper uses 64 for 7B; 16 is the common PEFT recipe and 4x fewer adapter parameters).")
     lora_alpha: int = doc(32, "LoRA scaling numerator: the update is scaled by alpha / r (alpha = 2r is the PEFT convention).")

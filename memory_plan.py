@@ -15,7 +15,7 @@ Model: peak = static (weights + LoRA training state) + tokens x per_token, per_t
     GC:    (2 x layers + GC_EXTRA_PER_HIDDEN) x hidden  (one bf16 checkpoint per layer + one layer's recompute)
 fitted with the static part computed from the architecture (4.20 GiB for 7B), taking the largest per-token value
 over the points, so the model never under-predicts a measured point. --dense-base (a 16-bit copy of the 4-bit base
-for training) adds the copy's size to the peak (dense_copy_gib).
+for training; fp8_backward: + its e4m3 transpose) adds the copy's size to the peak (dense_copy_gib, x1.5).
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def micro_batches(tokens_per_step: int, max_length: int, pack_tokens: int | None
 def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B, *, cap_bytes: int | None = None,
                 quantization: str = "4bit", lora_r: int = 16, tokens_per_step: int = 8192, max_length: int = 1024,
                 fused_cross_entropy: bool = True, fixed: dict | None = None, card: str = "GPU", fragmentation: float = 1.08,
-                reserve_gib: float = 0.5, time_model: TimeModel = TimeModel(), dense_base: str = "no") -> Plan:
+                reserve_gib: float = 0.5, time_model: TimeModel = TimeModel(), dense_base: str = "no", fp8_ok: bool = False) -> Plan:
     """Pick (gradient checkpointing, tokens per micro-batch, accumulation) for one GPU; the fastest that fits wins.
 
     usable = min(free, cap): free from torch.cuda.mem_get_info() before the model is loaded, cap from the process's
@@ -177,9 +177,11 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
     reserve (allocator fragmentation, cuBLAS/Triton workspaces). `fixed` holds the FIELDS given explicitly: kept as given,
     even over the budget (then `fits` is False and the line warns).
 
-    dense_base (a 4-bit base only): "auto" adds the 16-bit copy of the base to the plan chosen without it when that plan
-    still fits with it (dense_copy_gib on top of its peak); it never buys the copy with a smaller micro-batch or with
-    checkpointing. "yes", "fp8" or "fp8_backward" (given) counts it in every option: 2, 2 and 3 bytes per base weight.
+    dense_base (a 4-bit base only): "auto" adds a copy of the base to the plan chosen without it when that plan still
+    fits with it: with fp8_ok (an FP8-capable card, compiled layers) fp8_backward (the 16-bit copy + W^T in e4m3, 1.5x
+    dense_copy_gib) where that fits, else the 16-bit copy (dense_copy_gib); it never buys a copy with a smaller
+    micro-batch or with checkpointing. "yes", "fp8" or "fp8_backward" (given) counts it in every option: 2, 2 and 3
+    bytes per base weight.
     """
     fixed = fixed or {}
     if quantization != "4bit":
@@ -204,8 +206,10 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
                         "free GPU memory, lower "
                         f"--max-length or --lora-r, or pass --memory-plan off with your own --pack-tokens")
     if dense_base == "auto":
-        dense_base = "yes" if fits and peak + copy <= budget else "no"
-        peak += copy if dense_base == "yes" else 0
+        choices = (["fp8_backward"] if fp8_ok else []) + ["yes"]
+        added = [(c, copy * COPY_BYTES[c] / 2) for c in choices if fits and peak + copy * COPY_BYTES[c] / 2 <= budget]
+        dense_base, more = added[0] if added else ("no", 0.0)
+        peak += more
     return Plan(gc, micro, accumulation, round(peak, 2), round(budget, 2), round(usable, 2), fits, card, tuple(sorted(fixed)),
                 dense_base)
 
@@ -229,6 +233,15 @@ def plan_from_cuda(shape: ModelShape, device: int = 0, **kw) -> Plan:
     return plan_memory(total, free, shape, cap_bytes=cap, card=torch.cuda.get_device_name(device), **kw)
 
 
+def fp8_backward_ok(cfg, rt) -> bool:
+    """--dense-base auto may take fp8_backward: a card with FP8 matmuls (Hopper or newer) and compiled layers (the FP8
+    casts of the gradients are fused there; measured only so: BENCHMARKS.md, session 11)."""
+    import fp8
+    from compile_layers import compile_enabled
+
+    return fp8.check_fp8_device(rt.device) is None and compile_enabled(cfg.compile, rt, cfg.gradient_checkpointing, fp8_base=True)
+
+
 def apply_memory_plan(cfg, explicit: set[str]):
     """cfg with the planned FIELDS on a CUDA GPU (--memory-plan auto, packed rows, not FSDP); unchanged elsewhere."""
     import torch
@@ -247,6 +260,6 @@ def apply_memory_plan(cfg, explicit: set[str]):
     fixed = {f: getattr(cfg, f) for f in FIELDS if f in explicit and f != "dense_base"}
     plan = plan_from_cuda(shape, torch.device(rt.device).index or 0, quantization=cfg.quantization, lora_r=cfg.lora_r,
                           tokens_per_step=cfg.tokens_per_step, max_length=cfg.max_length, fused_cross_entropy=cfg.liger, fixed=fixed,
-                          dense_base=cfg.dense_base)
+                          dense_base=cfg.dense_base, fp8_ok=fp8_backward_ok(cfg, rt))
     print(plan.line(), flush=True)
     return dataclasses.replace(cfg, **{f: getattr(plan, f) for f in FIELDS})

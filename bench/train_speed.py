@@ -65,6 +65,7 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "varlen_eager": ["--attention", "varlen", "--compile", "off"],
     "varlen_cap24": ["--attention", "varlen"],  # varlen under a 24 GiB cap
     "varlen_nogc_2048": ["--attention", "varlen", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
+    "default_dense": ["--dense-base", "yes"],  # python main.py before session 11: the 16-bit copy, no FP8 input gradients
     "default_4bit": ["--dense-base", "no"],  # python main.py before session 6: the plan without the 16-bit copy of the base
     "dense_nogc_2048": ["--attention", "varlen", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048",
                         "--dense-base", "yes"],  # with default: the fixed overhead with the 16-bit copy (varlen_nogc_2048: without)

@@ -146,6 +146,37 @@ def test_dense_base_is_added_only_where_the_plan_still_fits_with_it():
         plan_memory(total_bytes=int(11.6 * GIB), free_bytes=int(11.2 * GIB), dense_base="yes")
 
 
+def test_dense_base_auto_takes_fp8_backward_on_an_fp8_card_where_its_transpose_fits_too():
+    """With fp8_ok (Hopper or newer, compiled layers) auto prefers fp8_backward (1.5x the copy: +6 GiB for 7B), else the
+    16-bit copy, else none; the micro-batch and checkpointing stay those chosen without a copy."""
+    cards = {"80": H100, "24cap": dict(**H100, cap_bytes=24 * GIB), "40": {"total_bytes": int(39.4 * GIB), "free_bytes": int(39.0 * GIB)},
+             "12": {"total_bytes": int(11.6 * GIB), "free_bytes": int(11.2 * GIB)}}
+    plans = {name: plan_memory(**card, dense_base="auto", fp8_ok=True) for name, card in cards.items()}
+    split = {name: (p.gradient_checkpointing, p.pack_tokens, p.gradient_accumulation_steps, p.dense_base) for name, p in plans.items()}
+    assert split == {"80": (False, 8192, 1, "fp8_backward"), "24cap": (False, 4096, 2, "no"), "40": (False, 4096, 2, "yes"),
+                     "12": (True, 8192, 1, "no")}
+    assert plans["80"].predicted_peak_gib == pytest.approx(plan_memory(**H100).predicted_peak_gib + 1.5 * dense_copy_gib(LLAMA2_7B), abs=0.01)
+    assert plans["80"].predicted_peak_gib >= 54.1  # measured on an H200 (session 11)
+    assert all(p.predicted_peak_gib <= p.budget_gib for p in plans.values())
+
+
+def test_fp8_backward_is_offered_to_auto_only_on_an_fp8_card_with_compiled_layers(monkeypatch):
+    from memory_plan import fp8_backward_ok
+    from runtime import Runtime
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    gpu = Runtime("cuda:0", torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fp8_backward_ok(TrainConfig(), gpu)
+    assert not fp8_backward_ok(TrainConfig(compile="off"), gpu)  # eager casts: not measured
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not fp8_backward_ok(TrainConfig(), gpu)  # several processes: compile auto is off
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert not fp8_backward_ok(TrainConfig(), gpu)  # no row-wise scaled FP8 matmul before Hopper
+
+
 def test_compile_auto_is_on_only_where_it_was_measured(monkeypatch):
     """--compile auto: one CUDA process without gradient checkpointing (the H100 measurement); off on a CPU, with
     checkpointing (compiled layers recompile there) and with several processes; on/off always win."""
