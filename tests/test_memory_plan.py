@@ -155,7 +155,8 @@ def test_dense_base_auto_takes_fp8_backward_on_an_fp8_card_where_its_transpose_f
     split = {name: (p.gradient_checkpointing, p.pack_tokens, p.gradient_accumulation_steps, p.dense_base) for name, p in plans.items()}
     assert split == {"80": (False, 8192, 1, "fp8_backward"), "24cap": (False, 4096, 2, "no"), "40": (False, 4096, 2, "yes"),
                      "12": (True, 8192, 1, "no")}
-    assert plans["80"].predicted_peak_gib == pytest.approx(plan_memory(**H100).predicted_peak_gib + 1.5 * dense_copy_gib(LLAMA2_7B), abs=0.01)
+    copy = dense_copy_gib(LLAMA2_7B)
+    assert plans["80"].predicted_peak_gib == pytest.approx(plan_memory(**H100).predicted_peak_gib + 1.5 * copy, abs=0.01)
     assert plans["80"].predicted_peak_gib >= 54.1  # measured on an H200 (session 11)
     assert all(p.predicted_peak_gib <= p.budget_gib for p in plans.values())
 
