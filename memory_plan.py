@@ -53,6 +53,11 @@ class ModelShape:
         embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
         return self.linear_params + embeddings + (2 * self.layers + 1) * self.hidden
 
+    @property
+    def fp8_sizes(self) -> bool:
+        """Every linear weight's sizes divisible by 16, as FP8 matmuls need (fp8.Fp8Linear)."""
+        return all(n % 16 == 0 for n in (self.hidden, self.intermediate, self.kv_hidden or self.hidden))
+
     def lora_params(self, r: int) -> float:
         kv = self.kv_hidden or self.hidden
         h, i = self.hidden, self.intermediate
@@ -178,7 +183,7 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
     even over the budget (then `fits` is False and the line warns).
 
     dense_base (a 4-bit base only): "auto" adds a copy of the base to the plan chosen without it when that plan still
-    fits with it: with fp8_ok (an FP8-capable card, compiled layers) fp8_backward (the 16-bit copy + W^T in e4m3, 1.5x
+    fits with it: with fp8_ok (an FP8-capable card, compiled layers) and sizes FP8 takes, fp8_backward (the 16-bit copy + W^T in e4m3, 1.5x
     dense_copy_gib) where that fits, else the 16-bit copy (dense_copy_gib); it never buys a copy with a smaller
     micro-batch or with checkpointing. "yes", "fp8" or "fp8_backward" (given) counts it in every option: 2, 2 and 3
     bytes per base weight.
@@ -206,7 +211,7 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
                         "free GPU memory, lower "
                         f"--max-length or --lora-r, or pass --memory-plan off with your own --pack-tokens")
     if dense_base == "auto":
-        choices = (["fp8_backward"] if fp8_ok else []) + ["yes"]
+        choices = (["fp8_backward"] if fp8_ok and shape.fp8_sizes else []) + ["yes"]
         added = [(c, copy * COPY_BYTES[c] / 2) for c in choices if fits and peak + copy * COPY_BYTES[c] / 2 <= budget]
         dense_base, more = added[0] if added else ("no", 0.0)
         peak += more
