@@ -135,6 +135,12 @@ class TrainConfig:
         "Tokens per packed micro-batch on each device (about 17 dolly records); must be >= --max-length. On a GPU --memory-plan "
         "auto sets it (and the accumulation) unless given.",
     )
+    pack_open_rows: int = doc(
+        4,
+        "Packed rows kept open while packing: each record (in a seeded random order) goes into the oldest open row it fits "
+        "in, else starts a new one. 1 = greedy filling (until session 11): 4,096-token rows of dolly-like records 95.1% "
+        "full instead of 99.35%.",
+    )
     tokens_per_step: int = doc(
         8192,
         "The recipe: tokens per optimizer step on each device (about 35 dolly records) that --memory-plan auto keeps on every "
@@ -230,6 +236,7 @@ class TrainConfig:
             ("epochs", self.epochs > 0, "must be positive"),
             ("max_steps", self.max_steps == -1 or self.max_steps > 0, "must be -1 or positive"),
             ("batch_size", self.batch_size > 0, "must be positive"),
+            ("pack_open_rows", self.pack_open_rows > 0, "must be positive"),
             ("pack_tokens", self.pack_tokens >= self.max_length, "must be >= max_length, so that every record fits a packed row"),
             ("attention", self.attention != "varlen" or self.packing, "varlen needs --packing (it reads each packed row's record bounds)"),
             ("dense_base", self.dense_base not in COPIES or self.quantization == "4bit",

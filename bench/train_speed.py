@@ -65,6 +65,9 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "varlen_eager": ["--attention", "varlen", "--compile", "off"],
     "varlen_cap24": ["--attention", "varlen"],  # varlen under a 24 GiB cap
     "varlen_nogc_2048": ["--attention", "varlen", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
+    # packed rows filled greedily (one open row), as until session 11: against default / default_cap24 (first fit, 4 open rows)
+    "default_greedy": ["--pack-open-rows", "1"],
+    "cap24_greedy": ["--pack-open-rows", "1"],
     "default_dense": ["--dense-base", "yes"],  # python main.py before session 11: the 16-bit copy, no FP8 input gradients
     "default_4bit": ["--dense-base", "no"],  # python main.py before session 6: the plan without the 16-bit copy of the base
     "dense_nogc_2048": ["--attention", "varlen", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048",
@@ -121,7 +124,7 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
 # GiB: torch.cuda.set_per_process_memory_fraction
 CAPS = {"default_cap24": 24, "default_cap40": 40, "compiled_cap24": 24, "varlen_cap24": 24, "cudagraphs_cap24": 24,
         "cudagraphs_cap40": 40, "padded_cap24": 24, "fp8_cap24": 24, "fp8_cap24_compiled": 24, "fp8_cap40": 40,
-        "fp8_cudagraphs_cap24": 24, "fp8_backward_cap40": 40}
+        "fp8_cudagraphs_cap24": 24, "fp8_backward_cap40": 40, "cap24_greedy": 24}
 REFERENCES = ("baseline", "hf_tuned", "hf_tuned_nogc")  # every row's tokens/s is given as a ratio to each of these
 
 
@@ -285,7 +288,8 @@ def run_variant(args) -> dict:
         extra = {"plan": {"gradient_checkpointing": cfg.gradient_checkpointing, "pack_tokens": cfg.pack_tokens,
                           "gradient_accumulation_steps": micro, "compile": cfg.compile, "compile_mode": cfg.compile_mode,
                           "pad_to_budget": cfg.pad_to_budget,
-                          "attention": trainer.model.config._attn_implementation, "dense_base": cfg.dense_base}}
+                          "attention": trainer.model.config._attn_implementation, "dense_base": cfg.dense_base,
+                          "pack_open_rows": cfg.pack_open_rows}}
     timer = StepTimer(None if args.sync_every_step else {args.warmup, args.steps})
     trainer.add_callback(timer.callback)
     profiler = None
@@ -336,7 +340,7 @@ def overheads(variants: dict) -> list[dict]:
         plan = r.get("plan")
         if plan and not r.get("cap_gib"):
             groups.setdefault((plan["gradient_checkpointing"], plan["compile"] in ("auto", "on"), plan.get("compile_mode"),
-                               plan["pad_to_budget"], plan["attention"], plan.get("dense_base")),
+                               plan["pad_to_budget"], plan["attention"], plan.get("dense_base"), plan.get("pack_open_rows")),
                               []).append(r)
     out = []
     for rows in groups.values():

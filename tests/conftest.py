@@ -68,10 +68,16 @@ FAKE_TOKEN = "hf_FAKEtokenThatMustNeverAppear1234567890"
 THREADS = {"OMP_NUM_THREADS": "1"}
 
 
+def inherited_env() -> dict[str, str]:
+    """This process's environment without what an in-process training test left in it: Trainer sets
+    TENSORBOARD_LOGGING_DIR to its own run's folder, which a later main.py subprocess would write its logs to."""
+    return {k: v for k, v in os.environ.items() if k != "TENSORBOARD_LOGGING_DIR"}
+
+
 def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True, text=True,
-        env={**os.environ, "HF_TOKEN": FAKE_TOKEN, **THREADS, **(env or {})}, timeout=600,
+        env={**inherited_env(), "HF_TOKEN": FAKE_TOKEN, **THREADS, **(env or {})}, timeout=600,
     )
 
 

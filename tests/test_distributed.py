@@ -36,7 +36,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, inherited_env
 
 ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # one thread: bitwise-reproducible 4-bit CPU kernels; no GPU
 DDP_CONFIG = os.path.join(ROOT, "configs", "accelerate", "ddp.yaml")
@@ -50,7 +50,7 @@ def launch(script: str, *args: str, processes: int = 2, config: str = DDP_CONFIG
     """`accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes N script args` (torchrun underneath)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", str(processes),
                "--main_process_port", str(free_port()), os.path.join(ROOT, script), *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=600)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**inherited_env(), **ENV}, timeout=600)
 
 
 def free_port() -> int:
@@ -61,7 +61,7 @@ def free_port() -> int:
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **ENV}, timeout=600)
+                          env={**inherited_env(), **ENV}, timeout=600)
 
 
 def history(output_dir: str, step: int = 8) -> list[dict]:

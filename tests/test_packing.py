@@ -77,6 +77,26 @@ def test_pack_examples_respects_the_budget_and_keeps_every_record(tiny_tokenizer
     assert again["input_ids"] == packed["input_ids"]
 
 
+def test_pack_groups_fills_the_oldest_open_row_that_fits_and_closes_the_oldest_beyond_the_window(monkeypatch):
+    """First fit over the open rows, exactly: records in the shuffled order (identity here) 6, 5, 3, 4, 1, 2, 5 tokens
+    into rows of 8. Greedy filling (open_rows=1) closes a row at the first record that does not fit."""
+    import random
+
+    import dataset
+
+    monkeypatch.setattr(random.Random, "shuffle", lambda self, x: None)  # keep the order readable
+    lengths = [6, 5, 3, 4, 1, 2, 5]
+    assert dataset.pack_groups(lengths, 8, 0, open_rows=1) == [[0], [1, 2], [3, 4, 5], [6]]
+    # 2 open rows: 3 joins 5 (8); 4 opens a third row, so [0] closes; 1 and 2 join 4; 5 opens a row, closing [1, 2]
+    assert dataset.pack_groups(lengths, 8, 0, open_rows=2) == [[0], [1, 2], [3, 4, 5], [6]]
+    assert dataset.pack_groups(lengths, 8, 0, open_rows=4) == [[0, 4], [1, 2], [3, 5], [6]]
+    assert dataset.pack_groups([5, 5, 3, 3], 8, 0, open_rows=2) == [[0, 2], [1, 3]]  # greedy: [[0], [1, 2], [3]]
+    assert dataset.pack_groups([5, 5, 3, 3], 8, 0, open_rows=1) == [[0], [1, 2], [3]]
+    from config import TrainConfig
+
+    assert TrainConfig().pack_open_rows == dataset.OPEN_ROWS
+
+
 def test_collate_packed_makes_one_unpadded_row():
     batch = collate_packed([{"input_ids": [1, 5], "labels": [-100, 5], "position_ids": [0, 1]},
                             {"input_ids": [1, 7, 8], "labels": [-100, 7, 8], "position_ids": [0, 1, 2]}])

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import FAKE_TOKEN, ROOT, THREADS, run
+from conftest import FAKE_TOKEN, ROOT, THREADS, inherited_env, run
 
 # Checkpoints every 2 steps, evaluation only at the end (a mid-run eval moves later CPU losses by ~1e-6: test_cli.py).
 # dropout: RNG state matters
@@ -45,7 +45,7 @@ def start(out: str, tmp_path, **env: str) -> tuple[subprocess.Popen, str]:
         proc = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "tests", "hooked_main.py"), *ARGS, "--output-dir", out],
             cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_TOKEN": FAKE_TOKEN, **THREADS, **env},
+            env={**inherited_env(), "HF_TOKEN": FAKE_TOKEN, **THREADS, **env},
         )
     return proc, log
 
