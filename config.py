@@ -136,10 +136,10 @@ class TrainConfig:
         "auto sets it (and the accumulation) unless given.",
     )
     pack_open_rows: int = doc(
-        4,
+        1,
         "Packed rows kept open while packing: each record (in a seeded random order) goes into the oldest open row it fits "
-        "in, else starts a new one. 1 = greedy filling (until session 11): 4,096-token rows of dolly-like records 95.1% "
-        "full instead of 99.35%.",
+        "in, else starts a new one; 1 = greedy filling. 4 fills 4,096-token rows of dolly-like records 99.35% instead of "
+        "95.1%, but measured 0.95x greedy's tokens/s under a 24 GiB cap on an H200 (a third compiled variant; BENCHMARKS.md).",
     )
     tokens_per_step: int = doc(
         8192,

@@ -65,9 +65,9 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "varlen_eager": ["--attention", "varlen", "--compile", "off"],
     "varlen_cap24": ["--attention", "varlen"],  # varlen under a 24 GiB cap
     "varlen_nogc_2048": ["--attention", "varlen", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
-    # packed rows filled greedily (one open row), as until session 11: against default / default_cap24 (first fit, 4 open rows)
-    "default_greedy": ["--pack-open-rows", "1"],
-    "cap24_greedy": ["--pack-open-rows", "1"],
+    # packed rows by first fit over 4 open rows (--pack-open-rows 4; greedy = 1 is the default): against default / default_cap24
+    "default_firstfit": ["--pack-open-rows", "4"],
+    "cap24_firstfit": ["--pack-open-rows", "4"],
     "default_dense": ["--dense-base", "yes"],  # python main.py before session 11: the 16-bit copy, no FP8 input gradients
     "default_4bit": ["--dense-base", "no"],  # python main.py before session 6: the plan without the 16-bit copy of the base
     "dense_nogc_2048": ["--attention", "varlen", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048",
@@ -124,7 +124,7 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
 # GiB: torch.cuda.set_per_process_memory_fraction
 CAPS = {"default_cap24": 24, "default_cap40": 40, "compiled_cap24": 24, "varlen_cap24": 24, "cudagraphs_cap24": 24,
         "cudagraphs_cap40": 40, "padded_cap24": 24, "fp8_cap24": 24, "fp8_cap24_compiled": 24, "fp8_cap40": 40,
-        "fp8_cudagraphs_cap24": 24, "fp8_backward_cap40": 40, "cap24_greedy": 24}
+        "fp8_cudagraphs_cap24": 24, "fp8_backward_cap40": 40, "cap24_firstfit": 24}
 REFERENCES = ("baseline", "hf_tuned", "hf_tuned_nogc")  # every row's tokens/s is given as a ratio to each of these
 
 
