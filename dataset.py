@@ -452,8 +452,8 @@ OPEN_ROWS = 1  # pack_groups' rows kept open (--pack-open-rows): 1 = greedy fill
 
 
 def pack_examples(ds: datasets.Dataset, max_tokens: int, seed: int, open_rows: int = OPEN_ROWS) -> datasets.Dataset:
-    """Tokenized examples packed in a seeded random order (first fit over a few open rows: pack_groups) into rows of at
-    most max_tokens tokens.
+    """Tokenized examples packed in a seeded random order (greedy filling, or first fit over `open_rows` open rows:
+    pack_groups) into rows of at most max_tokens tokens.
 
     Records stay apart: position_ids restart at 0 for each record, from which transformers builds a
     block-diagonal causal mask (SDPA, flex attention), so no token attends across records. Every

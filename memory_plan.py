@@ -183,10 +183,10 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
     even over the budget (then `fits` is False and the line warns).
 
     dense_base (a 4-bit base only): "auto" adds a copy of the base to the plan chosen without it when that plan still
-    fits with it: with fp8_ok (an FP8-capable card, compiled layers) and sizes FP8 takes, fp8_backward (the 16-bit copy + W^T in e4m3, 1.5x
-    dense_copy_gib) where that fits, else the 16-bit copy (dense_copy_gib); it never buys a copy with a smaller
-    micro-batch or with checkpointing. "yes", "fp8" or "fp8_backward" (given) counts it in every option: 2, 2 and 3
-    bytes per base weight.
+    fits with it. With fp8_ok (an FP8-capable card, compiled layers) and weight sizes FP8 takes, that is fp8_backward
+    (the 16-bit copy + W^T in e4m3: 1.5x dense_copy_gib) where it fits, else the 16-bit copy (dense_copy_gib); it never
+    buys a copy with a smaller micro-batch or with checkpointing. "yes", "fp8" or "fp8_backward" (given) counts it in
+    every option: 2, 2 and 3 bytes per base weight.
     """
     fixed = fixed or {}
     if quantization != "4bit":
