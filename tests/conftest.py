@@ -51,6 +51,28 @@ def llama2_tokenizer():
     return load_tokenizer(LLAMA2_TOKENIZER)
 
 
+def two_answers_batch(tokenizer):
+    """Two short answers in the template's response format, padded, the padding labelled -100: what the --dense-base
+    tests train on."""
+    batch = tokenizer(["### Response:\nParis is the capital of France.", "### Response:\nBlue."], return_tensors="pt", padding=True)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return batch
+
+
+def tiny_4bit_for_training(dense_base: str):
+    """The tiny 4-bit base loaded for training as main.py does, with --dense-base `dense_base`, unpacked rows and the
+    same LoRA init every call (seed 0)."""
+    import torch
+
+    from config import TrainConfig
+    from hub import TINY_MODEL
+    from loading import load_for_training
+
+    torch.manual_seed(0)
+    model, _, _ = load_for_training(TrainConfig(base_model=TINY_MODEL, quantization="4bit", dense_base=dense_base, packing=False, seed=0))
+    return model
+
+
 def write_jsonl(path, records) -> str:
     with open(path, "w", encoding="utf-8") as fh:
         for r in records:

@@ -11,7 +11,7 @@ import torch
 
 import fp8
 from config import ConfigError, TrainConfig
-from conftest import run, step_losses
+from conftest import run, step_losses, tiny_4bit_for_training, two_answers_batch
 
 
 def emulated(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -104,15 +104,10 @@ def test_fp8_base_puts_fp8_layers_under_lora_and_trains_near_the_16bit_copy(tiny
     gets gradients through the FP8 products, and two SGD steps stay within 2% of the 16-bit copy's losses."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    from hub import TINY_MODEL
-    from loading import load_for_training
-
-    batch = tiny_tokenizer(["### Response:\nParis is the capital of France.", "### Response:\nBlue."], return_tensors="pt", padding=True)
-    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    batch = two_answers_batch(tiny_tokenizer)
     losses = {}
     for dense in ("yes", "fp8"):
-        torch.manual_seed(0)
-        model, _, _ = load_for_training(TrainConfig(base_model=TINY_MODEL, quantization="4bit", dense_base=dense, packing=False, seed=0))
+        model = tiny_4bit_for_training(dense)
         lora = [m for m in model.modules() if isinstance(m, LoraLinear)]
         assert len(lora) == 14  # 2 layers x 7 projections
         if dense == "fp8":
@@ -140,15 +135,10 @@ def test_fp8_backward_base_has_the_16bit_copys_first_loss_and_near_its_lora_grad
     copy's exactly; the LoRA gradients, which flow back through the FP8 input gradients, are close but not equal."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    from hub import TINY_MODEL
-    from loading import load_for_training
-
-    batch = tiny_tokenizer(["### Response:\nParis is the capital of France.", "### Response:\nBlue."], return_tensors="pt", padding=True)
-    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    batch = two_answers_batch(tiny_tokenizer)
     losses, grads = {}, {}
     for dense in ("yes", "fp8_backward"):
-        torch.manual_seed(0)
-        model, _, _ = load_for_training(TrainConfig(base_model=TINY_MODEL, quantization="4bit", dense_base=dense, packing=False, seed=0))
+        model = tiny_4bit_for_training(dense)
         lora = [m for m in model.modules() if isinstance(m, LoraLinear)]
         if dense == "fp8_backward":
             assert len(lora) == 14 and all(type(m.base_layer) is fp8.Fp8Linear and m.base_layer.exact_forward for m in lora)

@@ -14,6 +14,7 @@ import torch
 
 import loading
 from config import ConfigError, TrainConfig
+from conftest import tiny_4bit_for_training, two_answers_batch
 from runtime import Runtime, runtime
 
 CUDA = Runtime("cuda:1", torch.bfloat16)
@@ -106,15 +107,10 @@ def test_dense_base_trains_the_same_adapter_as_the_4bit_base(tiny_tokenizer):
     import bitsandbytes as bnb
     from peft.tuners.lora import Linear as LoraLinear
 
-    from hub import TINY_MODEL
-    from loading import load_for_training
-
-    batch = tiny_tokenizer(["### Response:\nParis is the capital of France.", "### Response:\nBlue."], return_tensors="pt", padding=True)
-    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    batch = two_answers_batch(tiny_tokenizer)
     losses, grads = {}, {}
     for dense in ("no", "yes"):
-        torch.manual_seed(0)
-        model, _, _ = load_for_training(TrainConfig(base_model=TINY_MODEL, quantization="4bit", dense_base=dense, packing=False, seed=0))
+        model = tiny_4bit_for_training(dense)
         modules = list(model.modules())
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in modules) == (dense == "no")
         if dense == "yes":
