@@ -482,15 +482,15 @@ def pack_groups(lengths: list[int], max_tokens: int, seed: int, open_rows: int =
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
     rows: list[list[int]] = []  # closed
-    open_: list[tuple[list[int], list[int]]] = []  # ([tokens used], records) of the rows still open, oldest first
+    open_: list[list] = []  # [tokens used, records] of the rows still open, oldest first
     for i in order:
-        row = next((r for r in open_ if r[0][0] + lengths[i] <= max_tokens), None)
+        row = next((r for r in open_ if r[0] + lengths[i] <= max_tokens), None)
         if row is None:
-            row = ([0], [])
+            row = [0, []]
             open_.append(row)
             if len(open_) > open_rows:
                 rows.append(open_.pop(0)[1])
-        row[0][0] += lengths[i]
+        row[0] += lengths[i]
         row[1].append(i)
     return rows + [r[1] for r in open_]
 
