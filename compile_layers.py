@@ -89,14 +89,24 @@ def compiled_entries(code) -> int:
     return len(_debug_get_cache_entry_list(code))
 
 
+def recompile_reasons(code, limit: int = 300) -> list[str]:
+    """Why the layer recompiled: at each recompile, the first failed guard of every compiled variant it tried (what
+    TORCH_LOGS=recompiles prints), e.g. "0/0: tensor 'hidden_states' size mismatch at index 1. expected 812, actual 977"."""
+    from torch._dynamo.utils import guard_failures
+
+    return [" ".join(str(r).split())[:limit] for r in guard_failures.get(code, [])]
+
+
 def compile_report(stats: dict) -> dict:
-    """Compiled variants of the layer, graph breaks by reason, unique graphs and Dynamo + Inductor compile seconds; with
-    --compile-mode reduce-overhead, the CUDA graphs recorded so far and the skips (cudagraph_report)."""
+    """Compiled variants of the layer and the guards that made each recompile, graph breaks by reason, unique graphs and
+    Dynamo + Inductor compile seconds; with --compile-mode reduce-overhead, the CUDA graphs recorded so far and the skips
+    (cudagraph_report)."""
     from torch._dynamo.utils import compile_times, counters
 
     names, values = compile_times(repr="csv", aggregate=True)
     times = dict(zip(names, map(float, values), strict=False))
     report = {"layers": stats["layers"], "mode": stats["mode"], "compiled_variants": compiled_entries(stats["code"]),
+              "recompile_reasons": recompile_reasons(stats["code"]),
               "graph_breaks": dict(counters["graph_break"]), "unique_graphs": counters["stats"]["unique_graphs"],
               "dynamo_compile_s": round(times.get("_compile.compile_inner", 0.0), 1),  # tracing + forward compile, all variants
               "inductor_compile_s": round(times.get("compile_fx_inner", 0.0), 1)}  # forward and (lazily compiled) backward graphs

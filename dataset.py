@@ -535,14 +535,15 @@ class DocumentBounds:
     (int32: each record's first token, then the row's end) and max_length_q/k (the longest record), from the position_ids
     that restart at 0 at every record. transformers hands them to the attention function (runtime.varlen_attention).
 
-    slots, longest (both or neither; --pad-to-budget): one shape for every micro-batch, as CUDA graphs need. cu_seq_lens
-    gets exactly slots + 1 entries, the row's end repeated (empty records, which the kernel skips), and max_length is
-    `longest` whatever the row holds (an upper bound: the kernel only sizes its grid by it). A row with more records
-    than slots, or a longer one, is a ValueError naming both."""
+    longest (--max-length): max_length is that bound whatever the row holds (an upper bound: the kernel only sizes its
+    grid by it), so the compiled layers never recompile for it (a Python int: each new value is a new guard). slots
+    (with longest; --pad-to-budget): one shape for every micro-batch, as CUDA graphs need: cu_seq_lens gets exactly
+    slots + 1 entries, the row's end repeated (empty records, which the kernel skips). A row with more records than
+    slots, or a longer one, is a ValueError naming both."""
 
     def __init__(self, collate: Any, slots: int | None = None, longest: int | None = None):
-        if (slots is None) != (longest is None):
-            raise ValueError("DocumentBounds: give both slots and longest, or neither")
+        if slots is not None and longest is None:
+            raise ValueError("DocumentBounds: slots needs longest")
         self.collate, self.slots, self.longest = collate, slots, longest
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
@@ -552,13 +553,14 @@ class DocumentBounds:
         positions = batch["position_ids"][0]
         starts = (positions == 0).nonzero().flatten().tolist() + [len(positions)]
         longest = max(b - a for a, b in zip(starts, starts[1:], strict=False))
+        if (self.longest is not None and longest > self.longest) or (self.slots is not None and len(starts) - 1 > self.slots):
+            slots = f"{self.slots} records " if self.slots is not None else "records "
+            raise ValueError(f"a packed row of {len(starts) - 1} records (the longest {longest} tokens) does not fit the fixed "
+                             f"bounds of {slots}of at most {self.longest} tokens")
         if self.slots is not None:
-            if len(starts) - 1 > self.slots or longest > self.longest:
-                raise ValueError(f"a packed row of {len(starts) - 1} records (the longest {longest} tokens) does not fit the fixed "
-                                 f"bounds of {self.slots} records of at most {self.longest} tokens")
             starts += [starts[-1]] * (self.slots + 1 - len(starts))
-            longest = self.longest
         cu = torch.tensor(starts, dtype=torch.int32)
+        longest = self.longest if self.longest is not None else longest
         return batch | {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 

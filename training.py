@@ -98,8 +98,11 @@ class ProjectTrainer(Trainer):
             create_optimizer_state(self.optimizer)
         super()._load_optimizer_and_scheduler(checkpoint)
 
+    bounds_vary = False  # build_trainer: compiled layers over rows whose record count varies (varlen without --pad-to-budget)
+
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        return super()._prepare_inputs({k: v for k, v in inputs.items() if k != "num_tokens"})  # the host-side count stays here
+        inputs = super()._prepare_inputs({k: v for k, v in inputs.items() if k != "num_tokens"})  # the host-side count stays here
+        return mark_bounds_dynamic(inputs) if self.bounds_vary else inputs
 
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
         """Tokens seen, counted on the host for packed rows (one process): Trainer's count reads the GPU every micro-batch.
@@ -115,6 +118,16 @@ class ProjectTrainer(Trainer):
         if not hasattr(self, "_parameters_no_embeddings"):
             self._parameters_no_embeddings = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs["input_ids"].numel() * self._parameters_no_embeddings
+
+
+def mark_bounds_dynamic(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The record bounds' length (records per row + 1) symbolic from the first compile of the layers. Else Dynamo keeps
+    it static until it differs from the first row's, and a row whose record count first changes after its length did
+    makes one more compiled variant (and compile seconds in the middle of training)."""
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if key in inputs:
+            torch._dynamo.maybe_mark_dynamic(inputs[key], 0)
+    return inputs
 
 
 def peak_memory() -> dict[str, float]:
@@ -168,10 +181,12 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, val_ds) -> Train
     callbacks: list[TrainerCallback] = [CheckpointMarker(keep=cfg.save_total_limit), MemoryProbe()]  # probe: LLAMA_DOLLY_MEMORY_PROBE
     if compiled:  # compiled lazily at the first step; Liger's patches (Trainer init) are traced too
         callbacks.append(CompileWatch(compile_decoder_layers(model, cfg.compile_mode, dynamic=False if cfg.pad_to_budget else None)))
-    return ProjectTrainer(
+    trainer = ProjectTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds if len(val_ds) else None,
         data_collator=collator(cfg, tokenizer, (train_ds, val_ds)), processing_class=tokenizer, callbacks=callbacks,
     )
+    trainer.bounds_vary = compiled and not cfg.pad_to_budget
+    return trainer
 
 
 def collator(cfg: TrainConfig, tokenizer, rows: tuple = ()):
@@ -184,11 +199,11 @@ def collator(cfg: TrainConfig, tokenizer, rows: tuple = ()):
         return make_collator(tokenizer)
     varlen = attention_choice(cfg.attention, cfg.packing, runtime()) == VARLEN
     if not cfg.pad_to_budget:
-        return DocumentBounds(collate_packed) if varlen else collate_packed
+        return DocumentBounds(collate_packed, longest=cfg.max_length) if varlen else collate_packed
     fixed = varlen and bool(rows)  # the record bounds in one shape too
     packed = PaddedPackedCollator(cfg.pack_tokens, tokenizer.pad_token_id, cfg.max_length if fixed else None)
     if not fixed:
-        return DocumentBounds(packed) if varlen else packed
+        return DocumentBounds(packed, longest=cfg.max_length) if varlen else packed
     slots = max_records_per_row(*rows) + -(-cfg.pack_tokens // cfg.max_length)  # + the padding's records
     return DocumentBounds(packed, slots, cfg.max_length)
 

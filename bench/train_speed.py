@@ -114,6 +114,11 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "fp8_backward_cap40": ["--dense-base", "fp8_backward"],
     "fp8_backward_nogc_2048": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048", "--dense-base",
                                "fp8_backward"],
+    # CUDA graphs over fp8_backward (session 12): at 8,192 against default, and at 2,048 for the fixed overhead with graphs
+    "fp8_backward_cudagraphs": ["--dense-base", "fp8_backward", "--compile", "on", "--pad-to-budget", "--compile-mode",
+                                "reduce-overhead"],
+    "fp8_backward_cudagraphs_2048": ["--dense-base", "fp8_backward", "--compile", "on", "--pad-to-budget", "--compile-mode",
+                                     "reduce-overhead", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
     "compiled_nogc_2048": ["--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
     "nogc_2048": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
     "nogc_4096": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "4096"],

@@ -9,9 +9,11 @@ import datasets
 import pytest
 import torch
 
+import fp8
 from compile_layers import CompileError, CompileWatch, check_compiled, zero_grads_outside_graphs
+from config import FP8ES
 from conftest import run, step_losses
-from dataset import IGNORE_INDEX, PaddedPackedCollator, collate_packed, pack_examples, tokenize_record
+from dataset import IGNORE_INDEX, DocumentBounds, PaddedPackedCollator, collate_packed, pack_examples, tokenize_record
 
 ROWS = [{"input_ids": [1, 5], "labels": [-100, 5], "position_ids": [0, 1]},
         {"input_ids": [1, 7, 8], "labels": [-100, 7, 8], "position_ids": [0, 1, 2]}]
@@ -106,15 +108,18 @@ def test_compiled_training_matches_eager(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_cuda_graph_training_records_once_and_matches_default_compile(tmp_path, accumulation):
+@pytest.mark.parametrize(("accumulation", "dense_base"), [(1, "no"), (2, "no"), (1, "fp8_backward")])
+def test_cuda_graph_training_records_once_and_matches_default_compile(tmp_path, accumulation, dense_base):
     """--compile-mode reduce-overhead on fixed shapes (--pad-to-budget), one or two micro-batches per optimizer step: one
     forward and one backward graph per layer, recorded by step 4 and replayed since (not re-recorded: the 15x slowdown of
     session 3, the 13-19 s steps with accumulation of session 7), no call skipped them, and the losses equal --compile-mode
-    default's (same Inductor kernels, replayed; with accumulation, the gradients of both micro-batches summed)."""
+    default's (same Inductor kernels, replayed; with accumulation, the gradients of both micro-batches summed). Also over
+    python main.py's base on Hopper, the 16-bit copy with FP8 input gradients (_scaled_mm inside the graphs)."""
+    if dense_base in FP8ES and fp8.check_fp8_device("cuda:0"):
+        pytest.skip(fp8.check_fp8_device("cuda:0"))
     flags = ["--preset", "smoke", "--max-steps", "8", "--val-fraction", "0", "--save-steps", "8", "--pad-to-budget",
              "--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "512",
-             "--gradient-accumulation-steps", str(accumulation)]
+             "--gradient-accumulation-steps", str(accumulation), "--dense-base", dense_base]
     outs, metrics = {}, {}
     for mode in ("default", "reduce-overhead"):
         outs[mode] = str(tmp_path / mode)
@@ -126,3 +131,50 @@ def test_cuda_graph_training_records_once_and_matches_default_compile(tmp_path, 
     assert graphs["cudagraph_skips"] == 0, graphs
     assert graphs["cudagraphs_recorded"] == graphs["cudagraphs_recorded_at_step_4"] == 2 * graphs["layers"], graphs
     assert step_losses(outs["reduce-overhead"]) == pytest.approx(step_losses(outs["default"]), abs=1e-3)
+
+
+def test_compile_report_says_why_a_layer_recompiled():
+    """The report names the guard behind each recompile (what TORCH_LOGS=recompiles prints), so a bench JSON says which
+    input made a compiled variant: here a row length, then a Python int."""
+    class Layer(torch.nn.Module):
+        def forward(self, x, n: int):
+            return x * n
+
+    torch._dynamo.reset()
+    layer = Layer()
+    layer.compile(backend="eager")
+    for length, n in ((3, 2), (5, 2), (7, 3)):
+        layer(torch.ones(1, length, 4), n)
+    report = check_compiled({"layers": 1, "code": Layer.forward.__code__, "mode": "default"})
+    assert report["compiled_variants"] == 3
+    assert report["recompile_reasons"][0] == "0/0: tensor 'x' size mismatch at index 1. expected 3, actual 5"
+    assert report["recompile_reasons"][1].startswith("0/1: n == 2")
+
+
+def test_varying_record_bounds_compile_two_variants_not_three():
+    """Packed rows with varlen bounds through a compiled layer: the row length becomes symbolic at the second row. The
+    longest record is the fixed --max-length bound (training.collator) and the record count is marked dynamic
+    (training.mark_bounds_dynamic), so a row whose record count or longest record first changes later compiles
+    nothing more. Without both, the third row here makes a third variant."""
+    from training import mark_bounds_dynamic
+
+    class Layer(torch.nn.Module):
+        def forward(self, x, cu_seq_lens_q, max_length_q: int):
+            return x * max_length_q + cu_seq_lens_q[-1]
+
+    def row(records):  # same record count in the first two rows, then more records and a longer one
+        return {"input_ids": [1] * sum(records), "labels": [1] * sum(records), "position_ids": [p for n in records for p in range(n)]}
+
+    rows = [row([3, 4]), row([3, 5]), row([2, 2, 6])]
+    variants = {}
+    for fixed in (False, True):
+        torch._dynamo.reset()
+        layer = Layer()
+        layer.compile(backend="eager")
+        collate = DocumentBounds(collate_packed, longest=8 if fixed else None)
+        for r in rows:
+            batch = collate([r])
+            batch = mark_bounds_dynamic(batch) if fixed else batch
+            layer(batch["input_ids"][..., None].float(), batch["cu_seq_lens_q"], batch["max_length_q"])
+        variants[fixed] = check_compiled({"layers": 1, "code": Layer.forward.__code__, "mode": "default"})["compiled_variants"]
+    assert variants == {False: 3, True: 2}

@@ -195,3 +195,28 @@ def test_compile_auto_is_on_only_where_it_was_measured(monkeypatch):
     assert compile_enabled("on", cpu, gradient_checkpointing=True) and not compile_enabled("off", gpu)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert not compile_enabled("auto", gpu) and compile_enabled("on", gpu)
+
+
+@pytest.mark.gpu
+def test_python_main_py_plans_and_trains_compiled_on_the_gpu(tmp_path):
+    """python main.py with no speed flags (the smoke preset's model and data) on a real card: one [memory-plan] line, on a
+    Hopper card with the 16-bit copy + FP8 input gradients, and compiled layers with two variants at most (the static
+    first row, then the symbolic row length: the record bounds add none), no graph breaks, a finite loss."""
+    import json
+    import math
+    import os
+
+    import fp8
+    from conftest import run, step_losses
+
+    out = str(tmp_path / "run")
+    proc = run("main.py", "--preset", "smoke", "--max-steps", "6", "--val-fraction", "0", "--save-steps", "6", "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[memory-plan]")]
+    assert len(lines) == 1, proc.stdout[-3000:]
+    if fp8.check_fp8_device("cuda:0") is None:
+        assert "FP8 input gradients" in lines[0], lines[0]
+    with open(os.path.join(out, "metrics.json")) as fh:
+        compiled = json.load(fh)["compile"]
+    assert compiled["graph_breaks"] == {} and 1 <= compiled["compiled_variants"] <= 2, compiled
+    assert all(math.isfinite(x) for x in step_losses(out))

@@ -283,6 +283,27 @@ def test_fixed_bounds_give_every_micro_batch_one_shape_and_the_same_loss(varlen_
         DocumentBounds(collate_packed, slots=1, longest=1000)([rows[0]])
 
 
+def test_unpadded_rows_get_the_max_length_bound_and_the_same_loss(varlen_model, tiny_tokenizer, monkeypatch):
+    """Without --pad-to-budget (python main.py's rows), each row keeps its length and record bounds, but max_length_q/k
+    is --max-length for every row: a Python int that changed from row to row was one more guard of the compiled layers
+    to fail (test_compile's two-variants test). An upper bound gives the same loss; a record over it is refused."""
+    import runtime
+    import training
+    from config import TrainConfig
+
+    monkeypatch.setattr(training, "attention_choice", lambda *a: runtime.VARLEN)
+    rows = pack_examples(datasets.Dataset.from_list(examples(tiny_tokenizer)), 330, 0)
+    collate = training.collator(TrainConfig(max_length=256), tiny_tokenizer, (rows, rows.select([])))
+    for row in rows:
+        batch, plain = collate([row]), DocumentBounds(collate_packed)([row])
+        assert batch["max_length_q"] == batch["max_length_k"] == 256 > plain["max_length_q"]
+        assert torch.equal(batch["cu_seq_lens_q"], plain["cu_seq_lens_q"]) and torch.equal(batch["input_ids"], plain["input_ids"])
+        with torch.no_grad():
+            assert varlen_model(**batch).loss.item() == pytest.approx(varlen_model(**plain).loss.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="does not fit the fixed bounds of records of at most 10 tokens"):
+        DocumentBounds(collate_packed, longest=10)([rows[0]])
+
+
 def test_varlen_without_a_cuda_gpu_is_refused_in_one_line(monkeypatch):
     import runtime
     from cli import UserError
