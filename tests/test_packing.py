@@ -316,7 +316,8 @@ def test_varlen_without_a_cuda_gpu_is_refused_in_one_line(monkeypatch):
 @pytest.mark.gpu
 def test_varlen_flash_kernel_matches_sdpa_and_trains_on_a_gpu(tiny_tokenizer):
     """PyTorch's varlen FlashAttention (the kernel --attention varlen runs) vs SDPA with the packed-sequence mask, bf16,
-    on the tiny model: the same logits up to bf16 rounding, and gradients flow."""
+    on the tiny model: the same logits up to bf16 rounding, the very same with --max-length as the longest-record bound
+    (the kernel only sizes its grid by it), and gradients flow."""
     from transformers import AutoModelForCausalLM
 
     import runtime
@@ -330,6 +331,8 @@ def test_varlen_flash_kernel_matches_sdpa_and_trains_on_a_gpu(tiny_tokenizer):
     out = {name: m(**(batch if name == "varlen" else {k: batch[k] for k in ("input_ids", "labels", "position_ids")}), use_cache=False)
            for name, m in models.items()}
     torch.testing.assert_close(out["varlen"].logits.float(), out["sdpa"].logits.float(), rtol=0, atol=3e-2)
+    bounded = batch | {"max_length_q": 1024, "max_length_k": 1024}  # python main.py's rows: --max-length as the bound
+    assert torch.equal(models["varlen"](**bounded, use_cache=False).logits, out["varlen"].logits)
     out["varlen"].loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in models["varlen"].parameters() if p.requires_grad)
 
