@@ -133,6 +133,28 @@ def test_cuda_graph_training_records_once_and_matches_default_compile(tmp_path, 
     assert step_losses(outs["reduce-overhead"]) == pytest.approx(step_losses(outs["default"]), abs=1e-3)
 
 
+@pytest.mark.gpu
+def test_cuda_graph_training_with_evaluation_matches_default_compile(tmp_path):
+    """README's advice for small micro-batches (--pad-to-budget --compile-mode reduce-overhead) with held-out evaluation
+    every 4 steps: the evaluation passes (eval mode, no grad) run between the training graphs' replays, the training
+    graphs are not recorded again, and the training losses and the held-out loss equal --compile-mode default's."""
+    flags = ["--preset", "smoke", "--max-steps", "8", "--val-fraction", "0.2", "--eval-steps", "4", "--save-steps", "8",
+             "--pad-to-budget", "--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "512"]
+    outs, metrics = {}, {}
+    for mode in ("default", "reduce-overhead"):
+        outs[mode] = str(tmp_path / mode)
+        proc = run("main.py", *flags, "--compile-mode", mode, "--output-dir", outs[mode])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with open(os.path.join(outs[mode], "metrics.json")) as fh:
+            metrics[mode] = json.load(fh)
+    graphs = metrics["reduce-overhead"]["compile"]
+    # the training graphs recorded once (not 2 more per layer at every step after 4); evaluation's own, at most once per pass
+    assert graphs["cudagraph_skips"] == 0, graphs
+    assert graphs["cudagraphs_recorded"] <= graphs["cudagraphs_recorded_at_step_4"] + 2 * graphs["layers"], graphs
+    assert step_losses(outs["reduce-overhead"]) == pytest.approx(step_losses(outs["default"]), abs=1e-3)
+    assert metrics["reduce-overhead"]["eval_loss"] == pytest.approx(metrics["default"]["eval_loss"], abs=1e-3)
+
+
 def test_compile_report_says_why_a_layer_recompiled():
     """The report names the guard behind each recompile (what TORCH_LOGS=recompiles prints), so a bench JSON says which
     input made a compiled variant: here a row length, then a Python int."""
