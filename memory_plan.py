@@ -150,8 +150,7 @@ class Plan:
 
 
 COPY_WORDS = {"yes": "16-bit copy of the base on", "fp8": "FP8 copy of the base on (FP8 matmuls)",
-              "fp8_backward": "16-bit copy of the base + its FP8 transpose on (FP8 input gradients)",
-              "fp8_backward_4bit": "16-bit copy of the base off, FP8 input gradients from the 4-bit base"}
+              "fp8_backward": "16-bit copy of the base + its FP8 transpose on (FP8 input gradients)"}
 COPY_BYTES = {"yes": 2, "fp8": 2, "fp8_backward": 3}  # per base weight: W in 16 bits; W and W^T in e4m3; W in 16 bits + W^T in e4m3
 
 
