@@ -1,0 +1,37 @@
+"""bench/train_speed.py's arithmetic: the fixed overhead per micro-batch fitted from two token budgets of one setting."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+import train_speed  # noqa: E402
+
+
+def row(name: str, seconds: float, real_tokens: int, budget: int, padded: bool) -> dict:
+    plan = {"gradient_checkpointing": False, "compile": "on", "compile_mode": "reduce-overhead", "pad_to_budget": padded,
+            "attention": "varlen", "dense_base": "fp8_backward", "pack_open_rows": 1, "pack_tokens": budget}
+    return {"variant": name, "seconds_per_micro_batch": seconds, "tokens_per_micro_batch": real_tokens, "plan": plan}
+
+
+def test_fixed_overhead_is_the_intercept_over_real_tokens_and_over_computed_ones_when_padded():
+    """0.15 s for 2,000 real tokens, 0.45 s for 8,000: 5e-5 s per token and 0.05 s at zero. Padded to 2,560 and 8,192
+    tokens, the tokens computed give 0.3 / 5,632 s per token and 0.15 - 2,560 x that at zero (the padding is not overhead)."""
+    small, large = row("small", 0.15, 2000, 2560, True), row("large", 0.45, 8000, 8192, True)
+    fit = train_speed.fixed_overhead_s(large, small)
+    assert fit["pair"] == ["large", "small"] and fit["fixed_overhead_s"] == pytest.approx(0.05)
+    assert fit["seconds_per_token"] == pytest.approx(5e-5) and fit["marginal_tokens_per_s"] == 20000
+    assert fit["fixed_overhead_computed_s"] == pytest.approx(round(0.15 - 2560 * 0.3 / 5632, 4))
+    unpadded = train_speed.fixed_overhead_s(row("a", 0.15, 2000, 2048, False), row("b", 0.45, 8000, 8192, False))
+    assert "fixed_overhead_computed_s" not in unpadded
+
+
+def test_overheads_pair_only_one_setting_at_two_budgets():
+    rows = {"small": row("small", 0.15, 2000, 2560, True), "large": row("large", 0.45, 8000, 8192, True),
+            "other": row("other", 0.40, 8000, 8192, False), "capped": row("capped", 0.1, 1000, 2048, True) | {"cap_gib": 24}}
+    fits = train_speed.overheads(rows)
+    assert [f["pair"] for f in fits] == [["small", "large"]]  # unpadded "other" has no partner; a capped run is left out
