@@ -107,6 +107,18 @@ def test_compiled_training_matches_eager(tmp_path):
         assert metrics["num_input_tokens_seen"] == json.load(fh)["num_input_tokens_seen"]  # real tokens, not the padding
 
 
+def train_in_both_compile_modes(tmp_path, flags: list[str]) -> tuple[dict[str, str], dict[str, dict]]:
+    """python main.py with `flags` under --compile-mode default and reduce-overhead: ({mode: output dir}, {mode: metrics.json})."""
+    outs, metrics = {}, {}
+    for mode in ("default", "reduce-overhead"):
+        outs[mode] = str(tmp_path / mode)
+        proc = run("main.py", *flags, "--compile-mode", mode, "--output-dir", outs[mode])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with open(os.path.join(outs[mode], "metrics.json")) as fh:
+            metrics[mode] = json.load(fh)
+    return outs, metrics
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(("accumulation", "dense_base"), [(1, "no"), (2, "no"), (1, "fp8_backward")])
 def test_cuda_graph_training_records_once_and_matches_default_compile(tmp_path, accumulation, dense_base):
@@ -120,14 +132,8 @@ def test_cuda_graph_training_records_once_and_matches_default_compile(tmp_path, 
     flags = ["--preset", "smoke", "--max-steps", "8", "--val-fraction", "0", "--save-steps", "8", "--pad-to-budget",
              "--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "512",
              "--gradient-accumulation-steps", str(accumulation), "--dense-base", dense_base]
-    outs, metrics = {}, {}
-    for mode in ("default", "reduce-overhead"):
-        outs[mode] = str(tmp_path / mode)
-        proc = run("main.py", *flags, "--compile-mode", mode, "--output-dir", outs[mode])
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        with open(os.path.join(outs[mode], "metrics.json")) as fh:
-            metrics[mode] = json.load(fh)["compile"]
-    graphs = metrics["reduce-overhead"]
+    outs, metrics = train_in_both_compile_modes(tmp_path, flags)
+    graphs = metrics["reduce-overhead"]["compile"]
     assert graphs["cudagraph_skips"] == 0, graphs
     assert graphs["cudagraphs_recorded"] == graphs["cudagraphs_recorded_at_step_4"] == 2 * graphs["layers"], graphs
     assert step_losses(outs["reduce-overhead"]) == pytest.approx(step_losses(outs["default"]), abs=1e-3)
@@ -140,13 +146,7 @@ def test_cuda_graph_training_with_evaluation_matches_default_compile(tmp_path):
     graphs are not recorded again, and the training losses and the held-out loss equal --compile-mode default's."""
     flags = ["--preset", "smoke", "--max-steps", "8", "--val-fraction", "0.2", "--eval-steps", "4", "--save-steps", "8",
              "--pad-to-budget", "--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "512"]
-    outs, metrics = {}, {}
-    for mode in ("default", "reduce-overhead"):
-        outs[mode] = str(tmp_path / mode)
-        proc = run("main.py", *flags, "--compile-mode", mode, "--output-dir", outs[mode])
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        with open(os.path.join(outs[mode], "metrics.json")) as fh:
-            metrics[mode] = json.load(fh)
+    outs, metrics = train_in_both_compile_modes(tmp_path, flags)
     graphs = metrics["reduce-overhead"]["compile"]
     # the training graphs recorded once (not 2 more per layer at every step after 4); evaluation's own, at most once per pass
     assert graphs["cudagraph_skips"] == 0, graphs
