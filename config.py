@@ -30,7 +30,7 @@ PRESETS = ("smoke", "demo")
 CONFIG_NAME = "train_config.yaml"  # the resolved TrainConfig, saved beside every adapter
 FINGERPRINTS_NAME = "data_fingerprints.json"  # content hashes of the training and validation records, beside every adapter
 COPIES = ("yes", "fp8", "fp8_backward")  # --dense-base values that copy the 4-bit base (FP8ES: those with FP8 products)
-FP8ES = ("fp8", "fp8_backward")
+FP8ES = ("fp8", "fp8_backward", "fp8_backward_4bit")  # fp8_backward_4bit: no copy, the 4-bit base's input gradients in FP8
 LLAMA_LINEAR_LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -86,7 +86,7 @@ class TrainConfig:
         "dtype the packed 4-bit weights are stored in: bfloat16 for FSDP (configs/accelerate/fsdp_qlora.yaml), so the 4-bit "
         "weights shard with the bf16 params; uint8 otherwise.",
     )
-    dense_base: Literal["auto", "yes", "fp8", "fp8_backward", "no"] = doc(
+    dense_base: Literal["auto", "yes", "fp8", "fp8_backward", "fp8_backward_4bit", "no"] = doc(
         "auto",
         "Train against a 16-bit copy of the 4-bit base: the same NF4 weight values, dequantized once at load, so each linear "
         "layer runs one 16-bit matmul instead of unpacking its weight again in every forward and backward pass (fewer "
@@ -100,7 +100,10 @@ class TrainConfig:
         "or gradient cast to e4m3 per token (fp8.py; Hopper or newer, or the CPU); the LoRA branch stays 16-bit. A change "
         "of numerics (~3-4% relative error per product), not the NF4 values exactly: see BENCHMARKS.md for its speed and loss. "
         "fp8_backward: the forward pass exactly the 16-bit copy's, only the input gradient through each base weight in FP8 "
-        "(W^T held in e4m3 beside the 16-bit W: 3 bytes per base weight); the LoRA gradients are then rounded, not the loss.",
+        "(W^T held in e4m3 beside the 16-bit W: 3 bytes per base weight); the LoRA gradients are then rounded, not the loss. "
+        "fp8_backward_4bit: no copy; the forward is the 4-bit base's own, and each backward pass casts the dequantized weight "
+        "to e4m3 as fp8_backward's copy is cast (the same rounded W^T) for an FP8 input gradient: for cards where no copy "
+        "fits (not auto's choice: its speed is not measured yet).",
     )
     lora_r: int = doc(16, "LoRA rank (QLoRA paper uses 64 for 7B; 16 is the common PEFT recipe and 4x fewer adapter parameters).")
     lora_alpha: int = doc(32, "LoRA scaling numerator: the update is scaled by alpha / r (alpha = 2r is the PEFT convention).")
@@ -242,6 +245,8 @@ class TrainConfig:
             ("attention", self.attention != "varlen" or self.packing, "varlen needs --packing (it reads each packed row's record bounds)"),
             ("dense_base", self.dense_base not in COPIES or self.quantization == "4bit",
              f"{self.dense_base} needs --quantization 4bit (it is a copy of the 4-bit base)"),
+            ("dense_base", self.dense_base != "fp8_backward_4bit" or self.quantization == "4bit",
+             "fp8_backward_4bit needs --quantization 4bit (it wraps the 4-bit base's layers)"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps > 0, "must be positive"),
             ("tokens_per_step", self.tokens_per_step >= self.max_length, "must be >= max_length"),
             ("learning_rate", self.learning_rate > 0, "must be positive"),

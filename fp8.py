@@ -14,14 +14,25 @@ inputs rounded too). BENCHMARKS.md has its loss against the 16-bit copy's.
 forward product and only W^T in e4m3 for the input gradient, so the loss (and everything the forward computes) is the
 16-bit copy's, and only the gradient flowing back through each frozen base weight is rounded (the product that is half
 of the base's FLOPs). 3 bytes per base weight instead of 2.
+
+--dense-base fp8_backward_4bit does the same over the 4-bit base itself, for cards where no copy fits: the forward pass
+is bitsandbytes' own 4-bit product, and the backward pass dequantizes the weight as bitsandbytes does, then casts W^T to
+e4m3 exactly as fp8_backward's copy is cast (so the same rounded values) and multiplies in FP8. No bytes beyond the
+4-bit weights; a cast of each weight per backward pass instead. On CUDA that cast is two Triton kernels that read the
+packed NF4 bytes themselves (nf4_to_e4m3_t): one for the column maxima, one that writes W^T in e4m3 tile by tile with
+coalesced stores, 2 bytes of traffic per weight in all. The first version cast bitsandbytes' dequantized 16-bit W with
+torch ops (~7 bytes per weight, a transposing write) and measured 0.98x the 4-bit base (BENCHMARKS.md, session 12).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # the weight and gradient dtypes nf4_kernel rounds W through
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +119,97 @@ class Fp8Linear(torch.nn.Module):
     def extra_repr(self) -> str:
         how = "16-bit forward, e4m3 input gradient" if self.exact_forward else "e4m3 row-scaled"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {how}"
+
+
+@torch.library.custom_op("llama_qa::nf4_to_e4m3_t", mutates_args=())
+def nf4_to_e4m3_t(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: list[int], blocksize: int,
+                  dtype: torch.dtype, grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W^T in e4m3 [in, out], its scale [1, in]) straight from a bitsandbytes 4-bit weight of `shape` [out, in]: packed
+    nibbles, fp32 absmax per `blocksize` weights (double quantization already undone), the 16-entry code. W is rounded
+    to `dtype` (the weight's) then `grad_dtype`, as `dequantize_4bit(...).to(grad_dtype)` gives it, and W^T is cast as
+    quantize_rows(W.t()) casts it: bit-equal. An opaque op: torch.compile calls it as it is. CUDA runs the Triton
+    kernels (nf4_kernel.py) for bfloat16 and fp32; elsewhere (the CPU, float16) bitsandbytes' dequantization and
+    quantize_rows."""
+    if packed.is_cuda and dtype in KERNEL_DTYPES and grad_dtype in KERNEL_DTYPES:
+        import nf4_kernel  # imports triton: only here
+
+        return nf4_kernel.nf4_to_e4m3_t(packed, absmax, code, shape, blocksize, dtype, grad_dtype)
+    weight = torch.ops.bitsandbytes.dequantize_4bit(packed.view(torch.uint8), absmax, blocksize, "nf4", shape, dtype)
+    wt_q, wt_scale = quantize_rows(weight.to(grad_dtype).t())
+    return wt_q, wt_scale.reshape(1, -1)
+
+
+@nf4_to_e4m3_t.register_fake
+def _(packed, absmax, code, shape, blocksize, dtype, grad_dtype):
+    return packed.new_empty(shape[1], shape[0], dtype=E4M3), packed.new_empty(1, shape[1], dtype=torch.float32)
+
+
+@functools.cache
+def _nf4_fp8_backward() -> type:
+    """bitsandbytes' MatMul4Bit with its backward in FP8: the forward (its 4-bit product) unchanged, the input gradient
+    from W dequantized (bitsandbytes' backward does the same), cast to e4m3 as W^T per input column, times the gradient
+    cast per row. Made on first use: importing bitsandbytes is only needed here."""
+    from bitsandbytes import functional as bnb_functional
+    from bitsandbytes.autograd._functions import MatMul4Bit
+
+    class Nf4Fp8Backward(MatMul4Bit):
+        @staticmethod
+        def backward(ctx, grad):
+            if ctx.is_empty or ctx.needs_input_grad[3]:  # empty input, or a bias to train: bitsandbytes' own backward
+                return MatMul4Bit.backward(ctx, grad)
+            if not ctx.needs_input_grad[0]:
+                return None, None, None, None, None
+            state = ctx.state
+            if state.nested:  # double quantization: the absmax values are themselves 8-bit, as dequantize_4bit reads them
+                absmax = (bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+            else:
+                absmax = state.absmax.float()
+            wt_q, wt_scale = nf4_to_e4m3_t(ctx.tensors[1], absmax, state.code.float(), list(state.shape), state.blocksize,
+                                           state.dtype, grad.dtype)
+            grad_x = fp8_matmul(grad.reshape(-1, grad.shape[-1]), wt_q, wt_scale, grad.dtype)
+            return grad_x.reshape(*grad.shape[:-1], wt_q.shape[0]), None, None, None, None
+
+    return Nf4Fp8Backward
+
+
+class Nf4Fp8BackwardLinear(torch.nn.Module):
+    """A frozen bitsandbytes 4-bit linear layer (kept inside, its packed weight not copied) whose input gradient is
+    computed in FP8 (--dense-base fp8_backward_4bit): the forward is Linear4bit.forward's training path, product for
+    product."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.function = _nf4_fp8_backward()  # made here, not where torch.compile traces (it cannot trace a class statement)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        if self.in_features % 16 or self.out_features % 16:
+            raise ValueError(f"FP8 matmuls need both sizes of a weight divisible by 16, got {(self.out_features, self.in_features)}")
+        if layer.weight.quant_type != "nf4":
+            raise ValueError(f"--dense-base fp8_backward_4bit reads NF4 weights, not {layer.weight.quant_type}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        if not layer.compute_type_is_set:
+            layer.set_compute_type(x)
+            layer.compute_type_is_set = True
+        dtype = x.dtype
+        x = x.to(layer.compute_dtype) if layer.compute_dtype is not None else x
+        y = self.function.apply(x, layer.weight, None, None, layer.weight.quant_state)
+        return (y if layer.bias is None else y + layer.bias.to(y.dtype)).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, 4-bit forward, e4m3 input gradient"
+
+
+def fp8_backward_4bit(model: torch.nn.Module) -> int:
+    """Wrap every bitsandbytes 4-bit linear layer of `model` (LoRA's base layers) in an Nf4Fp8BackwardLinear; returns
+    the count. Nothing is copied: each wrapper holds the layer itself."""
+    import generation
+
+    places = generation.linear4bit_modules(model)
+    for parent, name, layer in places:
+        setattr(parent, name, Nf4Fp8BackwardLinear(layer))
+    return len(places)
 
 
 def check_fp8_device(device: torch.device | str) -> str | None:

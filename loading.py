@@ -118,7 +118,7 @@ def check_fsdp_config(cfg: TrainConfig) -> None:
     --dense-base yes (FSDP shards the 4-bit weights), before anything is loaded."""
     if not fsdp_active() or cfg.quantization == "none":
         return
-    if cfg.dense_base in COPIES:
+    if cfg.dense_base in COPIES + FP8ES:
         raise ConfigError(f"--dense-base {cfg.dense_base} is for one process: FSDP shards the 4-bit weights (pass --dense-base no)")
     if cfg.quantization == "8bit":
         raise ConfigError("FSDP shards a 4-bit (bf16-stored) or unquantized base, not an 8-bit one: pass --quantization 4bit")
@@ -169,7 +169,13 @@ def load_for_training(cfg: TrainConfig) -> tuple[torch.nn.Module, PreTrainedToke
     model = load_base_model(name, cfg.quantization, cfg.trust_remote_code, attention, cfg.quant_storage)
     dense = dequantize_for_training(model, cfg.dense_base in FP8ES) if cfg.dense_base in COPIES else []
     model = add_lora(model, cfg)
-    if cfg.dense_base in FP8ES:
+    if cfg.dense_base == "fp8_backward_4bit":
+        count = fp8.fp8_backward_4bit(model)
+        if not count:
+            raise ConfigError("--dense-base fp8_backward_4bit needs a 4-bit base (--quantization 4bit)")
+        print(f"[model] the base's {count} 4-bit linear layers compute their input gradients in FP8 (W^T cast to e4m3 in each "
+              "backward pass, the gradient per row; the forward stays 4-bit, the LoRA branch 16-bit)", flush=True)
+    elif cfg.dense_base in FP8ES:
         exact_forward = cfg.dense_base == "fp8_backward"
         count = fp8.to_fp8(model, dense, exact_forward)
         if torch.cuda.is_available():

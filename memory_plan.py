@@ -150,7 +150,8 @@ class Plan:
 
 
 COPY_WORDS = {"yes": "16-bit copy of the base on", "fp8": "FP8 copy of the base on (FP8 matmuls)",
-              "fp8_backward": "16-bit copy of the base + its FP8 transpose on (FP8 input gradients)"}
+              "fp8_backward": "16-bit copy of the base + its FP8 transpose on (FP8 input gradients)",
+              "fp8_backward_4bit": "no copy of the base, FP8 input gradients from the 4-bit base"}
 COPY_BYTES = {"yes": 2, "fp8": 2, "fp8_backward": 3}  # per base weight: W in 16 bits; W and W^T in e4m3; W in 16 bits + W^T in e4m3
 
 
@@ -184,8 +185,9 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
 
     dense_base (a 4-bit base only): "auto" adds a copy of the base to the plan chosen without it when that plan still
     fits with it. With fp8_ok (an FP8-capable card, compiled layers) and weight sizes FP8 takes, that is fp8_backward
-    (the 16-bit copy + W^T in e4m3: 1.5x dense_copy_gib) where it fits, else the 16-bit copy (dense_copy_gib); it never
-    buys a copy with a smaller micro-batch or with checkpointing. "yes", "fp8" or "fp8_backward" (given) counts it in
+    (the 16-bit copy + W^T in e4m3: 1.5x dense_copy_gib) where it fits, else the 16-bit copy (dense_copy_gib), else
+    fp8_backward_4bit (no copy: the 4-bit base's input gradients in FP8, W^T cast layer by layer); it never buys a copy
+    with a smaller micro-batch or with checkpointing. "yes", "fp8" or "fp8_backward" (given) counts it in
     every option: 2, 2 and 3 bytes per base weight.
     """
     fixed = fixed or {}
@@ -213,7 +215,8 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
     if dense_base == "auto":
         choices = (["fp8_backward"] if fp8_ok and shape.fp8_sizes else []) + ["yes"]
         added = [(c, copy * COPY_BYTES[c] / 2) for c in choices if fits and peak + copy * COPY_BYTES[c] / 2 <= budget]
-        dense_base, more = added[0] if added else ("no", 0.0)
+        # no copy fits: FP8 input gradients from the 4-bit base itself (nothing held; W^T cast per layer in the backward)
+        dense_base, more = added[0] if added else ("fp8_backward_4bit" if fp8_ok and shape.fp8_sizes else "no", 0.0)
         peak += more
     return Plan(gc, micro, accumulation, round(peak, 2), round(budget, 2), round(usable, 2), fits, card, tuple(sorted(fixed)),
                 dense_base)

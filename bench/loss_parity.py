@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 SIDES = {"project": [], "project_compiled": ["--compile", "on"], "project_varlen": ["--attention", "varlen"],
          "project_flex": ["--attention", "flex_attention"], "project_dense": ["--dense-base", "yes"],
          "project_fp8": ["--dense-base", "fp8"],
-         "project_fp8_backward": ["--dense-base", "fp8_backward"], "project_noliger": ["--no-liger"],
+         "project_fp8_backward": ["--dense-base", "fp8_backward"], "project_fp8_backward_4bit": ["--dense-base", "fp8_backward_4bit"],
+         "project_noliger": ["--no-liger"],
          "hf": None, "hf_nogc": None}  # None: plain HF (hf_side); hf_nogc without gradient checkpointing
 COMMON = ["--memory-plan", "off", "--gradient-accumulation-steps", "1", "--lr-scheduler", "constant", "--warmup-ratio", "0",
           "--logging-steps", "1", "--eval-steps", "0", "--val-fraction", "0", "--save-steps", "100000"]

@@ -114,6 +114,12 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "fp8_backward_cap40": ["--dense-base", "fp8_backward"],
     "fp8_backward_nogc_2048": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048", "--dense-base",
                                "fp8_backward"],
+    # --dense-base fp8_backward_4bit (sessions 12-13): no copy, FP8 input gradients from the 4-bit base, W^T cast by
+    # nf4_kernel in each backward; auto's choice under a 24 GiB cap since session 13 (default_cap24): nf4_cap24 is the
+    # 4-bit base without it (default_cap24 until then), nf4 / fp8_backward_4bit the same two uncapped
+    "fp8_backward_4bit": ["--dense-base", "fp8_backward_4bit"],
+    "nf4": ["--dense-base", "no"],
+    "nf4_cap24": ["--dense-base", "no"],
     # CUDA graphs over fp8_backward (session 12): at 8,192 against default, and at 2,048 for the fixed overhead with graphs
     "fp8_backward_cudagraphs": ["--dense-base", "fp8_backward", "--compile", "on", "--pad-to-budget", "--compile-mode",
                                 "reduce-overhead"],
@@ -129,7 +135,7 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
 # GiB: torch.cuda.set_per_process_memory_fraction
 CAPS = {"default_cap24": 24, "default_cap40": 40, "compiled_cap24": 24, "varlen_cap24": 24, "cudagraphs_cap24": 24,
         "cudagraphs_cap40": 40, "padded_cap24": 24, "fp8_cap24": 24, "fp8_cap24_compiled": 24, "fp8_cap40": 40,
-        "fp8_cudagraphs_cap24": 24, "fp8_backward_cap40": 40, "cap24_firstfit": 24}
+        "fp8_cudagraphs_cap24": 24, "fp8_backward_cap40": 40, "cap24_firstfit": 24, "nf4_cap24": 24}
 REFERENCES = ("baseline", "hf_tuned", "hf_tuned_nogc")  # every row's tokens/s is given as a ratio to each of these
 
 

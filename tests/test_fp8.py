@@ -156,15 +156,16 @@ def test_fp8_backward_base_has_the_16bit_copys_first_loss_and_near_its_lora_grad
 
 @pytest.mark.gpu
 def test_fp8_base_trains_compiled_on_the_gpu_near_the_16bit_copy(tmp_path):
-    """The tiny 4-bit base on a Hopper GPU, compiled layers, 8 steps: --dense-base fp8 and fp8_backward run _scaled_mm
-    inside the compiled decoder layers without a graph break and their losses stay within 2% of the 16-bit copy's;
-    fp8_backward's first loss (before any update: its forward is the 16-bit one) within 1e-3."""
+    """The tiny 4-bit base on a Hopper GPU, compiled layers, 8 steps: --dense-base fp8, fp8_backward and
+    fp8_backward_4bit run _scaled_mm (and nf4_kernel's cast) inside the compiled decoder layers without a graph break,
+    and their losses stay within 2% of the 16-bit copy's (fp8_backward_4bit: of the 4-bit base's); the first loss
+    (before any update) within 1e-3 where the forward is exact (fp8_backward), equal for fp8_backward_4bit."""
     if fp8.check_fp8_device("cuda:0"):
         pytest.skip(fp8.check_fp8_device("cuda:0"))
     flags = ["--preset", "smoke", "--quantization", "4bit", "--max-steps", "8", "--val-fraction", "0", "--save-steps", "8",
              "--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "512"]
     losses = {}
-    for dense in ("yes", "fp8", "fp8_backward"):
+    for dense in ("yes", "fp8", "fp8_backward", "fp8_backward_4bit", "no"):
         out = str(tmp_path / dense)
         proc = run("main.py", *flags, "--dense-base", dense, "--output-dir", out)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -175,3 +176,62 @@ def test_fp8_base_trains_compiled_on_the_gpu_near_the_16bit_copy(tmp_path):
     assert losses["fp8"] == pytest.approx(losses["yes"], rel=0.02) and losses["fp8"] != losses["yes"]
     assert losses["fp8_backward"] == pytest.approx(losses["yes"], rel=0.02)
     assert losses["fp8_backward"][0] == pytest.approx(losses["yes"][0], rel=1e-3)
+    # fp8_backward_4bit: the 4-bit base's forward (its first loss exactly), its W^T cast by nf4_kernel in each backward
+    assert losses["fp8_backward_4bit"][0] == losses["no"][0]
+    assert losses["fp8_backward_4bit"] == pytest.approx(losses["no"], rel=0.02)
+
+
+def test_fp8_backward_4bit_layer_keeps_the_4bit_forward_and_casts_wt_as_the_copy_does():
+    """Nf4Fp8BackwardLinear over a bitsandbytes 4-bit layer (--dense-base fp8_backward_4bit): the forward is the 4-bit
+    layer's own product, bit for bit, and the input gradient is bit-equal to fp8_backward's (an Fp8Linear with exact
+    forward over the same NF4 values: the same e4m3 W^T, cast in the backward pass instead of at load)."""
+    import bitsandbytes as bnb
+
+    import generation
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 32, bias=False)
+    q = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    q = q.to("cpu")
+    wrapped = fp8.Nf4Fp8BackwardLinear(q)
+    copy = fp8.Fp8Linear(generation.dense_weight(q), exact_forward=True)
+    x = torch.randn(2, 5, 64)
+    outs, grads = {}, {}
+    for name, layer in (("4bit", q), ("wrapped", wrapped), ("copy", copy)):
+        xi = x.clone().requires_grad_()
+        outs[name] = layer(xi)
+        outs[name].backward(torch.linspace(-1, 1, 2 * 5 * 32).reshape(2, 5, 32))
+        grads[name] = xi.grad
+    assert torch.equal(outs["wrapped"], outs["4bit"])
+    assert torch.equal(grads["wrapped"], grads["copy"]) and not torch.equal(grads["wrapped"], grads["4bit"])
+    assert ((grads["wrapped"] - grads["4bit"]).norm() / grads["4bit"].norm()).item() < 0.05
+    assert "4-bit forward, e4m3 input gradient" in repr(wrapped)
+
+
+def test_fp8_backward_4bit_base_has_the_4bit_first_loss_and_fp8_backwards_lora_gradients(tiny_tokenizer):
+    """--dense-base fp8_backward_4bit on the tiny 4-bit base, loaded as main.py does: every LoRA layer's base wraps its
+    4-bit layer (no 16-bit copy), the loss before any update equals the 4-bit base's exactly, and the LoRA gradients
+    equal fp8_backward's (the same rounded W^T)."""
+    from peft.tuners.lora import LoraLayer
+
+    batch = two_answers_batch(tiny_tokenizer)
+    losses, grads = {}, {}
+    for dense in ("no", "fp8_backward_4bit", "fp8_backward"):
+        model = tiny_4bit_for_training(dense)
+        lora = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        if dense == "fp8_backward_4bit":
+            assert len(lora) == 14 and all(type(m.base_layer) is fp8.Nf4Fp8BackwardLinear for m in lora)
+            frozen = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+            assert frozen == ["base_model.model.lm_head"]  # no 16-bit copy of a base layer
+        with torch.no_grad():  # LoRA B starts at zero: give it values, so that gradients reach A through B
+            for m in lora:
+                m.lora_B["default"].weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+        loss = model(**batch).loss
+        loss.backward()
+        losses[dense] = loss.item()
+        grads[dense] = torch.cat([p.grad.flatten() for n, p in sorted(model.named_parameters()) if p.requires_grad])
+    assert losses["fp8_backward_4bit"] == losses["no"] == losses["fp8_backward"]
+    torch.testing.assert_close(grads["fp8_backward_4bit"], grads["fp8_backward"], rtol=0, atol=0)
+    rel = ((grads["fp8_backward_4bit"] - grads["no"]).norm() / grads["no"].norm()).item()
+    assert 1e-4 < rel < 0.05, rel

@@ -148,13 +148,15 @@ def test_dense_base_is_added_only_where_the_plan_still_fits_with_it():
 
 def test_dense_base_auto_takes_fp8_backward_on_an_fp8_card_where_its_transpose_fits_too():
     """With fp8_ok (Hopper or newer, compiled layers) auto prefers fp8_backward (1.5x the copy: +6 GiB for 7B), else the
-    16-bit copy, else none; the micro-batch and checkpointing stay those chosen without a copy."""
+    16-bit copy, else no copy and FP8 input gradients from the 4-bit base (fp8_backward_4bit, nothing held); the
+    micro-batch and checkpointing stay those chosen without a copy."""
     cards = {"80": H100, "24cap": dict(**H100, cap_bytes=24 * GIB), "40": {"total_bytes": int(39.4 * GIB), "free_bytes": int(39.0 * GIB)},
              "12": {"total_bytes": int(11.6 * GIB), "free_bytes": int(11.2 * GIB)}}
     plans = {name: plan_memory(**card, dense_base="auto", fp8_ok=True) for name, card in cards.items()}
     split = {name: (p.gradient_checkpointing, p.pack_tokens, p.gradient_accumulation_steps, p.dense_base) for name, p in plans.items()}
-    assert split == {"80": (False, 8192, 1, "fp8_backward"), "24cap": (False, 4096, 2, "no"), "40": (False, 4096, 2, "yes"),
-                     "12": (True, 8192, 1, "no")}
+    assert split == {"80": (False, 8192, 1, "fp8_backward"), "24cap": (False, 4096, 2, "fp8_backward_4bit"),
+                     "40": (False, 4096, 2, "yes"), "12": (True, 8192, 1, "fp8_backward_4bit")}
+    assert plans["24cap"].predicted_peak_gib == plan_memory(**cards["24cap"]).predicted_peak_gib  # nothing held for it
     copy = dense_copy_gib(LLAMA2_7B)
     assert plans["80"].predicted_peak_gib == pytest.approx(plan_memory(**H100).predicted_peak_gib + 1.5 * copy, abs=0.01)
     assert plans["80"].predicted_peak_gib >= 54.1  # measured on an H200 (session 11)

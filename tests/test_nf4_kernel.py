@@ -1,0 +1,133 @@
+"""nf4_kernel: W^T in e4m3 straight from bitsandbytes' packed NF4 weight (--dense-base fp8_backward_4bit's backward).
+
+The kernels must write what fp8_backward's copy holds, bit for bit: quantize_rows(dequantize_4bit(W).to(dtype).t()).
+On the CPU they run under Triton's interpreter, which must be switched on before triton is first imported: the checks
+below run in a fresh process (this file run as a script with TRITON_INTERPRET=1). The gpu test runs them compiled.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fp8  # noqa: E402
+
+# (out, in, weight dtype, gradient dtype, blocksize, double quantization): partial tiles both ways (TILE is 64 x 128),
+# both roundings, bitsandbytes' default blocksize and another, with and without quantized absmax
+CASES = [
+    (96, 192, torch.bfloat16, torch.bfloat16, 64, True),
+    (64, 128, torch.float32, torch.bfloat16, 64, True),
+    (48, 80, torch.bfloat16, torch.float32, 64, False),
+    (32, 256, torch.float32, torch.float32, 128, True),
+]
+
+
+def nf4_case(out_features, in_features, dtype, blocksize, nested, device="cpu", seed=0):
+    """A weight with a zero row, a zero column, and rows 1e-3 and 100 times the rest: e4m3 subnormals."""
+    from bitsandbytes import functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g) * 0.05
+    w[3], w[:, 5] = 0, 0
+    w[7] *= 1e-3
+    w[9] *= 100
+    q, state = F.quantize_4bit(w.to(device, dtype), blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+    absmax = (F.dequantize_blockwise(state.absmax, state.state2) + state.offset).float() if nested else state.absmax.float()
+    return q, state, absmax
+
+
+def by_bitsandbytes(q, state, grad_dtype):
+    """What fp8_backward's copy holds: bitsandbytes' 16-bit W, then quantize_rows of its transpose."""
+    from bitsandbytes import functional as F
+
+    wt_q, wt_scale = fp8.quantize_rows(F.dequantize_4bit(q, state).to(grad_dtype).t())
+    return wt_q, wt_scale.reshape(1, -1)
+
+
+def assert_bit_equal(got, want):
+    assert got[0].dtype == want[0].dtype == torch.float8_e4m3fn and got[0].shape == want[0].shape
+    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+    assert got[1].shape == want[1].shape and torch.equal(got[1], want[1])
+
+
+def interpreted_checks():
+    """Run under TRITON_INTERPRET=1 (a fresh process): the kernels bit-equal to bitsandbytes + quantize_rows."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import nf4_kernel
+
+    for out_features, in_features, dtype, grad_dtype, blocksize, nested in CASES:
+        q, state, absmax = nf4_case(out_features, in_features, dtype, blocksize, nested)
+        got = nf4_kernel.nf4_to_e4m3_t(q, absmax, state.code.float(), list(state.shape), blocksize, dtype, grad_dtype)
+        want = by_bitsandbytes(q, state, grad_dtype)
+        assert_bit_equal(got, want)
+        assert_bit_equal(fp8.nf4_to_e4m3_t(q, absmax, state.code.float(), list(state.shape), blocksize, dtype, grad_dtype), want)
+        values = want[0].float()
+        if not nested:  # (double quantization of the absmax loses row 7's scale: its values come out far larger)
+            assert ((values != 0) & (values.abs() < 2**-6)).sum() >= 10  # e4m3 subnormals (row 7 of W)
+        assert (values[:, 3] == 0).all() and (want[1][0, 5] == 1.0)  # a zero row of W; a zero column's scale is 1
+    print("nf4 kernel interpreted checks passed")
+
+
+def test_kernels_under_the_triton_interpreter_equal_bitsandbytes_and_quantize_rows():
+    """Four weights (partial tiles, zero rows and columns, e4m3 subnormals, both roundings, two blocksizes,
+    double quantization on and off): W^T and its scales bit-equal to what fp8_backward's copy holds."""
+    pytest.importorskip("triton")
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "nf4 kernel interpreted checks passed" in proc.stdout
+
+
+def test_the_op_outside_cuda_is_bitsandbytes_and_quantize_rows_and_traces_with_its_fake():
+    """The custom op on the CPU (and for float16 on CUDA) is the torch path; its fake gives torch.compile the shapes."""
+    q, state, absmax = nf4_case(48, 80, torch.bfloat16, 64, True)
+    assert_bit_equal(fp8.nf4_to_e4m3_t(q, absmax, state.code.float(), [48, 80], 64, torch.bfloat16, torch.bfloat16),
+                     by_bitsandbytes(q, state, torch.bfloat16))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        wt_q, wt_scale = fp8.nf4_to_e4m3_t(mode.from_tensor(q), mode.from_tensor(absmax), mode.from_tensor(state.code),
+                                           [48, 80], 64, torch.bfloat16, torch.bfloat16)
+    assert (wt_q.shape, wt_q.dtype, wt_scale.shape, wt_scale.dtype) == ((80, 48), torch.float8_e4m3fn, (1, 80), torch.float32)
+
+
+def seconds_per_call(fn, *args, calls=20):
+    fn(*args)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(*args)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls
+
+
+@pytest.mark.gpu
+def test_kernels_on_cuda_equal_bitsandbytes_at_llama_7b_shapes_and_beat_the_torch_cast():
+    """Compiled on the GPU: bit-equal to bitsandbytes' dequantization + quantize_rows at Llama-2-7B's three weight
+    shapes, and faster than that torch path (the reason the kernels exist)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import nf4_kernel
+
+    for out_features, in_features in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        q, state, absmax = nf4_case(out_features, in_features, torch.bfloat16, 64, True, device="cuda")
+        args = (q, absmax, state.code.float(), [out_features, in_features], 64, torch.bfloat16, torch.bfloat16)
+        want = by_bitsandbytes(q, state, torch.bfloat16)
+        assert_bit_equal(nf4_kernel.nf4_to_e4m3_t(*args), want)
+        assert_bit_equal(fp8.nf4_to_e4m3_t(*args), want)
+        times = {"kernels": seconds_per_call(nf4_kernel.nf4_to_e4m3_t, *args),
+                 "torch": seconds_per_call(by_bitsandbytes, q, state, torch.bfloat16)}
+        print(f"nf4 -> e4m3 W^T {out_features}x{in_features}: kernels {times['kernels'] * 1e3:.3f} ms, "
+              f"torch {times['torch'] * 1e3:.3f} ms ({torch.cuda.get_device_name()})")
+        assert times["kernels"] < times["torch"]
+
+
+if __name__ == "__main__":
+    interpreted_checks()
