@@ -18,10 +18,8 @@ of the base's FLOPs). 3 bytes per base weight instead of 2.
 --dense-base fp8_backward_4bit does the same over the 4-bit base itself, for cards where no copy fits: the forward pass
 is bitsandbytes' own 4-bit product, and the backward pass dequantizes the weight as bitsandbytes does, then casts W^T to
 e4m3 exactly as fp8_backward's copy is cast (so the same rounded values) and multiplies in FP8. No bytes beyond the
-4-bit weights; a cast of each weight per backward pass instead. On CUDA that cast is two Triton kernels that read the
-packed NF4 bytes themselves (nf4_to_e4m3_t): one for the column maxima, one that writes W^T in e4m3 tile by tile with
-coalesced stores, 2 bytes of traffic per weight in all. The first version cast bitsandbytes' dequantized 16-bit W with
-torch ops (~7 bytes per weight, a transposing write) and measured 0.98x the 4-bit base (BENCHMARKS.md, session 12).
+4-bit weights; a cast of each weight per backward pass instead: on CUDA two Triton kernels that read the packed NF4
+bytes themselves (nf4_kernel.py).
 """
 
 from __future__ import annotations
@@ -32,14 +30,15 @@ import torch
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
-KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # the weight and gradient dtypes nf4_kernel rounds W through
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scale): t as contiguous e4m3 with one fp32 scale per row (shape [rows, 1]), t ~= q * scale. A row's largest
     magnitude maps to 448; an all-zero row gets scale 1."""
     amax = t.abs().amax(dim=-1, keepdim=True).float()
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    # times the fp32 reciprocal, not divided by 448: what CUDA computes for a tensor / scalar (a reciprocal's product,
+    # BinaryDivTrueKernel.cu), here on every device, so that the CPU, the GPU and nf4_kernel all give the same scales
+    scale = torch.where(amax > 0, amax * (1.0 / E4M3_MAX), torch.ones_like(amax))
     q = (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).contiguous()
     return q, scale
 
@@ -121,29 +120,6 @@ class Fp8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {how}"
 
 
-@torch.library.custom_op("llama_qa::nf4_to_e4m3_t", mutates_args=())
-def nf4_to_e4m3_t(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: list[int], blocksize: int,
-                  dtype: torch.dtype, grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W^T in e4m3 [in, out], its scale [1, in]) straight from a bitsandbytes 4-bit weight of `shape` [out, in]: packed
-    nibbles, fp32 absmax per `blocksize` weights (double quantization already undone), the 16-entry code. W is rounded
-    to `dtype` (the weight's) then `grad_dtype`, as `dequantize_4bit(...).to(grad_dtype)` gives it, and W^T is cast as
-    quantize_rows(W.t()) casts it: bit-equal. An opaque op: torch.compile calls it as it is. CUDA runs the Triton
-    kernels (nf4_kernel.py) for bfloat16 and fp32; elsewhere (the CPU, float16) bitsandbytes' dequantization and
-    quantize_rows."""
-    if packed.is_cuda and dtype in KERNEL_DTYPES and grad_dtype in KERNEL_DTYPES:
-        import nf4_kernel  # imports triton: only here
-
-        return nf4_kernel.nf4_to_e4m3_t(packed, absmax, code, shape, blocksize, dtype, grad_dtype)
-    weight = torch.ops.bitsandbytes.dequantize_4bit(packed.view(torch.uint8), absmax, blocksize, "nf4", shape, dtype)
-    wt_q, wt_scale = quantize_rows(weight.to(grad_dtype).t())
-    return wt_q, wt_scale.reshape(1, -1)
-
-
-@nf4_to_e4m3_t.register_fake
-def _(packed, absmax, code, shape, blocksize, dtype, grad_dtype):
-    return packed.new_empty(shape[1], shape[0], dtype=E4M3), packed.new_empty(1, shape[1], dtype=torch.float32)
-
-
 @functools.cache
 def _nf4_fp8_backward() -> type:
     """bitsandbytes' MatMul4Bit with its backward in FP8: the forward (its 4-bit product) unchanged, the input gradient
@@ -151,6 +127,8 @@ def _nf4_fp8_backward() -> type:
     cast per row. Made on first use: importing bitsandbytes is only needed here."""
     from bitsandbytes import functional as bnb_functional
     from bitsandbytes.autograd._functions import MatMul4Bit
+
+    from nf4_kernel import nf4_to_e4m3_t  # registers the op (and imports triton): only here
 
     class Nf4Fp8Backward(MatMul4Bit):
         @staticmethod
@@ -164,8 +142,8 @@ def _nf4_fp8_backward() -> type:
                 absmax = (bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
             else:
                 absmax = state.absmax.float()
-            wt_q, wt_scale = nf4_to_e4m3_t(ctx.tensors[1], absmax, state.code.float(), list(state.shape), state.blocksize,
-                                           state.dtype, grad.dtype)
+            wt_q, wt_scale = nf4_to_e4m3_t(ctx.tensors[1].view(torch.uint8), absmax, state.code.float(), list(state.shape),
+                                           state.blocksize, state.dtype, grad.dtype)
             grad_x = fp8_matmul(grad.reshape(-1, grad.shape[-1]), wt_q, wt_scale, grad.dtype)
             return grad_x.reshape(*grad.shape[:-1], wt_q.shape[0]), None, None, None, None
 

@@ -3,12 +3,15 @@
     wt_q, wt_scale = nf4_to_e4m3_t(packed, absmax, code, [out, in], blocksize, dtype, grad_dtype)
 
 Bit-equal to quantize_rows(dequantize_4bit(W).to(grad_dtype).t()), what fp8_backward's copy holds, without the 16-bit W:
-one kernel takes the column maxima (atomic max per column), the other casts and writes W^T a tile at a time, the tile
-transposed in registers so that each row of W^T is stored contiguously. Both read the packed nibbles (half a byte per
-weight) and the fp32 absmax; the cast writes one byte per weight: 2 bytes of traffic per weight in all, against ~7 for
-dequantizing to 16 bits and casting the transpose with torch ops (measured 0.98x the 4-bit base, BENCHMARKS.md,
-session 12). fp8.nf4_to_e4m3_t (the custom op torch.compile sees) calls this on CUDA; the tests run it on the CPU under
-Triton's interpreter (TRITON_INTERPRET=1, set before triton is first imported).
+one kernel takes the column maxima (an atomic max per column), the other casts and writes W^T a tile at a time, the
+tile transposed in registers so that each row of W^T is stored contiguously. Both read the packed nibbles (half a byte
+per weight) and the fp32 absmax; the cast writes one byte per weight: 2 bytes of traffic per weight in all, against ~7
+for dequantizing to 16 bits and casting the transpose with torch ops (session 12's version: 0.98x the 4-bit base).
+
+A torch.library.triton_op: inside a compiled graph Inductor launches the two kernels itself (no Python custom-op call
+per layer); off CUDA the op is bitsandbytes' dequantization and quantize_rows. The tests run the kernels on the CPU
+under Triton's interpreter (TRITON_INTERPRET=1, set before triton is first imported), whose float casts truncate: so
+the kernels round with integer arithmetic on the bits, which the GPU computes the same way.
 """
 
 from __future__ import annotations
@@ -16,16 +19,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 TILE = (64, 128)  # rows x columns of W per program of both kernels (4 warps)
-ROUNDING = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes the kernels can round W through (1: to bfloat16)
-E4M3_MAX = 448.0
+ROUNDING = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes the kernels round W through (1: to bfloat16)
 
 
 @triton.jit
 def _round_bf16(w):
-    """w rounded to bfloat16 (to nearest, ties to even), kept in fp32: integer arithmetic on the bits, so that Triton's
-    interpreter (whose float casts truncate) computes what the GPU does."""
+    """w rounded to bfloat16 (to nearest, ties to even), kept in fp32."""
     bits = w.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
@@ -44,38 +46,40 @@ def _round_e4m3(x):
 
 
 @triton.jit
-def _tile(Packed, Absmax, Code, rows, cols, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND1: tl.constexpr,
-          ROUND2: tl.constexpr):
-    """W[rows, cols] in fp32 as bitsandbytes dequantizes it (code[nibble] * absmax in fp32; the even element in the high
-    nibble), rounded to bfloat16 where the weight's dtype (ROUND1) or the gradient's (ROUND2) is; 0 outside W."""
-    mask = (rows[:, None] < n_out) & (cols[None, :] < n_in)
-    f = rows[:, None].to(tl.int64) * n_in + cols[None, :]
-    byte = tl.load(Packed + (f >> 1), mask=mask, other=0).to(tl.int32)
-    nibble = tl.where((f & 1) == 0, byte >> 4, byte & 15)
-    w = tl.load(Code + nibble) * tl.load(Absmax + f // BLOCKSIZE, mask=mask, other=0.0)
-    if ROUND1 or ROUND2:
+def _tile(Packed, Absmax, Code, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr, BO: tl.constexpr,
+          BI: tl.constexpr):
+    """(rows, cols, W[rows, cols] in fp32, in-bounds mask) for this program's tile, W dequantized as bitsandbytes does
+    (code[nibble] * absmax in fp32, the even element in the high nibble), rounded to bfloat16 if ROUND; 0 outside W.
+    Each packed byte is loaded once (n_in is even: a row's bytes start at row * n_in / 2)."""
+    rows = tl.program_id(0) * BO + tl.arange(0, BO)
+    pairs = tl.program_id(1) * (BI // 2) + tl.arange(0, BI // 2)
+    in_rows = rows[:, None] < n_out
+    byte = tl.load(Packed + rows[:, None].to(tl.int64) * (n_in // 2) + pairs[None, :], mask=in_rows & (pairs[None, :] < n_in // 2),
+                   other=0).to(tl.int32)
+    nibble = tl.interleave(byte >> 4, byte & 15)  # [BO, BI]: element 2k from the high nibble of byte k
+    cols = tl.program_id(1) * BI + tl.arange(0, BI)
+    mask = in_rows & (cols[None, :] < n_in)
+    absmax = tl.load(Absmax + (rows[:, None].to(tl.int64) * n_in + cols[None, :]) // BLOCKSIZE, mask=mask, other=0.0)
+    w = tl.load(Code + nibble) * absmax
+    if ROUND:
         w = _round_bf16(w)
-    return w, mask
+    return rows, cols, w, mask
 
 
 @triton.jit
-def _column_max(Packed, Absmax, Code, ColMax, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND1: tl.constexpr,
-                ROUND2: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
-    rows = tl.program_id(0) * BO + tl.arange(0, BO)
-    cols = tl.program_id(1) * BI + tl.arange(0, BI)
-    w, mask = _tile(Packed, Absmax, Code, rows, cols, n_out, n_in, BLOCKSIZE, ROUND1, ROUND2)
+def _column_max(Packed, Absmax, Code, ColMax, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr,
+                BO: tl.constexpr, BI: tl.constexpr):
+    rows, cols, w, mask = _tile(Packed, Absmax, Code, n_out, n_in, BLOCKSIZE, ROUND, BO, BI)
     tl.atomic_max(ColMax + cols, tl.max(tl.abs(w), axis=0), mask=cols < n_in)
 
 
 @triton.jit
 def _cast_transposed(Packed, Absmax, Code, ColMax, Out, Scale, n_out, n_in, BLOCKSIZE: tl.constexpr,
-                     ROUND1: tl.constexpr, ROUND2: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
-    rows = tl.program_id(0) * BO + tl.arange(0, BO)
-    cols = tl.program_id(1) * BI + tl.arange(0, BI)
-    w, mask = _tile(Packed, Absmax, Code, rows, cols, n_out, n_in, BLOCKSIZE, ROUND1, ROUND2)
+                     ROUND: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+    rows, cols, w, mask = _tile(Packed, Absmax, Code, n_out, n_in, BLOCKSIZE, ROUND, BO, BI)
     amax = tl.load(ColMax + cols, mask=cols < n_in, other=1.0)
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)  # quantize_rows' scale, IEEE-rounded as torch's
-    q = tl.math.div_rn(w, scale[None, :])
+    scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)  # quantize_rows' scale: the fp32 reciprocal's product
+    q = tl.math.div_rn(w, scale[None, :])  # IEEE division, as torch divides a tensor by a tensor
     q = _round_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0)).to(tl.float8e4nv)
     # W^T[cols, rows]: the tile transposed in registers, each row of W^T written contiguously
     tl.store(Out + cols[:, None].to(tl.int64) * n_out + rows[None, :], tl.trans(q), mask=tl.trans(mask))
@@ -83,17 +87,38 @@ def _cast_transposed(Packed, Absmax, Code, ColMax, Out, Scale, n_out, n_in, BLOC
         tl.store(Scale + cols, scale, mask=cols < n_in)
 
 
-def nf4_to_e4m3_t(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: list[int], blocksize: int,
-                  dtype: torch.dtype, grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W^T in e4m3 [in, out], its scale [1, in]) for a 4-bit weight of `shape` [out, in]: see the module docstring."""
+def launch(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: list[int], blocksize: int,
+           round_bf16: bool, wrap=lambda kernel: kernel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two kernels over `packed` (uint8, out * in / 2 bytes); wrap: torch.library.wrap_triton inside the op."""
     n_out, n_in = shape
-    packed = packed.reshape(-1).view(torch.uint8)
     col_max = torch.zeros(n_in, dtype=torch.float32, device=packed.device)
     out = torch.empty(n_in, n_out, dtype=torch.float8_e4m3fn, device=packed.device)
     scale = torch.empty(1, n_in, dtype=torch.float32, device=packed.device)
     bo, bi = TILE
     grid = (triton.cdiv(n_out, bo), triton.cdiv(n_in, bi))
-    meta = dict(BLOCKSIZE=blocksize, ROUND1=ROUNDING[dtype], ROUND2=ROUNDING[grad_dtype], BO=bo, BI=bi)
-    _column_max[grid](packed, absmax, code, col_max, n_out, n_in, **meta)
-    _cast_transposed[grid](packed, absmax, code, col_max, out, scale, n_out, n_in, **meta)
+    meta = dict(BLOCKSIZE=blocksize, ROUND=int(round_bf16), BO=bo, BI=bi)
+    wrap(_column_max)[grid](packed, absmax, code, col_max, n_out, n_in, **meta)
+    wrap(_cast_transposed)[grid](packed, absmax, code, col_max, out, scale, n_out, n_in, **meta)
     return out, scale
+
+
+def by_torch(packed, absmax, code, shape, blocksize, dtype, grad_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernels compute, by bitsandbytes' dequantization and quantize_rows (the CPU; float16)."""
+    import fp8
+
+    weight = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, blocksize, "nf4", shape, dtype)
+    wt_q, wt_scale = fp8.quantize_rows(weight.to(grad_dtype).t())
+    return wt_q, wt_scale.reshape(1, -1)
+
+
+@triton_op("llama_qa::nf4_to_e4m3_t", mutates_args=())
+def nf4_to_e4m3_t(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: list[int], blocksize: int,
+                  dtype: torch.dtype, grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W^T in e4m3 [in, out], its scale [1, in]) from a bitsandbytes NF4 weight of `shape` [out, in]: packed nibbles
+    (uint8), fp32 absmax per `blocksize` weights (double quantization undone), the 16-entry code. W is rounded to
+    `dtype` (the weight's) then `grad_dtype`, as dequantize_4bit(...).to(grad_dtype) gives it, and W^T is cast as
+    quantize_rows(W.t()) casts it: bit-equal to that."""
+    if packed.device.type != "cuda" or dtype not in ROUNDING or grad_dtype not in ROUNDING:  # float16 rounding: not written
+        return by_torch(packed, absmax, code, shape, blocksize, dtype, grad_dtype)  # (a branch Inductor traces too)
+    round_bf16 = torch.bfloat16 in (dtype, grad_dtype)  # fp32 -> bf16 -> fp32 is exact; bf16 twice is bf16 once
+    return launch(packed, absmax, code, shape, blocksize, round_bf16, wrap_triton)
