@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-TILE = (64, 128)  # rows x columns of W per program of both kernels (4 warps)
+# (BO, BI, warps, ROWS): a tile of BO rows x BI columns of W (BI even); the column maxima take ROWS rows per program
+CONFIG = (32, 64, 4, 512)
 ROUNDING = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes the kernels round W through (1: to bfloat16)
 
 
@@ -46,20 +47,21 @@ def _round_e4m3(x):
 
 
 @triton.jit
-def _tile(Packed, Absmax, Code, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr, BO: tl.constexpr,
+def _tile(Packed, Absmax, Code, row0, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr, BO: tl.constexpr,
           BI: tl.constexpr):
-    """(rows, cols, W[rows, cols] in fp32, in-bounds mask) for this program's tile, W dequantized as bitsandbytes does
-    (code[nibble] * absmax in fp32, the even element in the high nibble), rounded to bfloat16 if ROUND; 0 outside W.
-    Each packed byte is loaded once (n_in is even: a row's bytes start at row * n_in / 2)."""
-    rows = tl.program_id(0) * BO + tl.arange(0, BO)
+    """(rows, cols, W[rows, cols] in fp32, in-bounds mask) for rows row0.. and this program's columns, W dequantized as
+    bitsandbytes does (code[nibble] * absmax in fp32, the even element in the high nibble), rounded to bfloat16 if
+    ROUND; 0 outside W. Each packed byte is loaded once (n_in is even: a row's bytes start at row * n_in / 2). int32
+    offsets: launch checks that W has fewer than 2^31 elements."""
+    rows = row0 + tl.arange(0, BO)
     pairs = tl.program_id(1) * (BI // 2) + tl.arange(0, BI // 2)
     in_rows = rows[:, None] < n_out
-    byte = tl.load(Packed + rows[:, None].to(tl.int64) * (n_in // 2) + pairs[None, :], mask=in_rows & (pairs[None, :] < n_in // 2),
+    byte = tl.load(Packed + rows[:, None] * (n_in // 2) + pairs[None, :], mask=in_rows & (pairs[None, :] < n_in // 2),
                    other=0).to(tl.int32)
     nibble = tl.interleave(byte >> 4, byte & 15)  # [BO, BI]: element 2k from the high nibble of byte k
     cols = tl.program_id(1) * BI + tl.arange(0, BI)
     mask = in_rows & (cols[None, :] < n_in)
-    absmax = tl.load(Absmax + (rows[:, None].to(tl.int64) * n_in + cols[None, :]) // BLOCKSIZE, mask=mask, other=0.0)
+    absmax = tl.load(Absmax + (rows[:, None] * n_in + cols[None, :]) // BLOCKSIZE, mask=mask, other=0.0)
     w = tl.load(Code + nibble) * absmax
     if ROUND:
         w = _round_bf16(w)
@@ -68,37 +70,46 @@ def _tile(Packed, Absmax, Code, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.
 
 @triton.jit
 def _column_max(Packed, Absmax, Code, ColMax, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr,
-                BO: tl.constexpr, BI: tl.constexpr):
-    rows, cols, w, mask = _tile(Packed, Absmax, Code, n_out, n_in, BLOCKSIZE, ROUND, BO, BI)
-    tl.atomic_max(ColMax + cols, tl.max(tl.abs(w), axis=0), mask=cols < n_in)
+                BO: tl.constexpr, BI: tl.constexpr, ROWS: tl.constexpr):
+    """The largest |W| of each column over ROWS rows, BO at a time, then one atomic max per column."""
+    running = tl.zeros([BI], dtype=tl.float32)
+    for r in range(0, ROWS, BO):
+        rows, cols, w, mask = _tile(Packed, Absmax, Code, tl.program_id(0) * ROWS + r, n_out, n_in, BLOCKSIZE, ROUND, BO, BI)
+        running = tl.maximum(running, tl.max(tl.abs(w), axis=0))
+    cols = tl.program_id(1) * BI + tl.arange(0, BI)
+    tl.atomic_max(ColMax + cols, running, mask=cols < n_in)
 
 
 @triton.jit
 def _cast_transposed(Packed, Absmax, Code, ColMax, Out, Scale, n_out, n_in, BLOCKSIZE: tl.constexpr,
                      ROUND: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
-    rows, cols, w, mask = _tile(Packed, Absmax, Code, n_out, n_in, BLOCKSIZE, ROUND, BO, BI)
+    rows, cols, w, mask = _tile(Packed, Absmax, Code, tl.program_id(0) * BO, n_out, n_in, BLOCKSIZE, ROUND, BO, BI)
     amax = tl.load(ColMax + cols, mask=cols < n_in, other=1.0)
     scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)  # quantize_rows' scale: the fp32 reciprocal's product
     q = tl.math.div_rn(w, scale[None, :])  # IEEE division, as torch divides a tensor by a tensor
     q = _round_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0)).to(tl.float8e4nv)
     # W^T[cols, rows]: the tile transposed in registers, each row of W^T written contiguously
-    tl.store(Out + cols[:, None].to(tl.int64) * n_out + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+    tl.store(Out + cols[:, None] * n_out + rows[None, :], tl.trans(q), mask=tl.trans(mask))
     if tl.program_id(0) == 0:
         tl.store(Scale + cols, scale, mask=cols < n_in)
 
 
 def launch(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: list[int], blocksize: int,
-           round_bf16: bool, wrap=lambda kernel: kernel) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two kernels over `packed` (uint8, out * in / 2 bytes); wrap: torch.library.wrap_triton inside the op."""
+           round_bf16: bool, wrap=lambda kernel: kernel, config: tuple = CONFIG) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two kernels over `packed` (uint8, out * in / 2 bytes); wrap: torch.library.wrap_triton inside the op;
+    config: (BO, BI, warps, ROWS), CONFIG by default."""
     n_out, n_in = shape
+    if n_out * n_in >= 2**31:
+        raise ValueError(f"nf4_kernel: a {n_out} x {n_in} weight has 2^31 elements or more (int32 offsets)")
+    bo, bi, warps, rows = config
     col_max = torch.zeros(n_in, dtype=torch.float32, device=packed.device)
     out = torch.empty(n_in, n_out, dtype=torch.float8_e4m3fn, device=packed.device)
     scale = torch.empty(1, n_in, dtype=torch.float32, device=packed.device)
-    bo, bi = TILE
-    grid = (triton.cdiv(n_out, bo), triton.cdiv(n_in, bi))
-    meta = dict(BLOCKSIZE=blocksize, ROUND=int(round_bf16), BO=bo, BI=bi)
-    wrap(_column_max)[grid](packed, absmax, code, col_max, n_out, n_in, **meta)
-    wrap(_cast_transposed)[grid](packed, absmax, code, col_max, out, scale, n_out, n_in, **meta)
+    meta = dict(BLOCKSIZE=blocksize, ROUND=int(round_bf16), BO=bo, BI=bi, num_warps=warps)
+    wrap(_column_max)[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](packed, absmax, code, col_max, n_out, n_in,
+                                                                          ROWS=rows, **meta)
+    wrap(_cast_transposed)[(triton.cdiv(n_out, bo), triton.cdiv(n_in, bi))](packed, absmax, code, col_max, out, scale, n_out,
+                                                                             n_in, **meta)
     return out, scale
 
 
