@@ -16,10 +16,53 @@ import sys
 import time
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import nf4_kernel  # noqa: E402
+
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # q/k/v/o, gate/up, down
+
+
+@triton.jit
+def tile_only(Packed, Absmax, Code, Out, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr, BO: tl.constexpr,
+              BI: tl.constexpr):
+    rows, cols, w, mask = nf4_kernel._tile(Packed, Absmax, Code, tl.program_id(0) * BO, n_out, n_in, BLOCKSIZE, ROUND, BO, BI)
+    tl.store(Out + rows[:, None] * n_in + cols[None, :], w.to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
+def tile_no_gather(Packed, Absmax, Out, n_out, n_in, BLOCKSIZE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+    rows = tl.program_id(0) * BO + tl.arange(0, BO)
+    pairs = tl.program_id(1) * (BI // 2) + tl.arange(0, BI // 2)
+    in_rows = rows[:, None] < n_out
+    byte = tl.load(Packed + rows[:, None] * (n_in // 2) + pairs[None, :], mask=in_rows, other=0).to(tl.int32)
+    nibble = tl.interleave(byte >> 4, byte & 15)
+    cols = tl.program_id(1) * BI + tl.arange(0, BI)
+    mask = in_rows & (cols[None, :] < n_in)
+    absmax = tl.load(Absmax + (rows[:, None] * n_in + cols[None, :]) // BLOCKSIZE, mask=mask, other=0.0)
+    w = nibble.to(tl.float32) * absmax
+    tl.store(Out + rows[:, None] * n_in + cols[None, :], w.to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
+def cast_untransposed(Packed, Absmax, Code, ColMax, Out, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr,
+                      BO: tl.constexpr, BI: tl.constexpr):
+    rows, cols, w, mask = nf4_kernel._tile(Packed, Absmax, Code, tl.program_id(0) * BO, n_out, n_in, BLOCKSIZE, ROUND, BO, BI)
+    amax = tl.load(ColMax + cols, mask=cols < n_in, other=1.0)
+    scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)
+    q = tl.math.div_rn(w, scale[None, :])
+    q = nf4_kernel._round_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0)).to(tl.float8e4nv)
+    tl.store(Out + rows[:, None] * n_in + cols[None, :], q, mask=mask)
+
+
+@triton.jit
+def copy_bytes(Packed, Out, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Out + offs, tl.load(Packed + offs, mask=offs < n), mask=offs < n)
+
 
 
 def seconds_per_call(fn, *args, calls: int = 50) -> float:
@@ -30,6 +73,39 @@ def seconds_per_call(fn, *args, calls: int = 50) -> float:
         fn(*args)
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / calls
+
+
+def parts(q, absmax, code, n_out, n_in, config):
+    """GPU microseconds (CUDA-graph replays: no host time) of the cast's parts and of stripped-down kernels, so that the
+    slow part shows: the two kernels alone; the dequantized tile stored as bf16 untransposed; the same without the
+    code-table gather; the cast stored untransposed; a plain copy of the packed bytes."""
+    from triton.testing import do_bench_cudagraph
+
+    bo, bi, warps, rows = config
+    meta = dict(BLOCKSIZE=64, BO=bo, BI=bi, num_warps=warps)
+    grid = (triton.cdiv(n_out, bo), triton.cdiv(n_in, bi))
+    col_max = torch.zeros(n_in, dtype=torch.float32, device="cuda")
+    out8 = torch.empty(n_in, n_out, dtype=torch.float8_e4m3fn, device="cuda")
+    scale = torch.empty(1, n_in, dtype=torch.float32, device="cuda")
+    out16 = torch.empty(n_out, n_in, dtype=torch.bfloat16, device="cuda")
+    flat = q.reshape(-1)
+    copied = torch.empty_like(flat)
+    runs = {
+        "column_max": lambda: nf4_kernel._column_max[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](
+            q, absmax, code, col_max, n_out, n_in, ROWS=rows, ROUND=1, **meta),
+        "cast_transposed": lambda: nf4_kernel._cast_transposed[grid](q, absmax, code, col_max, out8, scale, n_out, n_in, ROUND=1, **meta),
+        "cast_untransposed": lambda: cast_untransposed[grid](q, absmax, code, col_max, out8, n_out, n_in, ROUND=1, **meta),
+        "tile_to_bf16": lambda: tile_only[grid](q, absmax, code, out16, n_out, n_in, ROUND=1, **meta),
+        "tile_to_bf16_no_code_gather": lambda: tile_no_gather[grid](q, absmax, out16, n_out, n_in, **meta),
+        "copy_packed_bytes": lambda: copy_bytes[(triton.cdiv(flat.numel(), 1024),)](flat, copied, flat.numel(), BLOCK=1024),
+    }
+    out = {}
+    for name, fn in runs.items():
+        try:
+            out[name] = round(do_bench_cudagraph(fn, rep=50) * 1e3, 1)
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            out[name] = f"{type(e).__name__}: {e}"[:200]
+    return out
 
 
 def torch_cast(q, state):
@@ -44,13 +120,11 @@ def torch_cast(q, state):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON file for the timings")
-    parser.add_argument("--configs", nargs="*", default=["32,64,4,512", "64,64,4,512", "32,128,4,512", "64,128,8,512",
-                                                         "16,128,4,256", "32,64,2,512", "64,32,4,512", "128,64,8,1024"],
+    parser.add_argument("--configs", nargs="*", default=["32,64,4,512", "16,128,4,256", "16,64,2,256", "8,128,2,256",
+                                                         "16,256,4,256", "8,256,4,128"],
                         help="launch configs BO,BI,warps,ROWS (nf4_kernel.CONFIG's fields)")
     args = parser.parse_args()
     from bitsandbytes import functional as F
-
-    import nf4_kernel
 
     rows = []
     for n_out, n_in in SHAPES:
@@ -71,6 +145,8 @@ def main() -> None:
                 continue
             row["configs"][text] = {"us": round(t * 1e6, 1), "GB_s": round(least / t / 1e9, 1)}
         best = min((v["us"], k) for k, v in row["configs"].items() if "us" in v)
+        row["parts_us"] = parts(q, absmax, code, n_out, n_in, tuple(int(v) for v in best[1].split(",")))
+        print(f"[nf4_cast] {n_out}x{n_in} GPU us per part at {best[1]}: {row['parts_us']}", flush=True)
         print(f"[nf4_cast] {n_out}x{n_in}: bnb dequantize {row['bnb_dequantize_us']:.0f} us, torch cast {row['torch_cast_us']:.0f} us; "
               + ", ".join(f"{k}: {v.get('us', v.get('error'))}" for k, v in row["configs"].items()) + f"; best {best[1]}", flush=True)
         rows.append(row)
