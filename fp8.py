@@ -39,7 +39,8 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # times the fp32 reciprocal, not divided by 448: what CUDA computes for a tensor / scalar (a reciprocal's product,
     # BinaryDivTrueKernel.cu), here on every device, so that the CPU, the GPU and nf4_kernel all give the same scales
     scale = torch.where(amax > 0, amax * (1.0 / E4M3_MAX), torch.ones_like(amax))
-    q = (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).contiguous()
+    # t times 1 / scale (one IEEE reciprocal per row), not t / scale: a product per element, as nf4_kernel computes it
+    q = (t.float() * torch.reciprocal(scale)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).contiguous()
     return q, scale
 
 

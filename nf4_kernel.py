@@ -22,72 +22,84 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 # (BO, BI, warps, ROWS): a tile of BO rows x BI columns of W (BI even); the column maxima take ROWS rows per program
-CONFIG = (32, 64, 4, 512)
+CONFIG = (8, 128, 2, 256)  # the fastest of bench/nf4_cast.py's sweep on an H200 (session 13)
 ROUNDING = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes the kernels round W through (1: to bfloat16)
 
 
 @triton.jit
-def _round_bf16(w):
-    """w rounded to bfloat16 (to nearest, ties to even), kept in fp32."""
+def _round_bf16(w, NATIVE: tl.constexpr):
+    """w rounded to bfloat16 (to nearest, ties to even), kept in fp32: the GPU's own conversion (NATIVE), or integer
+    arithmetic on the bits (Triton's interpreter, whose float casts truncate)."""
+    if NATIVE:
+        return w.to(tl.bfloat16).to(tl.float32)
     bits = w.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _round_e4m3(x):
-    """x (|x| <= 448) rounded to float8 e4m3fn, to nearest, ties to even, kept in fp32 (exact in e4m3 then, so the cast
-    that follows cannot round again): 3 mantissa bits from 2^-6 up, steps of 2^-9 below (subnormals)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
-    magnitude = tl.abs(x)
-    subnormal = ((magnitude * 512.0 + 12582912.0) - 12582912.0) * 0.001953125  # 1.5 * 2^23 rounds to an even integer
-    subnormal = (subnormal.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)  # x's sign, -0 too
-    return tl.where(magnitude >= 0.015625, normal, subnormal)
+def _to_e4m3(x, NATIVE: tl.constexpr):
+    """x (|x| <= 448) as float8 e4m3fn, rounded to nearest, ties to even: the GPU's conversion (NATIVE), or rounded on
+    the bits first (3 mantissa bits from 2^-6 up, steps of 2^-9 below) so that the interpreter's cast cannot round."""
+    if not NATIVE:
+        bits = x.to(tl.uint32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+        magnitude = tl.abs(x)
+        subnormal = ((magnitude * 512.0 + 12582912.0) - 12582912.0) * 0.001953125  # 1.5 * 2^23: to an even integer
+        subnormal = (subnormal.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)  # x's sign
+        x = tl.where(magnitude >= 0.015625, normal, subnormal)
+    return x.to(tl.float8e4nv)
 
 
 @triton.jit
-def _tile(Packed, Absmax, Code, row0, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr, BO: tl.constexpr,
-          BI: tl.constexpr):
+def _tile(Packed, Absmax, Code, row0, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr,
+          NATIVE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
     """(rows, cols, W[rows, cols] in fp32, in-bounds mask) for rows row0.. and this program's columns, W dequantized as
     bitsandbytes does (code[nibble] * absmax in fp32, the even element in the high nibble), rounded to bfloat16 if
-    ROUND; 0 outside W. Each packed byte is loaded once (n_in is even: a row's bytes start at row * n_in / 2). int32
+    ROUND; 0 outside W. Each packed byte is loaded once (n_in is even: a row's bytes start at row * n_in / 2). ALIGNED
+    (BLOCKSIZE divides n_in and BI divides BLOCKSIZE): one absmax per row of the tile, else one per weight. int32
     offsets: launch checks that W has fewer than 2^31 elements."""
     rows = row0 + tl.arange(0, BO)
     pairs = tl.program_id(1) * (BI // 2) + tl.arange(0, BI // 2)
-    in_rows = rows[:, None] < n_out
-    byte = tl.load(Packed + rows[:, None] * (n_in // 2) + pairs[None, :], mask=in_rows & (pairs[None, :] < n_in // 2),
-                   other=0).to(tl.int32)
+    in_rows = rows < n_out
+    byte = tl.load(Packed + rows[:, None] * (n_in // 2) + pairs[None, :],
+                   mask=in_rows[:, None] & (pairs[None, :] < n_in // 2), other=0).to(tl.int32)
     nibble = tl.interleave(byte >> 4, byte & 15)  # [BO, BI]: element 2k from the high nibble of byte k
     cols = tl.program_id(1) * BI + tl.arange(0, BI)
-    mask = in_rows & (cols[None, :] < n_in)
-    absmax = tl.load(Absmax + (rows[:, None] * n_in + cols[None, :]) // BLOCKSIZE, mask=mask, other=0.0)
-    w = tl.load(Code + nibble) * absmax
+    mask = in_rows[:, None] & (cols[None, :] < n_in)
+    if ALIGNED:
+        absmax = tl.load(Absmax + rows * (n_in // BLOCKSIZE) + (tl.program_id(1) * BI) // BLOCKSIZE, mask=in_rows, other=0.0)
+        w = tl.load(Code + nibble) * absmax[:, None]
+    else:
+        w = tl.load(Code + nibble) * tl.load(Absmax + (rows[:, None] * n_in + cols[None, :]) // BLOCKSIZE, mask=mask, other=0.0)
     if ROUND:
-        w = _round_bf16(w)
+        w = _round_bf16(w, NATIVE)
     return rows, cols, w, mask
 
 
 @triton.jit
 def _column_max(Packed, Absmax, Code, ColMax, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr,
-                BO: tl.constexpr, BI: tl.constexpr, ROWS: tl.constexpr):
-    """The largest |W| of each column over ROWS rows, BO at a time, then one atomic max per column."""
-    running = tl.zeros([BI], dtype=tl.float32)
+                ALIGNED: tl.constexpr, NATIVE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, ROWS: tl.constexpr):
+    """The largest |W| of each column over ROWS rows, BO at a time (kept per element, reduced once), then one atomic max
+    per column."""
+    running = tl.zeros([BO, BI], dtype=tl.float32)
     for r in range(0, ROWS, BO):
-        rows, cols, w, mask = _tile(Packed, Absmax, Code, tl.program_id(0) * ROWS + r, n_out, n_in, BLOCKSIZE, ROUND, BO, BI)
-        running = tl.maximum(running, tl.max(tl.abs(w), axis=0))
+        rows, cols, w, mask = _tile(Packed, Absmax, Code, tl.program_id(0) * ROWS + r, n_out, n_in, BLOCKSIZE, ROUND,
+                                    ALIGNED, NATIVE, BO, BI)
+        running = tl.maximum(running, tl.abs(w))
     cols = tl.program_id(1) * BI + tl.arange(0, BI)
-    tl.atomic_max(ColMax + cols, running, mask=cols < n_in)
+    tl.atomic_max(ColMax + cols, tl.max(running, axis=0), mask=cols < n_in)
 
 
 @triton.jit
 def _cast_transposed(Packed, Absmax, Code, ColMax, Out, Scale, n_out, n_in, BLOCKSIZE: tl.constexpr,
-                     ROUND: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
-    rows, cols, w, mask = _tile(Packed, Absmax, Code, tl.program_id(0) * BO, n_out, n_in, BLOCKSIZE, ROUND, BO, BI)
+                     ROUND: tl.constexpr, ALIGNED: tl.constexpr, NATIVE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+    rows, cols, w, mask = _tile(Packed, Absmax, Code, tl.program_id(0) * BO, n_out, n_in, BLOCKSIZE, ROUND, ALIGNED, NATIVE,
+                                BO, BI)
     amax = tl.load(ColMax + cols, mask=cols < n_in, other=1.0)
     scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)  # quantize_rows' scale: the fp32 reciprocal's product
-    q = tl.math.div_rn(w, scale[None, :])  # IEEE division, as torch divides a tensor by a tensor
-    q = _round_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0)).to(tl.float8e4nv)
+    inverse = tl.math.div_rn(1.0, scale)  # one IEEE reciprocal per column, then a product per weight: as quantize_rows
+    q = _to_e4m3(tl.minimum(tl.maximum(w * inverse[None, :], -448.0), 448.0), NATIVE)
     # W^T[cols, rows]: the tile transposed in registers, each row of W^T written contiguously
     tl.store(Out + cols[:, None] * n_out + rows[None, :], tl.trans(q), mask=tl.trans(mask))
     if tl.program_id(0) == 0:
@@ -95,9 +107,10 @@ def _cast_transposed(Packed, Absmax, Code, ColMax, Out, Scale, n_out, n_in, BLOC
 
 
 def launch(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: list[int], blocksize: int,
-           round_bf16: bool, wrap=lambda kernel: kernel, config: tuple = CONFIG) -> tuple[torch.Tensor, torch.Tensor]:
+           round_bf16: bool, wrap=lambda kernel: kernel, config: tuple = CONFIG, native: bool | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two kernels over `packed` (uint8, out * in / 2 bytes); wrap: torch.library.wrap_triton inside the op;
-    config: (BO, BI, warps, ROWS), CONFIG by default."""
+    config: (BO, BI, warps, ROWS), CONFIG by default; native: the GPU's own float conversions (default: on CUDA)."""
     n_out, n_in = shape
     if n_out * n_in >= 2**31:
         raise ValueError(f"nf4_kernel: a {n_out} x {n_in} weight has 2^31 elements or more (int32 offsets)")
@@ -105,7 +118,9 @@ def launch(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape
     col_max = torch.zeros(n_in, dtype=torch.float32, device=packed.device)
     out = torch.empty(n_in, n_out, dtype=torch.float8_e4m3fn, device=packed.device)
     scale = torch.empty(1, n_in, dtype=torch.float32, device=packed.device)
-    meta = dict(BLOCKSIZE=blocksize, ROUND=int(round_bf16), BO=bo, BI=bi, num_warps=warps)
+    native = packed.is_cuda if native is None else native
+    meta = dict(BLOCKSIZE=blocksize, ROUND=int(round_bf16), ALIGNED=int(n_in % blocksize == 0 and blocksize % bi == 0),
+                NATIVE=int(native), BO=bo, BI=bi, num_warps=warps)
     wrap(_column_max)[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](packed, absmax, code, col_max, n_out, n_in,
                                                                           ROWS=rows, **meta)
     wrap(_cast_transposed)[(triton.cdiv(n_out, bo), triton.cdiv(n_in, bi))](packed, absmax, code, col_max, out, scale, n_out,

@@ -27,14 +27,16 @@ SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # q/k/v/o, gate/up, down
 
 
 @triton.jit
-def tile_only(Packed, Absmax, Code, Out, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr, BO: tl.constexpr,
-              BI: tl.constexpr):
-    rows, cols, w, mask = nf4_kernel._tile(Packed, Absmax, Code, tl.program_id(0) * BO, n_out, n_in, BLOCKSIZE, ROUND, BO, BI)
+def tile_only(Packed, Absmax, Code, Out, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr,
+              NATIVE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+    rows, cols, w, mask = nf4_kernel._tile(Packed, Absmax, Code, tl.program_id(0) * BO, n_out, n_in, BLOCKSIZE, ROUND, ALIGNED,
+                                           NATIVE, BO, BI)
     tl.store(Out + rows[:, None] * n_in + cols[None, :], w.to(tl.bfloat16), mask=mask)
 
 
 @triton.jit
-def tile_no_gather(Packed, Absmax, Out, n_out, n_in, BLOCKSIZE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+def tile_no_gather(Packed, Absmax, Out, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr,
+                   NATIVE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
     rows = tl.program_id(0) * BO + tl.arange(0, BO)
     pairs = tl.program_id(1) * (BI // 2) + tl.arange(0, BI // 2)
     in_rows = rows[:, None] < n_out
@@ -49,12 +51,13 @@ def tile_no_gather(Packed, Absmax, Out, n_out, n_in, BLOCKSIZE: tl.constexpr, BO
 
 @triton.jit
 def cast_untransposed(Packed, Absmax, Code, ColMax, Out, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr,
-                      BO: tl.constexpr, BI: tl.constexpr):
-    rows, cols, w, mask = nf4_kernel._tile(Packed, Absmax, Code, tl.program_id(0) * BO, n_out, n_in, BLOCKSIZE, ROUND, BO, BI)
+                      ALIGNED: tl.constexpr, NATIVE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+    rows, cols, w, mask = nf4_kernel._tile(Packed, Absmax, Code, tl.program_id(0) * BO, n_out, n_in, BLOCKSIZE, ROUND, ALIGNED,
+                                           NATIVE, BO, BI)
     amax = tl.load(ColMax + cols, mask=cols < n_in, other=1.0)
     scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)
-    q = tl.math.div_rn(w, scale[None, :])
-    q = nf4_kernel._round_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0)).to(tl.float8e4nv)
+    inverse = tl.math.div_rn(1.0, scale)
+    q = nf4_kernel._to_e4m3(tl.minimum(tl.maximum(w * inverse[None, :], -448.0), 448.0), NATIVE)
     tl.store(Out + rows[:, None] * n_in + cols[None, :], q, mask=mask)
 
 
@@ -82,7 +85,7 @@ def parts(q, absmax, code, n_out, n_in, config):
     from triton.testing import do_bench_cudagraph
 
     bo, bi, warps, rows = config
-    meta = dict(BLOCKSIZE=64, BO=bo, BI=bi, num_warps=warps)
+    meta = dict(BLOCKSIZE=64, BO=bo, BI=bi, num_warps=warps, ALIGNED=int(64 % bi == 0), NATIVE=1, ROUND=1)
     grid = (triton.cdiv(n_out, bo), triton.cdiv(n_in, bi))
     col_max = torch.zeros(n_in, dtype=torch.float32, device="cuda")
     out8 = torch.empty(n_in, n_out, dtype=torch.float8_e4m3fn, device="cuda")
@@ -92,11 +95,13 @@ def parts(q, absmax, code, n_out, n_in, config):
     copied = torch.empty_like(flat)
     runs = {
         "column_max": lambda: nf4_kernel._column_max[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](
-            q, absmax, code, col_max, n_out, n_in, ROWS=rows, ROUND=1, **meta),
-        "cast_transposed": lambda: nf4_kernel._cast_transposed[grid](q, absmax, code, col_max, out8, scale, n_out, n_in, ROUND=1, **meta),
-        "cast_untransposed": lambda: cast_untransposed[grid](q, absmax, code, col_max, out8, n_out, n_in, ROUND=1, **meta),
-        "tile_to_bf16": lambda: tile_only[grid](q, absmax, code, out16, n_out, n_in, ROUND=1, **meta),
+            q, absmax, code, col_max, n_out, n_in, ROWS=rows, **meta),
+        "cast_transposed": lambda: nf4_kernel._cast_transposed[grid](q, absmax, code, col_max, out8, scale, n_out, n_in, **meta),
+        "cast_untransposed": lambda: cast_untransposed[grid](q, absmax, code, col_max, out8, n_out, n_in, **meta),
+        "tile_to_bf16": lambda: tile_only[grid](q, absmax, code, out16, n_out, n_in, **meta),
         "tile_to_bf16_no_code_gather": lambda: tile_no_gather[grid](q, absmax, out16, n_out, n_in, **meta),
+        "interpreter_rounding_both_kernels": lambda: nf4_kernel.launch(q, absmax, code, [n_out, n_in], 64, True, config=config,
+                                                                        native=False),
         "copy_packed_bytes": lambda: copy_bytes[(triton.cdiv(flat.numel(), 1024),)](flat, copied, flat.numel(), BLOCK=1024),
     }
     out = {}
@@ -120,8 +125,8 @@ def torch_cast(q, state):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON file for the timings")
-    parser.add_argument("--configs", nargs="*", default=["32,64,4,512", "16,128,4,256", "16,64,2,256", "8,128,2,256",
-                                                         "16,256,4,256", "8,256,4,128"],
+    parser.add_argument("--configs", nargs="*", default=["8,128,2,256", "8,64,2,256", "16,64,2,256", "16,64,4,256",
+                                                         "32,64,4,512", "16,32,2,256", "32,32,2,512"],
                         help="launch configs BO,BI,warps,ROWS (nf4_kernel.CONFIG's fields)")
     args = parser.parse_args()
     from bitsandbytes import functional as F

@@ -116,8 +116,9 @@ def seconds_per_call(fn, *args, calls=20):
 @pytest.mark.gpu
 def test_kernels_on_cuda_equal_bitsandbytes_at_llama_7b_shapes_and_beat_the_torch_cast():
     """Compiled on the GPU: bit-equal to bitsandbytes' dequantization + quantize_rows at Llama-2-7B's three weight
-    shapes (launched directly, through the op, and inside torch.compile), and faster than that torch path (the reason
-    the kernels exist)."""
+    shapes (launched directly, through the op, inside torch.compile; the GPU's own float conversions and the
+    interpreter's rounding on the bits; one absmax per tile row and one per weight), and faster than that torch path
+    (the reason the kernels exist)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from bitsandbytes import functional as F
@@ -129,7 +130,10 @@ def test_kernels_on_cuda_equal_bitsandbytes_at_llama_7b_shapes_and_beat_the_torc
         q, state, absmax = nf4_case(out_features, in_features, torch.bfloat16, 64, True, device="cuda")
         args = (q, absmax, state.code.float(), [out_features, in_features], 64, torch.bfloat16, torch.bfloat16)
         want = by_bitsandbytes(q, state, torch.bfloat16)
-        got = {"launch": nf4_kernel.launch(*args[:5], True), "op": nf4_kernel.nf4_to_e4m3_t(*args), "compiled": compiled(*args)}
+        got = {"launch": nf4_kernel.launch(*args[:5], True), "op": nf4_kernel.nf4_to_e4m3_t(*args), "compiled": compiled(*args),
+               "rounded on the bits": nf4_kernel.launch(*args[:5], True, native=False),
+               "unaligned tile": nf4_kernel.launch(*args[:5], True, config=(8, 128, 2, 256)),
+               "aligned tile": nf4_kernel.launch(*args[:5], True, config=(16, 64, 2, 256))}
         times = {"kernels": seconds_per_call(nf4_kernel.launch, *args[:5], True), "compiled op": seconds_per_call(compiled, *args),
                  "torch": seconds_per_call(by_bitsandbytes, q, state, torch.bfloat16),
                  "bnb dequantize alone": seconds_per_call(F.dequantize_4bit, q, state)}
