@@ -137,6 +137,7 @@ class Plan:
     card: str = "GPU"
     explicit: tuple[str, ...] = ()
     dense_base: str = "no"  # "yes"/"fp8"/"fp8_backward": the 4-bit base copied once (--dense-base), in the peak
+    cuda_graphs: bool = False  # with fp8_backward_4bit: --pad-to-budget --compile-mode reduce-overhead (CUDA graphs)
 
     def line(self) -> str:
         tokens = self.pack_tokens * self.gradient_accumulation_steps
@@ -145,7 +146,8 @@ class Plan:
         return (f"[memory-plan] {self.card}, {self.usable_gib:.1f} GiB usable -> peak budget {self.budget_gib:.1f} GiB: "
                 f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}, {self.pack_tokens} tokens per micro-batch "
                 f"x {self.gradient_accumulation_steps} accumulation = {tokens} tokens per optimizer step, "
-                f"{COPY_WORDS.get(self.dense_base, '16-bit copy of the base off')}{given if self.fits else ''}; "
+                f"{COPY_WORDS.get(self.dense_base, '16-bit copy of the base off')}"
+                f"{', CUDA graphs over rows padded to the budget' if self.cuda_graphs else ''}{given if self.fits else ''}; "
                 f"expected peak {self.predicted_peak_gib:.1f} GiB{warn}")
 
 
@@ -175,7 +177,8 @@ def micro_batches(tokens_per_step: int, max_length: int, pack_tokens: int | None
 def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B, *, cap_bytes: int | None = None,
                 quantization: str = "4bit", lora_r: int = 16, tokens_per_step: int = 8192, max_length: int = 1024,
                 fused_cross_entropy: bool = True, fixed: dict | None = None, card: str = "GPU", fragmentation: float = 1.08,
-                reserve_gib: float = 0.5, time_model: TimeModel = TimeModel(), dense_base: str = "no", fp8_ok: bool = False) -> Plan:
+                reserve_gib: float = 0.5, time_model: TimeModel = TimeModel(), dense_base: str = "no", fp8_ok: bool = False,
+                cuda_graphs_ok: bool = True) -> Plan:
     """Pick (gradient checkpointing, tokens per micro-batch, accumulation) for one GPU; the fastest that fits wins.
 
     usable = min(free, cap): free from torch.cuda.mem_get_info() before the model is loaded, cap from the process's
@@ -185,9 +188,12 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
 
     dense_base (a 4-bit base only): "auto" adds a copy of the base to the plan chosen without it when that plan still
     fits with it. With fp8_ok (an FP8-capable card, compiled layers) and weight sizes FP8 takes, that is fp8_backward
-    (the 16-bit copy + W^T in e4m3: 1.5x dense_copy_gib) where it fits, else the 16-bit copy (dense_copy_gib), else
-    fp8_backward_4bit (no copy: the 4-bit base's input gradients in FP8, W^T cast layer by layer); it never buys a copy
-    with a smaller micro-batch or with checkpointing. "yes", "fp8" or "fp8_backward" (given) counts it in
+    (the 16-bit copy + W^T in e4m3: 1.5x dense_copy_gib) where it fits, else the 16-bit copy (dense_copy_gib); it never
+    buys a copy with a smaller micro-batch or with checkpointing. Where no copy fits, the plan has no checkpointing and
+    cuda_graphs_ok (the compile mode and padding not given otherwise), auto takes fp8_backward_4bit with CUDA graphs
+    (cuda_graphs): no copy, the 4-bit base's input gradients in FP8, the layers replayed from CUDA graphs. The two
+    together measured 1.23x the 4-bit base under a 24 GiB cap; fp8_backward_4bit alone 0.95x (BENCHMARKS.md, session 13).
+    "yes", "fp8" or "fp8_backward" (given) counts it in
     every option: 2, 2 and 3 bytes per base weight.
     """
     fixed = fixed or {}
@@ -215,9 +221,13 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
     if dense_base == "auto":
         choices = (["fp8_backward"] if fp8_ok and shape.fp8_sizes else []) + ["yes"]
         added = [(c, copy * COPY_BYTES[c] / 2) for c in choices if fits and peak + copy * COPY_BYTES[c] / 2 <= budget]
-        # no copy fits: FP8 input gradients from the 4-bit base itself (nothing held; W^T cast per layer in the backward)
-        dense_base, more = added[0] if added else ("fp8_backward_4bit" if fp8_ok and shape.fp8_sizes else "no", 0.0)
+        # no copy fits: FP8 input gradients from the 4-bit base itself (nothing held; W^T cast per layer in the backward),
+        # with CUDA graphs (without them it measured slower: the host launching kernels binds the shorter GPU step)
+        graphs = not added and fp8_ok and shape.fp8_sizes and fits and not gc and cuda_graphs_ok
+        dense_base, more = added[0] if added else ("fp8_backward_4bit" if graphs else "no", 0.0)
         peak += more
+        return Plan(gc, micro, accumulation, round(peak, 2), round(budget, 2), round(usable, 2), fits, card, tuple(sorted(fixed)),
+                    dense_base, graphs)
     return Plan(gc, micro, accumulation, round(peak, 2), round(budget, 2), round(usable, 2), fits, card, tuple(sorted(fixed)),
                 dense_base)
 
@@ -266,8 +276,11 @@ def apply_memory_plan(cfg, explicit: set[str]):
     name = resolve_base_model(cfg.base_model, cfg.gguf_file)
     shape = shape_from_config(AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code))
     fixed = {f: getattr(cfg, f) for f in FIELDS if f in explicit and f != "dense_base"}
+    graphs_ok = ((cfg.compile_mode == "reduce-overhead" or "compile_mode" not in explicit)
+                 and (cfg.pad_to_budget or "pad_to_budget" not in explicit))
     plan = plan_from_cuda(shape, torch.device(rt.device).index or 0, quantization=cfg.quantization, lora_r=cfg.lora_r,
                           tokens_per_step=cfg.tokens_per_step, max_length=cfg.max_length, fused_cross_entropy=cfg.liger, fixed=fixed,
-                          dense_base=cfg.dense_base, fp8_ok=fp8_backward_ok(cfg, rt))
+                          dense_base=cfg.dense_base, fp8_ok=fp8_backward_ok(cfg, rt), cuda_graphs_ok=graphs_ok)
     print(plan.line(), flush=True)
-    return dataclasses.replace(cfg, **{f: getattr(plan, f) for f in FIELDS})
+    graphs = {"compile_mode": "reduce-overhead", "pad_to_budget": True} if plan.cuda_graphs else {}
+    return dataclasses.replace(cfg, **{f: getattr(plan, f) for f in FIELDS}, **graphs)

@@ -148,15 +148,21 @@ def test_dense_base_is_added_only_where_the_plan_still_fits_with_it():
 
 def test_dense_base_auto_takes_fp8_backward_on_an_fp8_card_where_its_transpose_fits_too():
     """With fp8_ok (Hopper or newer, compiled layers) auto prefers fp8_backward (1.5x the copy: +6 GiB for 7B), else the
-    16-bit copy, else no copy and FP8 input gradients from the 4-bit base (fp8_backward_4bit, nothing held); the
-    micro-batch and checkpointing stay those chosen without a copy."""
+    16-bit copy, else (no checkpointing) no copy, FP8 input gradients from the 4-bit base and CUDA graphs
+    (fp8_backward_4bit, nothing held), else none; the micro-batch and checkpointing stay those chosen without a copy."""
     cards = {"80": H100, "24cap": dict(**H100, cap_bytes=24 * GIB), "40": {"total_bytes": int(39.4 * GIB), "free_bytes": int(39.0 * GIB)},
              "12": {"total_bytes": int(11.6 * GIB), "free_bytes": int(11.2 * GIB)}}
     plans = {name: plan_memory(**card, dense_base="auto", fp8_ok=True) for name, card in cards.items()}
     split = {name: (p.gradient_checkpointing, p.pack_tokens, p.gradient_accumulation_steps, p.dense_base) for name, p in plans.items()}
     assert split == {"80": (False, 8192, 1, "fp8_backward"), "24cap": (False, 4096, 2, "fp8_backward_4bit"),
-                     "40": (False, 4096, 2, "yes"), "12": (True, 8192, 1, "fp8_backward_4bit")}
+                     "40": (False, 4096, 2, "yes"), "12": (True, 8192, 1, "no")}  # 12: checkpointing, no CUDA graphs
+    assert [name for name, p in plans.items() if p.cuda_graphs] == ["24cap"]
     assert plans["24cap"].predicted_peak_gib == plan_memory(**cards["24cap"]).predicted_peak_gib  # nothing held for it
+    words = "no copy of the base, FP8 input gradients from the 4-bit base, CUDA graphs over rows padded to the budget"
+    assert words in plans["24cap"].line()
+    refused = plan_memory(**cards["24cap"], dense_base="auto", fp8_ok=True, cuda_graphs_ok=False)  # e.g. --compile-mode default given
+    assert (refused.dense_base, refused.cuda_graphs) == ("no", False)
+    assert not plan_memory(**cards["24cap"], dense_base="auto").cuda_graphs  # no FP8 card: the 4-bit base as before
     copy = dense_copy_gib(LLAMA2_7B)
     assert plans["80"].predicted_peak_gib == pytest.approx(plan_memory(**H100).predicted_peak_gib + 1.5 * copy, abs=0.01)
     assert plans["80"].predicted_peak_gib >= 54.1  # measured on an H200 (session 11)
@@ -222,3 +228,29 @@ def test_python_main_py_plans_and_trains_compiled_on_the_gpu(tmp_path):
         compiled = json.load(fh)["compile"]
     assert compiled["graph_breaks"] == {} and 1 <= compiled["compiled_variants"] <= 2, compiled
     assert all(math.isfinite(x) for x in step_losses(out))
+
+
+def test_a_24gb_fp8_card_gets_cuda_graphs_over_fp8_backward_4bit_unless_the_mode_or_padding_is_given(monkeypatch):
+    """apply_memory_plan on a (faked) Hopper card capped at 24 GiB: --dense-base fp8_backward_4bit with
+    --pad-to-budget --compile-mode reduce-overhead, the plan's fastest measured there; a compile mode or padding given
+    otherwise keeps the 4-bit base as it was, and an 80 GB card keeps fp8_backward without graphs."""
+    import memory_plan
+    import runtime
+    from hub import TINY_MODEL
+
+    monkeypatch.setattr(runtime, "runtime", lambda: runtime.Runtime("cuda:0", torch.bfloat16))
+    monkeypatch.setattr(memory_plan, "fp8_backward_ok", lambda cfg, rt: True)
+    card = {}
+    monkeypatch.setattr(memory_plan, "plan_from_cuda", lambda shape, device=0, **kw: plan_memory(**card, **kw))
+    card.update(H100, cap_bytes=24 * GIB)
+    cfg = TrainConfig(base_model=TINY_MODEL)
+    planned = apply_memory_plan(cfg, set())
+    assert (planned.dense_base, planned.compile_mode, planned.pad_to_budget, planned.gradient_checkpointing,
+            planned.pack_tokens, planned.gradient_accumulation_steps) == ("fp8_backward_4bit", "reduce-overhead", True, False, 4096, 2)
+    kept = apply_memory_plan(dataclasses.replace(cfg, compile_mode="default"), {"compile_mode"})
+    assert (kept.dense_base, kept.compile_mode, kept.pad_to_budget) == ("no", "default", False)
+    assert apply_memory_plan(cfg, {"pad_to_budget"}).dense_base == "no"  # --no-pad-to-budget given
+    card.clear()
+    card.update(H100)
+    big = apply_memory_plan(cfg, set())
+    assert (big.dense_base, big.compile_mode, big.pad_to_budget) == ("fp8_backward", "default", False)
