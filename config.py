@@ -93,7 +93,8 @@ class TrainConfig:
         "kernels, less host work per micro-batch; 1.046x on an H200). Costs 2 bytes per base weight instead of ~0.5 (computed: "
         "+9 GiB for 7B once the 4-bit weights are freed; the plan counts 12). auto: on one CUDA GPU, when --memory-plan auto's "
         "plan still fits with it (never a smaller micro-batch for it), fp8_backward on a Hopper or newer card with compiled "
-        "layers (1.15x yes on an H200, the same losses within noise: BENCHMARKS.md), yes otherwise; no where neither fits. "
+        "layers (1.15x yes on an H200, the same losses within noise: BENCHMARKS.md), yes otherwise; where no copy fits, "
+        "fp8_backward_4bit with CUDA graphs on such a card without checkpointing (a 24 GB plan), no otherwise. "
         "Needs --quantization 4bit; not "
         "under FSDP. The adapter trained is the same (tests: equal losses and gradients). fp8: the copy held in float8 e4m3 "
         "(a scale per row, two orientations: the same 2 bytes per weight) and every base matmul run in FP8 with its input "
@@ -101,9 +102,11 @@ class TrainConfig:
         "of numerics (~3-4% relative error per product), not the NF4 values exactly: see BENCHMARKS.md for its speed and loss. "
         "fp8_backward: the forward pass exactly the 16-bit copy's, only the input gradient through each base weight in FP8 "
         "(W^T held in e4m3 beside the 16-bit W: 3 bytes per base weight); the LoRA gradients are then rounded, not the loss. "
-        "fp8_backward_4bit: no copy; the forward is the 4-bit base's own, and each backward pass casts the dequantized weight "
-        "to e4m3 as fp8_backward's copy is cast (the same rounded W^T) for an FP8 input gradient: for cards where no copy "
-        "fits (not auto's choice: its speed is not measured yet).",
+        "fp8_backward_4bit: no copy; the forward is the 4-bit base's own, and each backward pass casts W^T to e4m3 straight "
+        "from the packed NF4 weight (nf4_kernel.py, two Triton kernels; bit-equal to fp8_backward's W^T) for an FP8 input "
+        "gradient. Under a 24 GiB cap on an H200 (session 13): 1.23x the 4-bit base with CUDA graphs (--pad-to-budget "
+        "--compile-mode reduce-overhead, what auto sets with it), 0.95x without them (the host launching kernels then "
+        "bounds the shorter step).",
     )
     lora_r: int = doc(16, "LoRA rank (QLoRA paper uses 64 for 7B; 16 is the common PEFT recipe and 4x fewer adapter parameters).")
     lora_alpha: int = doc(32, "LoRA scaling numerator: the update is scaled by alpha / r (alpha = 2r is the PEFT convention).")
@@ -168,7 +171,9 @@ class TrainConfig:
         "accumulation each micro-batch replays the same graphs into zeroed gradients). Measured on an H200 (BENCHMARKS.md): "
         "1.27x default at 2,048-token micro-batches (1.49-1.71x with fp8_backward; a fixed 0.041-0.046 s per micro-batch "
         "instead of 0.12-0.14 s), equal at 8,192 (default's) and at 4,096 x 2 on a 4-bit base, 0.95x at 4,096 x 2 with the "
-        "16-bit copy; not the default. With gradient checkpointing its recording failed (session 9, an error, not a fallback).",
+        "16-bit copy; not the default, except where --memory-plan auto picks --dense-base fp8_backward_4bit (no copy fits on "
+        "a Hopper card: 1.23x the 4-bit base under a 24 GiB cap together). With gradient checkpointing its recording failed "
+        "(session 9, an error, not a fallback).",
     )
     pad_to_budget: bool = doc(
         False,
