@@ -15,7 +15,9 @@ Model: peak = static (weights + LoRA training state) + tokens x per_token, per_t
     GC:    (2 x layers + GC_EXTRA_PER_HIDDEN) x hidden  (one bf16 checkpoint per layer + one layer's recompute)
 fitted with the static part computed from the architecture (4.20 GiB for 7B), taking the largest per-token value
 over the points, so the model never under-predicts a measured point. --dense-base (a 16-bit copy of the 4-bit base
-for training; fp8_backward: + its e4m3 transpose) adds the copy's size to the peak (dense_copy_gib, x1.5).
+for training; fp8_backward: + its e4m3 transpose) adds the copy's size to the peak (dense_copy_gib, x1.5). Where no copy
+fits on a Hopper card without checkpointing, auto takes fp8_backward_4bit (nothing held) and CUDA graphs (--pad-to-budget
+--compile-mode reduce-overhead): the plan then sets those two fields as well.
 """
 
 from __future__ import annotations

@@ -115,8 +115,8 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "fp8_backward_nogc_2048": ["--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048", "--dense-base",
                                "fp8_backward"],
     # --dense-base fp8_backward_4bit (sessions 12-13): no copy, FP8 input gradients from the 4-bit base, W^T cast by
-    # nf4_kernel in each backward; auto's choice under a 24 GiB cap since session 13 (default_cap24): nf4_cap24 is the
-    # 4-bit base without it (default_cap24 until then), nf4 / fp8_backward_4bit the same two uncapped
+    # nf4_kernel in each backward; with CUDA graphs (the variant below) the 24 GiB plan on Hopper since session 13
+    # (default_cap24); nf4_cap24 is the 4-bit base alone (default_cap24 until then), nf4 / fp8_backward_4bit the two uncapped
     "fp8_backward_4bit": ["--dense-base", "fp8_backward_4bit"],
     "nf4": ["--dense-base", "no"],
     "nf4_cap24": ["--dense-base", "no"],
