@@ -120,13 +120,14 @@ def train_in_both_compile_modes(tmp_path, flags: list[str]) -> tuple[dict[str, s
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("accumulation", "dense_base"), [(1, "no"), (2, "no"), (1, "fp8_backward")])
+@pytest.mark.parametrize(("accumulation", "dense_base"), [(1, "no"), (2, "no"), (1, "fp8_backward"), (2, "fp8_backward_4bit")])
 def test_cuda_graph_training_records_once_and_matches_default_compile(tmp_path, accumulation, dense_base):
     """--compile-mode reduce-overhead on fixed shapes (--pad-to-budget), one or two micro-batches per optimizer step: one
     forward and one backward graph per layer, recorded by step 4 and replayed since (not re-recorded: the 15x slowdown of
     session 3, the 13-19 s steps with accumulation of session 7), no call skipped them, and the losses equal --compile-mode
     default's (same Inductor kernels, replayed; with accumulation, the gradients of both micro-batches summed). Also over
-    python main.py's base on Hopper, the 16-bit copy with FP8 input gradients (_scaled_mm inside the graphs)."""
+    python main.py's base on Hopper, the 16-bit copy with FP8 input gradients (_scaled_mm inside the graphs), and over
+    the 24 GB plan on Hopper: FP8 input gradients from the 4-bit base (nf4_kernel's cast inside the graphs), 2 micro-batches."""
     if dense_base in FP8ES and fp8.check_fp8_device("cuda:0"):
         pytest.skip(fp8.check_fp8_device("cuda:0"))
     flags = ["--preset", "smoke", "--max-steps", "8", "--val-fraction", "0", "--save-steps", "8", "--pad-to-budget",
@@ -140,12 +141,17 @@ def test_cuda_graph_training_records_once_and_matches_default_compile(tmp_path, 
 
 
 @pytest.mark.gpu
-def test_cuda_graph_training_with_evaluation_matches_default_compile(tmp_path):
+@pytest.mark.parametrize("dense_base", ["no", "fp8_backward_4bit"])
+def test_cuda_graph_training_with_evaluation_matches_default_compile(tmp_path, dense_base):
     """README's advice for small micro-batches (--pad-to-budget --compile-mode reduce-overhead) with held-out evaluation
     every 4 steps: the evaluation passes (eval mode, no grad) run between the training graphs' replays, the training
-    graphs are not recorded again, and the training losses and the held-out loss equal --compile-mode default's."""
+    graphs are not recorded again, and the training losses and the held-out loss equal --compile-mode default's. Also
+    with fp8_backward_4bit, the 24 GB plan's base on Hopper."""
+    if dense_base in FP8ES and fp8.check_fp8_device("cuda:0"):
+        pytest.skip(fp8.check_fp8_device("cuda:0"))
     flags = ["--preset", "smoke", "--max-steps", "8", "--val-fraction", "0.2", "--eval-steps", "4", "--save-steps", "8",
-             "--pad-to-budget", "--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "512"]
+             "--pad-to-budget", "--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "512",
+             "--dense-base", dense_base]
     outs, metrics = train_in_both_compile_modes(tmp_path, flags)
     graphs = metrics["reduce-overhead"]["compile"]
     # the training graphs recorded once (not 2 more per layer at every step after 4); evaluation's own, at most once per pass
