@@ -16,10 +16,10 @@ forward product and only W^T in e4m3 for the input gradient, so the loss (and ev
 of the base's FLOPs). 3 bytes per base weight instead of 2.
 
 --dense-base fp8_backward_4bit does the same over the 4-bit base itself, for cards where no copy fits: the forward pass
-is bitsandbytes' own 4-bit product, and the backward pass dequantizes the weight as bitsandbytes does, then casts W^T to
-e4m3 exactly as fp8_backward's copy is cast (so the same rounded values) and multiplies in FP8. No bytes beyond the
-4-bit weights; a cast of each weight per backward pass instead: on CUDA two Triton kernels that read the packed NF4
-bytes themselves (nf4_kernel.py).
+is bitsandbytes' own 4-bit product, and the backward pass casts W^T to e4m3 straight from the packed NF4 weight, bit-equal
+to fp8_backward's copy (so the same rounded values), and multiplies in FP8. No bytes beyond the 4-bit weights; a cast of
+each weight per backward pass instead: on CUDA two Triton kernels (nf4_kernel.py), elsewhere bitsandbytes'
+dequantization and quantize_rows.
 """
 
 from __future__ import annotations
@@ -124,12 +124,11 @@ class Fp8Linear(torch.nn.Module):
 @functools.cache
 def _nf4_fp8_backward() -> type:
     """bitsandbytes' MatMul4Bit with its backward in FP8: the forward (its 4-bit product) unchanged, the input gradient
-    from W dequantized (bitsandbytes' backward does the same), cast to e4m3 as W^T per input column, times the gradient
-    cast per row. Made on first use: importing bitsandbytes is only needed here."""
-    from bitsandbytes import functional as bnb_functional
+    from W^T in e4m3 per input column (nf4_kernel.nf4_to_e4m3_t, from the packed weight) times the gradient cast per row.
+    Made on first use: importing bitsandbytes and triton is only needed here."""
     from bitsandbytes.autograd._functions import MatMul4Bit
 
-    from nf4_kernel import nf4_to_e4m3_t  # registers the op (and imports triton): only here
+    from nf4_kernel import fp32_absmax, nf4_to_e4m3_t  # registers the op (and imports triton): only here
 
     class Nf4Fp8Backward(MatMul4Bit):
         @staticmethod
@@ -139,12 +138,8 @@ def _nf4_fp8_backward() -> type:
             if not ctx.needs_input_grad[0]:
                 return None, None, None, None, None
             state = ctx.state
-            if state.nested:  # double quantization: the absmax values are themselves 8-bit, as dequantize_4bit reads them
-                absmax = (bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
-            else:
-                absmax = state.absmax.float()
-            wt_q, wt_scale = nf4_to_e4m3_t(ctx.tensors[1].view(torch.uint8), absmax, state.code.float(), list(state.shape),
-                                           state.blocksize, state.dtype, grad.dtype)
+            wt_q, wt_scale = nf4_to_e4m3_t(ctx.tensors[1].view(torch.uint8), fp32_absmax(state), state.code.float(),
+                                           list(state.shape), state.blocksize, state.dtype, grad.dtype)
             grad_x = fp8_matmul(grad.reshape(-1, grad.shape[-1]), wt_q, wt_scale, grad.dtype)
             return grad_x.reshape(*grad.shape[:-1], wt_q.shape[0]), None, None, None, None
 

@@ -220,6 +220,7 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
                         f"{f'drop --dense-base {dense_base} (the copy of the base), ' if dense_base in COPY_BYTES else ''}"
                         "free GPU memory, lower "
                         f"--max-length or --lora-r, or pass --memory-plan off with your own --pack-tokens")
+    graphs = False
     if dense_base == "auto":
         choices = (["fp8_backward"] if fp8_ok and shape.fp8_sizes else []) + ["yes"]
         added = [(c, copy * COPY_BYTES[c] / 2) for c in choices if fits and peak + copy * COPY_BYTES[c] / 2 <= budget]
@@ -228,10 +229,8 @@ def plan_memory(total_bytes: int, free_bytes: int, shape: ModelShape = LLAMA2_7B
         graphs = not added and fp8_ok and shape.fp8_sizes and fits and not gc and cuda_graphs_ok
         dense_base, more = added[0] if added else ("fp8_backward_4bit" if graphs else "no", 0.0)
         peak += more
-        return Plan(gc, micro, accumulation, round(peak, 2), round(budget, 2), round(usable, 2), fits, card, tuple(sorted(fixed)),
-                    dense_base, graphs)
     return Plan(gc, micro, accumulation, round(peak, 2), round(budget, 2), round(usable, 2), fits, card, tuple(sorted(fixed)),
-                dense_base)
+                dense_base, graphs)
 
 
 def shape_from_config(config) -> ModelShape:

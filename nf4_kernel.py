@@ -128,6 +128,16 @@ def launch(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape
     return out, scale
 
 
+def fp32_absmax(state) -> torch.Tensor:
+    """A bitsandbytes QuantState's absmax per block in fp32, what the kernels read: with double quantization the absmax
+    values are themselves 8-bit, undone as dequantize_4bit undoes them."""
+    if not state.nested:
+        return state.absmax.float()
+    from bitsandbytes import functional as F
+
+    return (F.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+
+
 def by_torch(packed, absmax, code, shape, blocksize, dtype, grad_dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """What the kernels compute, by bitsandbytes' dequantization and quantize_rows (the CPU; float16)."""
     import fp8

@@ -135,7 +135,7 @@ def main() -> None:
     for n_out, n_in in SHAPES:
         w = (torch.randn(n_out, n_in, device="cuda") * 0.02).bfloat16()
         q, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-        absmax = (F.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+        absmax = nf4_kernel.fp32_absmax(state)
         code = state.code.float()
         least = n_out * n_in * (0.5 * 2 + 1) + absmax.numel() * 4 * 2
         row = {"shape": [n_out, n_in], "card": torch.cuda.get_device_name(),

@@ -130,25 +130,31 @@ def test_fp8_base_puts_fp8_layers_under_lora_and_trains_near_the_16bit_copy(tiny
     assert losses["fp8"][1] < losses["fp8"][0]
 
 
+def lora_layers_loss_and_grads(batch, dense_base: str) -> tuple[torch.nn.Module, list, float, torch.Tensor]:
+    """The tiny 4-bit base loaded with --dense-base `dense_base`, LoRA B given values (it starts at zero: so that gradients
+    reach A through B), one forward and backward on `batch`: (model, its LoRA layers, the loss, all LoRA gradients)."""
+    from peft.tuners.lora import LoraLayer
+
+    model = tiny_4bit_for_training(dense_base)
+    lora = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    with torch.no_grad():
+        for m in lora:
+            m.lora_B["default"].weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    loss = model(**batch).loss
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for n, p in sorted(model.named_parameters()) if p.requires_grad])
+    return model, lora, loss.item(), grads
+
+
 def test_fp8_backward_base_has_the_16bit_copys_first_loss_and_near_its_lora_gradients(tiny_tokenizer):
     """--dense-base fp8_backward on the tiny 4-bit base: the forward pass (so the loss before any update) equals the 16-bit
     copy's exactly; the LoRA gradients, which flow back through the FP8 input gradients, are close but not equal."""
-    from peft.tuners.lora import Linear as LoraLinear
-
     batch = two_answers_batch(tiny_tokenizer)
     losses, grads = {}, {}
     for dense in ("yes", "fp8_backward"):
-        model = tiny_4bit_for_training(dense)
-        lora = [m for m in model.modules() if isinstance(m, LoraLinear)]
+        _, lora, losses[dense], grads[dense] = lora_layers_loss_and_grads(batch, dense)
         if dense == "fp8_backward":
             assert len(lora) == 14 and all(type(m.base_layer) is fp8.Fp8Linear and m.base_layer.exact_forward for m in lora)
-        with torch.no_grad():  # LoRA B starts at zero: give it values, so that gradients reach A through B
-            for m in lora:
-                m.lora_B["default"].weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
-        loss = model(**batch).loss
-        loss.backward()
-        losses[dense] = loss.item()
-        grads[dense] = torch.cat([p.grad.flatten() for n, p in sorted(model.named_parameters()) if p.requires_grad])
     assert losses["fp8_backward"] == losses["yes"]
     rel = ((grads["fp8_backward"] - grads["yes"]).norm() / grads["yes"].norm()).item()
     assert 1e-4 < rel < 0.05, rel
@@ -213,24 +219,14 @@ def test_fp8_backward_4bit_base_has_the_4bit_first_loss_and_fp8_backwards_lora_g
     """--dense-base fp8_backward_4bit on the tiny 4-bit base, loaded as main.py does: every LoRA layer's base wraps its
     4-bit layer (no 16-bit copy), the loss before any update equals the 4-bit base's exactly, and the LoRA gradients
     equal fp8_backward's (the same rounded W^T)."""
-    from peft.tuners.lora import LoraLayer
-
     batch = two_answers_batch(tiny_tokenizer)
     losses, grads = {}, {}
     for dense in ("no", "fp8_backward_4bit", "fp8_backward"):
-        model = tiny_4bit_for_training(dense)
-        lora = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        model, lora, losses[dense], grads[dense] = lora_layers_loss_and_grads(batch, dense)
         if dense == "fp8_backward_4bit":
             assert len(lora) == 14 and all(type(m.base_layer) is fp8.Nf4Fp8BackwardLinear for m in lora)
             frozen = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
             assert frozen == ["base_model.model.lm_head"]  # no 16-bit copy of a base layer
-        with torch.no_grad():  # LoRA B starts at zero: give it values, so that gradients reach A through B
-            for m in lora:
-                m.lora_B["default"].weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
-        loss = model(**batch).loss
-        loss.backward()
-        losses[dense] = loss.item()
-        grads[dense] = torch.cat([p.grad.flatten() for n, p in sorted(model.named_parameters()) if p.requires_grad])
     assert losses["fp8_backward_4bit"] == losses["no"] == losses["fp8_backward"]
     torch.testing.assert_close(grads["fp8_backward_4bit"], grads["fp8_backward"], rtol=0, atol=0)
     rel = ((grads["fp8_backward_4bit"] - grads["no"]).norm() / grads["no"].norm()).item()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -39,8 +38,9 @@ def nf4_case(out_features, in_features, dtype, blocksize, nested, device="cpu", 
     w[7] *= 1e-3
     w[9] *= 100
     q, state = F.quantize_4bit(w.to(device, dtype), blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
-    absmax = (F.dequantize_blockwise(state.absmax, state.state2) + state.offset).float() if nested else state.absmax.float()
-    return q, state, absmax
+    import nf4_kernel
+
+    return q, state, nf4_kernel.fp32_absmax(state)
 
 
 def by_bitsandbytes(q, state, grad_dtype):
@@ -103,16 +103,6 @@ def test_the_op_on_the_cpu_is_bitsandbytes_and_quantize_rows_and_traces_with_fak
     assert (wt_q.shape, wt_q.dtype, wt_scale.shape, wt_scale.dtype) == ((80, 48), torch.float8_e4m3fn, (1, 80), torch.float32)
 
 
-def seconds_per_call(fn, *args, calls=20):
-    fn(*args)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn(*args)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls
-
-
 @pytest.mark.gpu
 def test_kernels_on_cuda_equal_bitsandbytes_at_llama_7b_shapes_and_beat_the_torch_cast():
     """Compiled on the GPU: bit-equal to bitsandbytes' dequantization + quantize_rows at Llama-2-7B's three weight
@@ -125,6 +115,9 @@ def test_kernels_on_cuda_equal_bitsandbytes_at_llama_7b_shapes_and_beat_the_torc
 
     import nf4_kernel
 
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from nf4_cast import seconds_per_call
+
     compiled = torch.compile(nf4_kernel.nf4_to_e4m3_t, fullgraph=True)
     for out_features, in_features in ((4096, 4096), (11008, 4096), (4096, 11008)):
         q, state, absmax = nf4_case(out_features, in_features, torch.bfloat16, 64, True, device="cuda")
@@ -134,9 +127,10 @@ def test_kernels_on_cuda_equal_bitsandbytes_at_llama_7b_shapes_and_beat_the_torc
                "rounded on the bits": nf4_kernel.launch(*args[:5], True, native=False),
                "unaligned tile": nf4_kernel.launch(*args[:5], True, config=(8, 128, 2, 256)),
                "aligned tile": nf4_kernel.launch(*args[:5], True, config=(16, 64, 2, 256))}
-        times = {"kernels": seconds_per_call(nf4_kernel.launch, *args[:5], True), "compiled op": seconds_per_call(compiled, *args),
-                 "torch": seconds_per_call(by_bitsandbytes, q, state, torch.bfloat16),
-                 "bnb dequantize alone": seconds_per_call(F.dequantize_4bit, q, state)}
+        times = {"kernels": seconds_per_call(nf4_kernel.launch, *args[:5], True, calls=20),
+                 "compiled op": seconds_per_call(compiled, *args, calls=20),
+                 "torch": seconds_per_call(by_bitsandbytes, q, state, torch.bfloat16, calls=20),
+                 "bnb dequantize alone": seconds_per_call(F.dequantize_4bit, q, state, calls=20)}
         differ = {k: ((v[0].view(torch.uint8) != want[0].view(torch.uint8)).sum().item(), (v[1] != want[1]).sum().item())
                   for k, v in got.items()}
         print(f"nf4 -> e4m3 W^T {out_features}x{in_features} ({torch.cuda.get_device_name()}): "
