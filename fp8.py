@@ -132,16 +132,21 @@ def _nf4_fp8_backward() -> type:
 
     class Nf4Fp8Backward(MatMul4Bit):
         @staticmethod
+        def forward(ctx, A, B, out, bias, quant_state, col_max):
+            ctx.col_max = col_max  # W's column maxima (frozen), as bitsandbytes keeps B: not a saved activation
+            return MatMul4Bit.forward(ctx, A, B, out, bias, quant_state)
+
+        @staticmethod
         def backward(ctx, grad):
             if ctx.is_empty or ctx.needs_input_grad[3]:  # empty input, or a bias to train: bitsandbytes' own backward
-                return MatMul4Bit.backward(ctx, grad)
+                return *MatMul4Bit.backward(ctx, grad), None
             if not ctx.needs_input_grad[0]:
-                return None, None, None, None, None
+                return None, None, None, None, None, None
             state = ctx.state
             wt_q, wt_scale = nf4_to_e4m3_t(ctx.tensors[1].view(torch.uint8), fp32_absmax(state), state.code.float(),
-                                           list(state.shape), state.blocksize, state.dtype, grad.dtype)
+                                           ctx.col_max, list(state.shape), state.blocksize, state.dtype, grad.dtype)
             grad_x = fp8_matmul(grad.reshape(-1, grad.shape[-1]), wt_q, wt_scale, grad.dtype)
-            return grad_x.reshape(*grad.shape[:-1], wt_q.shape[0]), None, None, None, None
+            return grad_x.reshape(*grad.shape[:-1], wt_q.shape[0]), None, None, None, None, None
 
     return Nf4Fp8Backward
 
@@ -160,6 +165,11 @@ class Nf4Fp8BackwardLinear(torch.nn.Module):
             raise ValueError(f"FP8 matmuls need both sizes of a weight divisible by 16, got {(self.out_features, self.in_features)}")
         if layer.weight.quant_type != "nf4":
             raise ValueError(f"--dense-base fp8_backward_4bit reads NF4 weights, not {layer.weight.quant_type}")
+        from nf4_kernel import column_max, fp32_absmax
+
+        state = layer.weight.quant_state  # the frozen W's column maxima, taken once (each backward pass casts with them)
+        self.register_buffer("col_max", column_max(layer.weight.data.view(torch.uint8), fp32_absmax(state), state.code.float(),
+                                                   list(state.shape), state.blocksize), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
@@ -168,7 +178,7 @@ class Nf4Fp8BackwardLinear(torch.nn.Module):
             layer.compute_type_is_set = True
         dtype = x.dtype
         x = x.to(layer.compute_dtype) if layer.compute_dtype is not None else x
-        y = self.function.apply(x, layer.weight, None, None, layer.weight.quant_state)
+        y = self.function.apply(x, layer.weight, None, None, layer.weight.quant_state, self.col_max)
         return (y if layer.bias is None else y + layer.bias.to(y.dtype)).to(dtype)
 
     def extra_repr(self) -> str:

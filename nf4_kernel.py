@@ -1,15 +1,17 @@
 """Triton kernels for --dense-base fp8_backward_4bit (fp8.py): W^T in e4m3 straight from a bitsandbytes NF4 weight.
 
-    wt_q, wt_scale = nf4_to_e4m3_t(packed, absmax, code, [out, in], blocksize, dtype, grad_dtype)
+    col_max = column_max(packed, absmax, code, [out, in], blocksize)  # once: W is frozen
+    wt_q, wt_scale = nf4_to_e4m3_t(packed, absmax, code, col_max, [out, in], blocksize, dtype, grad_dtype)  # each backward
 
 Bit-equal to quantize_rows(dequantize_4bit(W).to(grad_dtype).t()), what fp8_backward's copy holds, without the 16-bit W:
 one kernel takes the column maxima (an atomic max per column), the other casts and writes W^T a tile at a time, the
-tile transposed in registers so that each row of W^T is stored contiguously. Both read the packed nibbles (half a byte
-per weight) and the fp32 absmax; the cast writes one byte per weight: 2 bytes of traffic per weight in all, against ~7
-for dequantizing to 16 bits and casting the transpose with torch ops (session 12's version: 0.98x the 4-bit base).
+tile transposed in registers so that each row of W^T is stored contiguously. The base is frozen, so its column maxima
+are taken once, at load (4 bytes per input column); each backward pass runs only the cast, which reads the packed
+nibbles (half a byte per weight) and the fp32 absmax and writes one byte per weight, against ~7 bytes of traffic for
+dequantizing to 16 bits and casting the transpose with torch ops (session 12's version: 0.98x the 4-bit base).
 
-A torch.library.triton_op: inside a compiled graph Inductor launches the two kernels itself (no Python custom-op call
-per layer); off CUDA the op is bitsandbytes' dequantization and quantize_rows. The tests run the kernels on the CPU
+A torch.library.triton_op: inside a compiled graph Inductor launches the cast itself (no Python custom-op call per
+layer); off CUDA the op is bitsandbytes' dequantization and quantize_rows. The tests run the kernels on the CPU
 under Triton's interpreter (TRITON_INTERPRET=1, set before triton is first imported), whose float casts truncate: so
 the kernels round with integer arithmetic on the bits, which the GPU computes the same way.
 """
@@ -97,6 +99,8 @@ def _cast_transposed(Packed, Absmax, Code, ColMax, Out, Scale, n_out, n_in, BLOC
     rows, cols, w, mask = _tile(Packed, Absmax, Code, tl.program_id(0) * BO, n_out, n_in, BLOCKSIZE, ROUND, ALIGNED, NATIVE,
                                 BO, BI)
     amax = tl.load(ColMax + cols, mask=cols < n_in, other=1.0)
+    if ROUND:  # the maxima of the rounded W: rounding is monotone, so the rounded maxima (idempotent where rounded already)
+        amax = _round_bf16(amax, NATIVE)
     scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)  # quantize_rows' scale: the fp32 reciprocal's product
     inverse = tl.math.div_rn(1.0, scale)  # one IEEE reciprocal per column, then a product per weight: as quantize_rows
     q = _to_e4m3(tl.minimum(tl.maximum(w * inverse[None, :], -448.0), 448.0), NATIVE)
@@ -107,25 +111,46 @@ def _cast_transposed(Packed, Absmax, Code, ColMax, Out, Scale, n_out, n_in, BLOC
 
 
 def launch(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: list[int], blocksize: int,
-           round_bf16: bool, wrap=lambda kernel: kernel, config: tuple = CONFIG, native: bool | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two kernels over `packed` (uint8, out * in / 2 bytes); wrap: torch.library.wrap_triton inside the op;
-    config: (BO, BI, warps, ROWS), CONFIG by default; native: the GPU's own float conversions (default: on CUDA)."""
+           round_bf16: bool, wrap=lambda kernel: kernel, config: tuple = CONFIG, native: bool | None = None,
+           col_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cast over `packed` (uint8, out * in / 2 bytes), after the column maxima unless `col_max` holds them already
+    (column_max: W is frozen, so Nf4Fp8BackwardLinear takes them once, at load); wrap: torch.library.wrap_triton inside
+    the op; config: (BO, BI, warps, ROWS), CONFIG by default; native: the GPU's own float conversions (default: on CUDA)."""
     n_out, n_in = shape
     if n_out * n_in >= 2**31:
         raise ValueError(f"nf4_kernel: a {n_out} x {n_in} weight has 2^31 elements or more (int32 offsets)")
     bo, bi, warps, rows = config
-    col_max = torch.zeros(n_in, dtype=torch.float32, device=packed.device)
     out = torch.empty(n_in, n_out, dtype=torch.float8_e4m3fn, device=packed.device)
     scale = torch.empty(1, n_in, dtype=torch.float32, device=packed.device)
     native = packed.is_cuda if native is None else native
     meta = dict(BLOCKSIZE=blocksize, ROUND=int(round_bf16), ALIGNED=int(n_in % blocksize == 0 and blocksize % bi == 0),
                 NATIVE=int(native), BO=bo, BI=bi, num_warps=warps)
-    wrap(_column_max)[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](packed, absmax, code, col_max, n_out, n_in,
-                                                                          ROWS=rows, **meta)
+    if col_max is None:
+        col_max = torch.zeros(n_in, dtype=torch.float32, device=packed.device)
+        wrap(_column_max)[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](packed, absmax, code, col_max, n_out, n_in,
+                                                                              ROWS=rows, **meta)
     wrap(_cast_transposed)[(triton.cdiv(n_out, bo), triton.cdiv(n_in, bi))](packed, absmax, code, col_max, out, scale, n_out,
                                                                              n_in, **meta)
     return out, scale
+
+
+@torch.no_grad()
+def column_max(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: list[int], blocksize: int,
+               config: tuple = CONFIG, native: bool | None = None) -> torch.Tensor:
+    """max |W| over each column of the NF4 weight, in fp32, W not rounded (the cast rounds the maxima as it rounds W):
+    the _column_max kernel on CUDA (or under the interpreter), bitsandbytes' fp32 dequantization elsewhere."""
+    if packed.device.type != "cuda" and native is None:
+        weight = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, blocksize, "nf4", shape, torch.float32)
+        return weight.abs().amax(dim=0)
+    n_out, n_in = shape
+    bo, bi, warps, rows = config
+    col_max = torch.zeros(n_in, dtype=torch.float32, device=packed.device)
+    native = packed.is_cuda if native is None else native
+    _column_max[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](
+        packed, absmax, code, col_max, n_out, n_in, BLOCKSIZE=blocksize, ROUND=0,
+        ALIGNED=int(n_in % blocksize == 0 and blocksize % bi == 0), NATIVE=int(native), BO=bo, BI=bi, ROWS=rows,
+        num_warps=warps)
+    return col_max
 
 
 def fp32_absmax(state) -> torch.Tensor:
@@ -148,13 +173,14 @@ def by_torch(packed, absmax, code, shape, blocksize, dtype, grad_dtype) -> tuple
 
 
 @triton_op("llama_qa::nf4_to_e4m3_t", mutates_args=())
-def nf4_to_e4m3_t(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: list[int], blocksize: int,
-                  dtype: torch.dtype, grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def nf4_to_e4m3_t(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, col_max: torch.Tensor, shape: list[int],
+                  blocksize: int, dtype: torch.dtype, grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(W^T in e4m3 [in, out], its scale [1, in]) from a bitsandbytes NF4 weight of `shape` [out, in]: packed nibbles
-    (uint8), fp32 absmax per `blocksize` weights (double quantization undone), the 16-entry code. W is rounded to
+    (uint8), fp32 absmax per `blocksize` weights (double quantization undone), the 16-entry code, W's column maxima
+    (column_max: computed once, W being frozen; the CPU path recomputes them). W is rounded to
     `dtype` (the weight's) then `grad_dtype`, as dequantize_4bit(...).to(grad_dtype) gives it, and W^T is cast as
     quantize_rows(W.t()) casts it: bit-equal to that."""
     if packed.device.type != "cuda" or dtype not in ROUNDING or grad_dtype not in ROUNDING:  # float16 rounding: not written
         return by_torch(packed, absmax, code, shape, blocksize, dtype, grad_dtype)  # (a branch Inductor traces too)
     round_bf16 = torch.bfloat16 in (dtype, grad_dtype)  # fp32 -> bf16 -> fp32 is exact; bf16 twice is bf16 once
-    return launch(packed, absmax, code, shape, blocksize, round_bf16, wrap_triton)
+    return launch(packed, absmax, code, shape, blocksize, round_bf16, wrap_triton, col_max=col_max)

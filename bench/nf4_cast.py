@@ -5,6 +5,7 @@
 Per shape and config: microseconds per call (both kernels) and the bytes they must move at least (half a byte per weight
 read twice, the fp32 absmax twice, one byte per weight written) over that time; beside them, in the same process,
 bitsandbytes' own dequantization to bf16 and the torch cast of session 12 (dequantize + quantize_rows of W^T).
+The backward runs only the cast (parts_us.cast_transposed): the column maxima are taken once, at load (W is frozen).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ below run in a fresh process (this file run as a script with TRITON_INTERPRET=1)
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -65,11 +66,14 @@ def interpreted_checks():
     for out_features, in_features, dtype, grad_dtype, blocksize, nested in CASES:
         q, state, absmax = nf4_case(out_features, in_features, dtype, blocksize, nested)
         want = by_bitsandbytes(q, state, grad_dtype)
+        weight = (q, absmax, state.code.float(), list(state.shape), blocksize)
+        col_max = nf4_kernel.column_max(*weight)  # bitsandbytes' fp32 W on the CPU, unrounded (as at load)
         for config in (nf4_kernel.CONFIG, (16, 32, 2, 32)):  # the second: several programs per column (atomic maxima)
-            got = nf4_kernel.launch(q, absmax, state.code.float(), list(state.shape), blocksize,
-                                    torch.bfloat16 in (dtype, grad_dtype), config=config)
-            assert_bit_equal(got, want)
-        assert_bit_equal(nf4_kernel.nf4_to_e4m3_t(q, absmax, state.code.float(), list(state.shape), blocksize, dtype, grad_dtype), want)
+            assert torch.equal(nf4_kernel.column_max(*weight, config=config, native=False), col_max)  # the kernel's
+            for given in (None, col_max):  # the maxima taken in the launch (rounded if W is), or given unrounded
+                assert_bit_equal(nf4_kernel.launch(*weight, torch.bfloat16 in (dtype, grad_dtype), config=config,
+                                                   col_max=given), want)
+        assert_bit_equal(nf4_kernel.nf4_to_e4m3_t(*weight[:3], col_max, *weight[3:], dtype, grad_dtype), want)
         values = want[0].float()
         if not nested:  # (double quantization of the absmax loses row 7's scale: its values come out far larger)
             assert ((values != 0) & (values.abs() < 2**-6)).sum() >= 10  # e4m3 subnormals (row 7 of W)
@@ -93,13 +97,14 @@ def test_the_op_on_the_cpu_is_bitsandbytes_and_quantize_rows_and_traces_with_fak
     import nf4_kernel
 
     q, state, absmax = nf4_case(48, 80, torch.bfloat16, 64, True)
-    assert_bit_equal(nf4_kernel.nf4_to_e4m3_t(q, absmax, state.code.float(), [48, 80], 64, torch.bfloat16, torch.bfloat16),
-                     by_bitsandbytes(q, state, torch.bfloat16))
+    col_max = nf4_kernel.column_max(q, absmax, state.code.float(), [48, 80], 64)
+    assert_bit_equal(nf4_kernel.nf4_to_e4m3_t(q, absmax, state.code.float(), col_max, [48, 80], 64, torch.bfloat16,
+                                              torch.bfloat16), by_bitsandbytes(q, state, torch.bfloat16))
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
         wt_q, wt_scale = nf4_kernel.nf4_to_e4m3_t(mode.from_tensor(q), mode.from_tensor(absmax), mode.from_tensor(state.code),
-                                                  [48, 80], 64, torch.bfloat16, torch.bfloat16)
+                                                  mode.from_tensor(col_max), [48, 80], 64, torch.bfloat16, torch.bfloat16)
     assert (wt_q.shape, wt_q.dtype, wt_scale.shape, wt_scale.dtype) == ((80, 48), torch.float8_e4m3fn, (1, 80), torch.float32)
 
 
@@ -108,7 +113,7 @@ def test_kernels_on_cuda_equal_bitsandbytes_at_llama_7b_shapes_and_beat_the_torc
     """Compiled on the GPU: bit-equal to bitsandbytes' dequantization + quantize_rows at Llama-2-7B's three weight
     shapes (launched directly, through the op, inside torch.compile; the GPU's own float conversions and the
     interpreter's rounding on the bits; one absmax per tile row and one per weight), and faster than that torch path
-    (the reason the kernels exist)."""
+    (the reason the kernels exist); the cast alone, given the column maxima taken at load, faster still."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from bitsandbytes import functional as F
@@ -121,13 +126,18 @@ def test_kernels_on_cuda_equal_bitsandbytes_at_llama_7b_shapes_and_beat_the_torc
     compiled = torch.compile(nf4_kernel.nf4_to_e4m3_t, fullgraph=True)
     for out_features, in_features in ((4096, 4096), (11008, 4096), (4096, 11008)):
         q, state, absmax = nf4_case(out_features, in_features, torch.bfloat16, 64, True, device="cuda")
-        args = (q, absmax, state.code.float(), [out_features, in_features], 64, torch.bfloat16, torch.bfloat16)
+        weight = (q, absmax, state.code.float(), [out_features, in_features], 64)
+        col_max = nf4_kernel.column_max(*weight)
+        args = (*weight[:3], col_max, *weight[3:], torch.bfloat16, torch.bfloat16)
         want = by_bitsandbytes(q, state, torch.bfloat16)
-        got = {"launch": nf4_kernel.launch(*args[:5], True), "op": nf4_kernel.nf4_to_e4m3_t(*args), "compiled": compiled(*args),
-               "rounded on the bits": nf4_kernel.launch(*args[:5], True, native=False),
-               "unaligned tile": nf4_kernel.launch(*args[:5], True, config=(8, 128, 2, 256)),
-               "aligned tile": nf4_kernel.launch(*args[:5], True, config=(16, 64, 2, 256))}
-        times = {"kernels": seconds_per_call(nf4_kernel.launch, *args[:5], True, calls=20),
+        assert torch.equal(col_max, torch.ops.bitsandbytes.dequantize_4bit(*weight[:2], 64, "nf4", weight[3], torch.float32).abs().amax(0))
+        got = {"both kernels": nf4_kernel.launch(*weight, True), "op": nf4_kernel.nf4_to_e4m3_t(*args),
+               "compiled": compiled(*args), "cast, maxima given": nf4_kernel.launch(*weight, True, col_max=col_max),
+               "rounded on the bits": nf4_kernel.launch(*weight, True, native=False),
+               "unaligned tile": nf4_kernel.launch(*weight, True, config=(8, 128, 2, 256)),
+               "aligned tile": nf4_kernel.launch(*weight, True, config=(16, 64, 2, 256))}
+        times = {"both kernels": seconds_per_call(nf4_kernel.launch, *weight, True, calls=20),
+                 "the cast, maxima given": seconds_per_call(functools.partial(nf4_kernel.launch, *weight, True, col_max=col_max), calls=20),
                  "compiled op": seconds_per_call(compiled, *args, calls=20),
                  "torch": seconds_per_call(by_bitsandbytes, q, state, torch.bfloat16, calls=20),
                  "bnb dequantize alone": seconds_per_call(F.dequantize_4bit, q, state, calls=20)}
@@ -137,7 +147,7 @@ def test_kernels_on_cuda_equal_bitsandbytes_at_llama_7b_shapes_and_beat_the_torc
               + ", ".join(f"{k} {t * 1e6:.0f} us" for k, t in times.items()) + f"; (values, scales) differing: {differ}")
         for v in got.values():
             assert_bit_equal(v, want)
-        assert times["kernels"] < times["torch"]
+        assert times["the cast, maxima given"] < times["both kernels"] < times["torch"]
 
 
 if __name__ == "__main__":
