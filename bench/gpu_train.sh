@@ -7,7 +7,8 @@
 # In priority order, each step writing its JSON as soon as it ends, skipping what would end after DEADLINE_S
 # (default 530 s from the start):
 #   1. bench/train_speed.py -> OUT/train_speed.json (+ one log per variant):
-#      hf_tuned, hf_tuned_nogc (plain HF, issue 12's settings; each run twice, the faster kept: --baseline-runs);
+#      hf_tuned, hf_tuned_nogc (plain HF, issue 12's settings; each run twice, where listed and after every other
+#      variant, the faster kept: --baseline-runs);
 #      default = python main.py (memory plan, --compile auto, --attention auto: varlen FlashAttention over the record
 #      bounds, --dense-base auto: the 16-bit copy of the base where it fits), then 3 more steps profiled
 #      (OUT/profile-default/trace.json.gz, summary.json); default_4bit (--dense-base no: the default before session 6);

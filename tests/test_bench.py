@@ -35,3 +35,12 @@ def test_overheads_pair_only_one_setting_at_two_budgets():
             "other": row("other", 0.40, 8000, 8192, False), "capped": row("capped", 0.1, 1000, 2048, True) | {"cap_gib": 24}}
     fits = train_speed.overheads(rows)
     assert [f["pair"] for f in fits] == [["small", "large"]]  # unpadded "other" has no partner; a capped run is left out
+
+
+def test_the_baselines_further_runs_come_after_every_other_variant():
+    """--baseline-runs 2: each plain-HF variant runs where it is listed and once more at the end (its fastest kept), so
+    its best run sees both ends of the command; the project's variants run once."""
+    names = ["hf_tuned", "default_cap24", "nf4_cap24", "hf_tuned_nogc"]
+    assert train_speed.schedule(names, 2) == names + ["hf_tuned", "hf_tuned_nogc"]
+    assert train_speed.schedule(names, 1) == names
+    assert train_speed.schedule(["default_cap24", "hf_tuned"], 3) == ["default_cap24", "hf_tuned", "hf_tuned", "hf_tuned"]
