@@ -119,12 +119,10 @@ def launch(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape
     n_out, n_in = shape
     if n_out * n_in >= 2**31:
         raise ValueError(f"nf4_kernel: a {n_out} x {n_in} weight has 2^31 elements or more (int32 offsets)")
-    bo, bi, warps, rows = config
+    bo, bi, _, rows = config
     out = torch.empty(n_in, n_out, dtype=torch.float8_e4m3fn, device=packed.device)
     scale = torch.empty(1, n_in, dtype=torch.float32, device=packed.device)
-    native = packed.is_cuda if native is None else native
-    meta = dict(BLOCKSIZE=blocksize, ROUND=int(round_bf16), ALIGNED=int(n_in % blocksize == 0 and blocksize % bi == 0),
-                NATIVE=int(native), BO=bo, BI=bi, num_warps=warps)
+    meta = _meta(packed, n_in, blocksize, round_bf16, config, native)
     if col_max is None:
         col_max = torch.zeros(n_in, dtype=torch.float32, device=packed.device)
         wrap(_column_max)[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](packed, absmax, code, col_max, n_out, n_in,
@@ -143,14 +141,20 @@ def column_max(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, s
         weight = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, blocksize, "nf4", shape, torch.float32)
         return weight.abs().amax(dim=0)
     n_out, n_in = shape
-    bo, bi, warps, rows = config
+    _, bi, _, rows = config
     col_max = torch.zeros(n_in, dtype=torch.float32, device=packed.device)
-    native = packed.is_cuda if native is None else native
-    _column_max[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](
-        packed, absmax, code, col_max, n_out, n_in, BLOCKSIZE=blocksize, ROUND=0,
-        ALIGNED=int(n_in % blocksize == 0 and blocksize % bi == 0), NATIVE=int(native), BO=bo, BI=bi, ROWS=rows,
-        num_warps=warps)
+    _column_max[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](packed, absmax, code, col_max, n_out, n_in, ROWS=rows,
+                                                                    **_meta(packed, n_in, blocksize, False, config, native))
     return col_max
+
+
+def _meta(packed: torch.Tensor, n_in: int, blocksize: int, round_bf16: bool, config: tuple, native: bool | None) -> dict:
+    """The kernels' compile-time arguments (ROWS apart): ALIGNED where blocks align with the tiles' columns; NATIVE
+    (the GPU's own float conversions) by default on CUDA."""
+    bo, bi, warps, _ = config
+    native = packed.is_cuda if native is None else native
+    return dict(BLOCKSIZE=blocksize, ROUND=int(round_bf16), ALIGNED=int(n_in % blocksize == 0 and blocksize % bi == 0),
+                NATIVE=int(native), BO=bo, BI=bi, num_warps=warps)
 
 
 def fp32_absmax(state) -> torch.Tensor:
