@@ -434,7 +434,7 @@ def main() -> None:
     parser.add_argument("--baseline-runs", type=int, default=2,
                         help="Runs of each plain-HF variant, the fastest kept (all in runs_tokens_per_s): one where it is listed, "
                              "the others after every other variant. Its first run on a fresh machine was 1.5-1.8x slower than "
-                             "later ones, and one at a command's start 3-10% slower than one at its end (H200); the baseline "
+                             "later ones, and one at a command's start 4-12% slower than one at its end (H200); the baseline "
                              "must be the strongest.")
     parser.add_argument("--deadline", type=float, default=0, help="Unix time: variants that would end later are skipped (0: none).")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -491,8 +491,8 @@ def main() -> None:
 
 def schedule(names: list[str], baseline_runs: int) -> list[str]:
     """The order of the runs: each variant once, as listed, then each plain-HF variant's further runs (--baseline-runs)
-    at the end. Its fastest run is kept. A baseline run only at the start of a command came out 3-10% slower than one
-    at its end (session 14, H200), so a ratio depended on where the baseline stood. Bracketing the other variants, its
+    at the end. Its fastest run is kept. A baseline run only at the start of a command came out 4-12% slower than one
+    at its end (sessions 13-14, H200, across commands), so a ratio depended on where the baseline stood. Bracketing the other variants, its
     best run sees both ends."""
     return list(names) + [n for n in names if isinstance(VARIANTS[n], str) for _ in range(baseline_runs - 1)]
 
