@@ -248,10 +248,9 @@ class TrainConfig:
             ("pack_open_rows", self.pack_open_rows > 0, "must be positive"),
             ("pack_tokens", self.pack_tokens >= self.max_length, "must be >= max_length, so that every record fits a packed row"),
             ("attention", self.attention != "varlen" or self.packing, "varlen needs --packing (it reads each packed row's record bounds)"),
-            ("dense_base", self.dense_base not in COPIES or self.quantization == "4bit",
-             f"{self.dense_base} needs --quantization 4bit (it is a copy of the 4-bit base)"),
-            ("dense_base", self.dense_base != "fp8_backward_4bit" or self.quantization == "4bit",
-             "fp8_backward_4bit needs --quantization 4bit (it wraps the 4-bit base's layers)"),
+            ("dense_base", self.dense_base in ("auto", "no") or self.quantization == "4bit",
+             f"{self.dense_base} needs --quantization 4bit (it {'is a copy of' if self.dense_base in COPIES else 'wraps the layers of'} "
+             "the 4-bit base)"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps > 0, "must be positive"),
             ("tokens_per_step", self.tokens_per_step >= self.max_length, "must be >= max_length"),
             ("learning_rate", self.learning_rate > 0, "must be positive"),

@@ -113,22 +113,20 @@ def _cast_transposed(Packed, Absmax, Code, ColMax, Out, Scale, n_out, n_in, BLOC
 def launch(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: list[int], blocksize: int,
            round_bf16: bool, wrap=lambda kernel: kernel, config: tuple = CONFIG, native: bool | None = None,
            col_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cast over `packed` (uint8, out * in / 2 bytes), after the column maxima unless `col_max` holds them already
-    (column_max: W is frozen, so Nf4Fp8BackwardLinear takes them once, at load); wrap: torch.library.wrap_triton inside
-    the op; config: (BO, BI, warps, ROWS), CONFIG by default; native: the GPU's own float conversions (default: on CUDA)."""
+    """The cast over `packed` (uint8, out * in / 2 bytes), after the column maxima (column_max's kernel) unless `col_max`
+    holds them already (W is frozen, so Nf4Fp8BackwardLinear takes them once, at load); wrap: torch.library.wrap_triton
+    around the cast inside the op; config: (BO, BI, warps, ROWS), CONFIG by default; native: the GPU's own float
+    conversions (default: on CUDA)."""
     n_out, n_in = shape
     if n_out * n_in >= 2**31:
         raise ValueError(f"nf4_kernel: a {n_out} x {n_in} weight has 2^31 elements or more (int32 offsets)")
-    bo, bi, _, rows = config
+    bo, bi, _, _ = config
+    if col_max is None:
+        col_max = column_max(packed, absmax, code, shape, blocksize, config, packed.is_cuda if native is None else native)
     out = torch.empty(n_in, n_out, dtype=torch.float8_e4m3fn, device=packed.device)
     scale = torch.empty(1, n_in, dtype=torch.float32, device=packed.device)
-    meta = _meta(packed, n_in, blocksize, round_bf16, config, native)
-    if col_max is None:
-        col_max = torch.zeros(n_in, dtype=torch.float32, device=packed.device)
-        wrap(_column_max)[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](packed, absmax, code, col_max, n_out, n_in,
-                                                                              ROWS=rows, **meta)
-    wrap(_cast_transposed)[(triton.cdiv(n_out, bo), triton.cdiv(n_in, bi))](packed, absmax, code, col_max, out, scale, n_out,
-                                                                             n_in, **meta)
+    wrap(_cast_transposed)[(triton.cdiv(n_out, bo), triton.cdiv(n_in, bi))](
+        packed, absmax, code, col_max, out, scale, n_out, n_in, **_meta(packed, n_in, blocksize, round_bf16, config, native))
     return out, scale
 
 

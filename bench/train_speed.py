@@ -460,7 +460,8 @@ def main() -> None:
         again = name in attempts
         # seconds: load, steps, and the compilation; before the baselines' runs at the end, room is kept for them (a
         # baseline left with its first run alone, maybe a fresh machine's slow one, would flatter every ratio)
-        needs = (180 if name.startswith("compiled") else 75) + 75 * max(0, len(order) - max(i + 1, len(names)))
+        reruns_after = len(order) - max(i + 1, len(names))  # the baselines' further runs still to come after this one
+        needs = (180 if name.startswith("compiled") else 75) + 75 * reruns_after
         if args.deadline and time.time() + needs > args.deadline:
             print(f"[bench] {name}{' (another run)' if again else ''} skipped: it would not finish before the deadline "
                   f"({needs} s needed)", flush=True)

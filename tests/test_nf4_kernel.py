@@ -19,8 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fp8  # noqa: E402
 
-# (out, in, weight dtype, gradient dtype, blocksize, double quantization): partial tiles both ways (TILE is 64 x 128),
-# both roundings, bitsandbytes' default blocksize and another, with and without quantized absmax
+# (out, in, weight dtype, gradient dtype, blocksize, double quantization): partial tiles both ways (48 x 80 against the
+# two configs' 32 x 64 and 16 x 32 tiles), both roundings, bitsandbytes' default blocksize and another, with and without
+# quantized absmax
 CASES = [
     (96, 192, torch.bfloat16, torch.bfloat16, 64, True),
     (64, 128, torch.float32, torch.bfloat16, 64, True),
@@ -70,7 +71,7 @@ def interpreted_checks():
         col_max = nf4_kernel.column_max(*weight)  # bitsandbytes' fp32 W on the CPU, unrounded (as at load)
         for config in (nf4_kernel.CONFIG, (16, 32, 2, 32)):  # the second: several programs per column (atomic maxima)
             assert torch.equal(nf4_kernel.column_max(*weight, config=config, native=False), col_max)  # the kernel's
-            for given in (None, col_max):  # the maxima taken in the launch (rounded if W is), or given unrounded
+            for given in (None, col_max):  # the maxima taken by the kernel in the launch, or given
                 assert_bit_equal(nf4_kernel.launch(*weight, torch.bfloat16 in (dtype, grad_dtype), config=config,
                                                    col_max=given), want)
         assert_bit_equal(nf4_kernel.nf4_to_e4m3_t(*weight[:3], col_max, *weight[3:], dtype, grad_dtype), want)
