@@ -19,7 +19,8 @@
 #   2. bench/loss_parity.py -> OUT/loss_parity.json + .png: project (python main.py's setting: 8,192-token rows, no
 #      checkpointing, compiled, varlen; 4-bit base) vs project --dense-base yes vs plain HF (with and without
 #      checkpointing) vs project --no-liger, same records: where the 8,192-token gap to plain HF comes from.
-# PROFILE=a,b (default: default; empty: none) picks the profiled variants. STAGES=parity runs only step 2 (a
+# PROFILE=a,b (default: default; empty: none) picks the profiled variants; STEPS / WARMUP (8 / 3) the steps per variant and
+# the first ones left out of the timing. STAGES=parity runs only step 2 (a
 # second command, if device time is left). CPU_DRY_RUN=1: the same plumbing on the
 # tiny model on the CPU (a few steps, no wheels, nothing timed that means anything).
 set -u
@@ -39,7 +40,7 @@ if [ -z "${CPU_DRY_RUN:-}" ]; then
     || { tail -20 "$out/make_model.log"; exit 1; }
   nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$out/gpu.csv"
   variants=${VARIANTS:-hf_tuned,hf_tuned_nogc,default,default_4bit,default_cap24,dense_nogc_2048,varlen_nogc_2048,compiled_cudagraphs,compiled_16k,baseline}
-  speed=(--steps 8 --warmup 3 --records 3000)
+  speed=(--steps "${STEPS:-8}" --warmup "${WARMUP:-3}" --records 3000)
   parity=(--steps 20 --records 1500 --pack-tokens 8192 --no-gc --sides project,project_dense,hf,hf_nogc,project_noliger)
 else
   model=$(python -c "from tiny_llama import ensure_tiny_llama; print(ensure_tiny_llama())")

@@ -1,16 +1,20 @@
-"""Time nf4_kernel's W^T cast (--dense-base fp8_backward_4bit's backward) over launch configs, at Llama-2-7B's weight shapes.
+"""Time nf4_kernel's W^T cast (--dense-base fp8_backward_4bit's backward) and its dequantization (the forward's W) over
+launch configs, at Llama-2-7B's weight shapes.
 
-    python bench/nf4_cast.py --out nf4_cast.json [--configs 32,64,4,512 64,128,4,512 ...]
+    python bench/nf4_cast.py --out nf4_cast.json [--configs 32,64,4,512 64,128,4,512 ...] [--dequantize 16,4 32,4 ...]
 
 Per shape and config: microseconds per call (both kernels) and the bytes they must move at least (half a byte per weight
 read twice, the fp32 absmax twice, one byte per weight written) over that time; beside them, in the same process,
 bitsandbytes' own dequantization to bf16 and the torch cast of session 12 (dequantize + quantize_rows of W^T).
 The backward runs only the cast (parts_us.cast_transposed): the column maxima are taken once, at load (W is frozen).
+The dequantization (nf4_kernel.dequantize, configs NB,warps) against bitsandbytes' dequantize_4bit, both in GPU time
+(CUDA-graph replays), bit-equality checked.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -28,10 +32,11 @@ SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # q/k/v/o, gate/up, down
 
 
 @triton.jit
-def tile_only(Packed, Absmax, Code, Out, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr,
-              NATIVE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
-    rows, cols, w, mask = nf4_kernel._tile(Packed, Absmax, Code, tl.program_id(0) * BO, n_out, n_in, BLOCKSIZE, ROUND, ALIGNED,
-                                           NATIVE, BO, BI)
+def tile_only(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, Out, n_out, n_in, BLOCKSIZE: tl.constexpr,
+              BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr, NATIVE: tl.constexpr,
+              BO: tl.constexpr, BI: tl.constexpr):
+    rows, cols, w, mask = nf4_kernel._tile(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, tl.program_id(0) * BO,
+                                           n_out, n_in, BLOCKSIZE, BLOCKSIZE2, NESTED, ROUND, ALIGNED, NATIVE, BO, BI)
     tl.store(Out + rows[:, None] * n_in + cols[None, :], w.to(tl.bfloat16), mask=mask)
 
 
@@ -51,10 +56,11 @@ def tile_no_gather(Packed, Absmax, Out, n_out, n_in, BLOCKSIZE: tl.constexpr, RO
 
 
 @triton.jit
-def cast_untransposed(Packed, Absmax, Code, ColMax, Out, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr,
+def cast_untransposed(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, ColMax, Out, n_out, n_in,
+                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ROUND: tl.constexpr,
                       ALIGNED: tl.constexpr, NATIVE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
-    rows, cols, w, mask = nf4_kernel._tile(Packed, Absmax, Code, tl.program_id(0) * BO, n_out, n_in, BLOCKSIZE, ROUND, ALIGNED,
-                                           NATIVE, BO, BI)
+    rows, cols, w, mask = nf4_kernel._tile(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, tl.program_id(0) * BO,
+                                           n_out, n_in, BLOCKSIZE, BLOCKSIZE2, NESTED, ROUND, ALIGNED, NATIVE, BO, BI)
     amax = tl.load(ColMax + cols, mask=cols < n_in, other=1.0)
     scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)
     inverse = tl.math.div_rn(1.0, scale)
@@ -86,7 +92,7 @@ def parts(q, absmax, code, n_out, n_in, config):
     from triton.testing import do_bench_cudagraph
 
     bo, bi, warps, rows = config
-    meta = dict(BLOCKSIZE=64, BO=bo, BI=bi, num_warps=warps, ALIGNED=int(64 % bi == 0), NATIVE=1, ROUND=1)
+    meta = nf4_kernel._meta(q, absmax, n_in, 64, True, config, True)
     grid = (triton.cdiv(n_out, bo), triton.cdiv(n_in, bi))
     col_max = torch.zeros(n_in, dtype=torch.float32, device="cuda")
     out8 = torch.empty(n_in, n_out, dtype=torch.float8_e4m3fn, device="cuda")
@@ -94,13 +100,17 @@ def parts(q, absmax, code, n_out, n_in, config):
     out16 = torch.empty(n_out, n_in, dtype=torch.bfloat16, device="cuda")
     flat = q.reshape(-1)
     copied = torch.empty_like(flat)
+    fp32 = nf4_kernel.fp32_absmax(absmax)
+    plain = {k: v for k, v in meta.items() if k not in ("NESTED", "BLOCKSIZE2")}  # tile_no_gather's: an fp32 absmax
     runs = {
         "column_max": lambda: nf4_kernel._column_max[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](
-            q, absmax, code, col_max, n_out, n_in, ROWS=rows, **meta),
-        "cast_transposed": lambda: nf4_kernel._cast_transposed[grid](q, absmax, code, col_max, out8, scale, n_out, n_in, **meta),
-        "cast_untransposed": lambda: cast_untransposed[grid](q, absmax, code, col_max, out8, n_out, n_in, **meta),
-        "tile_to_bf16": lambda: tile_only[grid](q, absmax, code, out16, n_out, n_in, **meta),
-        "tile_to_bf16_no_code_gather": lambda: tile_no_gather[grid](q, absmax, out16, n_out, n_in, **meta),
+            q, *absmax[:4], code, col_max, n_out, n_in, ROWS=rows, **meta),
+        "cast_transposed": lambda: nf4_kernel._cast_transposed[grid](q, *absmax[:4], code, col_max, out8, scale, n_out, n_in, **meta),
+        "cast_transposed_fp32_absmax": lambda: nf4_kernel._cast_transposed[grid](q, fp32, fp32, fp32, fp32, code, col_max, out8, scale,
+                                                                                 n_out, n_in, BLOCKSIZE2=1, NESTED=0, **plain),
+        "cast_untransposed": lambda: cast_untransposed[grid](q, *absmax[:4], code, col_max, out8, n_out, n_in, **meta),
+        "tile_to_bf16": lambda: tile_only[grid](q, *absmax[:4], code, out16, n_out, n_in, **meta),
+        "tile_to_bf16_no_code_gather": lambda: tile_no_gather[grid](q, fp32, out16, n_out, n_in, **plain),
         "interpreter_rounding_both_kernels": lambda: nf4_kernel.launch(q, absmax, code, [n_out, n_in], 64, True, config=config,
                                                                         native=False),
         "copy_packed_bytes": lambda: copy_bytes[(triton.cdiv(flat.numel(), 1024),)](flat, copied, flat.numel(), BLOCK=1024),
@@ -111,6 +121,26 @@ def parts(q, absmax, code, n_out, n_in, config):
             out[name] = round(do_bench_cudagraph(fn, rep=50) * 1e3, 1)
         except Exception as e:  # noqa: BLE001 - reported, not fatal
             out[name] = f"{type(e).__name__}: {e}"[:200]
+    return out
+
+
+def dequantize_configs(q, state, absmax, code, shape, configs) -> dict:
+    """GPU microseconds (CUDA-graph replays) of bitsandbytes' dequantize_4bit (its training forward's W: absmax decoded,
+    offset added, W dequantized) and of nf4_kernel.dequantize per config, with whether each is bit-equal to it."""
+    from bitsandbytes import functional as F
+    from triton.testing import do_bench_cudagraph
+
+    want = F.dequantize_4bit(q, state)
+    out = {"bnb": round(do_bench_cudagraph(lambda: F.dequantize_4bit(q, state), rep=50) * 1e3, 1)}
+    for text in configs:
+        config = tuple(int(v) for v in text.split(","))
+        try:
+            got = nf4_kernel.dequantize(q, absmax, code, shape, 64, torch.bfloat16, config=config)
+            us = do_bench_cudagraph(functools.partial(nf4_kernel.dequantize, q, absmax, code, shape, 64, torch.bfloat16, config=config),
+                                    rep=50)
+            out[text] = round(us * 1e3, 1) if torch.equal(got.view(torch.int16), want.view(torch.int16)) else "differs"
+        except Exception as e:  # noqa: BLE001 - a config the card cannot run is reported, not fatal
+            out[text] = f"{type(e).__name__}: {e}"[:200]
     return out
 
 
@@ -129,6 +159,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", default=["8,128,2,256", "8,64,2,256", "16,64,2,256", "16,64,4,256",
                                                          "32,64,4,512", "16,32,2,256", "32,32,2,512"],
                         help="launch configs BO,BI,warps,ROWS (nf4_kernel.CONFIG's fields)")
+    parser.add_argument("--dequantize", nargs="*", default=["4,4", "8,4", "16,4", "32,4", "64,4", "16,8", "32,8", "64,8", "8,2"],
+                        help="nf4_kernel.dequantize's launch configs NB,warps (DEQUANTIZE_CONFIG's fields)")
     args = parser.parse_args()
     from bitsandbytes import functional as F
 
@@ -136,9 +168,9 @@ def main() -> None:
     for n_out, n_in in SHAPES:
         w = (torch.randn(n_out, n_in, device="cuda") * 0.02).bfloat16()
         q, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-        absmax = nf4_kernel.fp32_absmax(state)
+        absmax = nf4_kernel.absmax_parts(state)
         code = state.code.float()
-        least = n_out * n_in * (0.5 * 2 + 1) + absmax.numel() * 4 * 2
+        least = n_out * n_in * (0.5 * 2 + 1) + absmax[0].numel() * 2
         row = {"shape": [n_out, n_in], "card": torch.cuda.get_device_name(),
                "bnb_dequantize_us": seconds_per_call(F.dequantize_4bit, q, state) * 1e6,
                "torch_cast_us": seconds_per_call(torch_cast, q, state) * 1e6, "configs": {}}
@@ -155,6 +187,8 @@ def main() -> None:
         print(f"[nf4_cast] {n_out}x{n_in} GPU us per part at {best[1]}: {row['parts_us']}", flush=True)
         print(f"[nf4_cast] {n_out}x{n_in}: bnb dequantize {row['bnb_dequantize_us']:.0f} us, torch cast {row['torch_cast_us']:.0f} us; "
               + ", ".join(f"{k}: {v.get('us', v.get('error'))}" for k, v in row["configs"].items()) + f"; best {best[1]}", flush=True)
+        row["dequantize"] = dequantize_configs(q, state, absmax, code, [n_out, n_in], args.dequantize)
+        print(f"[nf4_cast] {n_out}x{n_in} dequantize, GPU us: {row['dequantize']}", flush=True)
         rows.append(row)
     with open(args.out, "w") as fh:
         json.dump(rows, fh, indent=1)
