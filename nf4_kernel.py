@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
-from triton.language.extra import libdevice
 
 # (BO, BI, warps, ROWS): a tile of BO rows x BI columns of W (BI even); the column maxima take ROWS rows per program
 CONFIG = (32, 64, 4, 512)  # the fastest of bench/nf4_cast.py's sweep on an H200 (session 13)
@@ -64,13 +63,19 @@ def _to_e4m3(x, NATIVE: tl.constexpr):
 def _absmax(Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, block, mask, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr,
             NATIVE: tl.constexpr):
     """The fp32 absmax of blocks `block`: stored, or (NESTED: double quantization) decoded as bitsandbytes decodes it,
-    code[q] * scale[block // BLOCKSIZE2] rounded, then + offset (mul_rn: the GPU never fuses the two into one FMA)."""
-    if NESTED:
+    code[q] * scale[block // BLOCKSIZE2] rounded, then + offset."""
+    if NESTED:  # (one return: the compiler types every return of a function, a constexpr branch's too)
         code = tl.load(AbsmaxCode + tl.load(Absmax + block, mask=mask, other=0).to(tl.int32))
         scale = tl.load(AbsmaxScale + block // BLOCKSIZE2, mask=mask, other=0.0)
-        product = libdevice.mul_rn(code, scale) if NATIVE else code * scale
-        return tl.where(mask, product + tl.load(AbsmaxOffset), 0.0)
-    return tl.load(Absmax + block, mask=mask, other=0.0)
+        if NATIVE:  # PTX's mul.rn: never contracted into an FMA with the sum below, subnormals kept (libdevice's flushes)
+            product = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [code, scale], dtype=tl.float32, is_pure=True,
+                                                pack=1)
+        else:
+            product = code * scale
+        absmax = tl.where(mask, product + tl.load(AbsmaxOffset), 0.0)
+    else:
+        absmax = tl.load(Absmax + block, mask=mask, other=0.0)
+    return absmax
 
 
 @triton.jit

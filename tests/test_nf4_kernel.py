@@ -126,6 +126,38 @@ def test_the_ops_on_the_cpu_are_bitsandbytes_and_quantize_rows_and_trace_with_fa
     assert (w.shape, w.dtype) == ((48, 80), torch.bfloat16)
 
 
+def test_kernels_compile_for_hopper_on_the_cpu():
+    """Every kernel compiles for an sm90 GPU here, without one (Triton's compiler down to a cubin), in each combination of
+    its compile-time flags the ops launch: the interpreter runs what the GPU would refuse to compile (two returns of
+    different types, session 15). The double-quantized absmax is decoded with an IEEE product (mul.rn) before its sum,
+    never an FMA, as bitsandbytes rounds it."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    import nf4_kernel
+
+    pointers = {"Packed": "*u8", "Code": "*fp32", "AbsmaxCode": "*fp32", "AbsmaxScale": "*fp32", "AbsmaxOffset": "*fp32",
+                "ColMax": "*fp32", "Out": "*bf16", "Scale": "*fp32"}
+    kernels = {  # kernel: (its runtime arguments, the flag combinations)
+        nf4_kernel._dequantize: ("Packed Absmax AbsmaxCode AbsmaxScale AbsmaxOffset Code Out numel",
+                                 [dict(NESTED=n, ROUND=r, NB=16) for n in (0, 1) for r in (0, 1)]),
+        nf4_kernel._cast_transposed: ("Packed Absmax AbsmaxCode AbsmaxScale AbsmaxOffset Code ColMax Out Scale n_out n_in",
+                                      [dict(NESTED=n, ROUND=1, ALIGNED=a, BO=32, BI=64) for n in (0, 1) for a in (0, 1)]),
+        nf4_kernel._column_max: ("Packed Absmax AbsmaxCode AbsmaxScale AbsmaxOffset Code ColMax n_out n_in",
+                                 [dict(NESTED=1, ROUND=0, ALIGNED=1, BO=32, BI=64, ROWS=512)]),
+    }
+    for kernel, (names, flags) in kernels.items():
+        for flag in flags:
+            out = {"Out": "*fp8e4nv"} if kernel is nf4_kernel._cast_transposed else {"Out": "*bf16" if flag.get("ROUND") else "*fp32"}
+            types = pointers | out | {"Absmax": "*u8" if flag["NESTED"] else "*fp32"}
+            constexprs = dict(flag, BLOCKSIZE=64, BLOCKSIZE2=256, NATIVE=1)
+            signature = {n: types.get(n, "i32") for n in names.split()} | dict.fromkeys(constexprs, "constexpr")
+            source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+            assert ("mul.rn.f32" in ptx) == bool(flag["NESTED"]), (kernel.__name__, flag)
+
+
 @pytest.mark.gpu
 def test_kernels_on_cuda_equal_bitsandbytes_at_llama_7b_shapes_and_beat_the_torch_cast():
     """Compiled on the GPU: bit-equal to bitsandbytes' dequantization + quantize_rows at Llama-2-7B's three weight
