@@ -16,26 +16,20 @@ forward product and only W^T in e4m3 for the input gradient, so the loss (and ev
 of the base's FLOPs). 3 bytes per base weight instead of 2.
 
 --dense-base fp8_backward_4bit does the same over the 4-bit base itself, for cards where no copy fits: the forward pass
-is bitsandbytes' own 4-bit product (its dequantization done in one Triton kernel on CUDA, bit-equal), and the backward
-pass casts W^T to e4m3 straight from the packed NF4 weight, bit-equal to fp8_backward's copy (so the same rounded values),
-and multiplies in FP8. No bytes beyond the 4-bit weights; a cast of each weight per backward pass instead: on CUDA
-Triton kernels (nf4_kernel.py), elsewhere bitsandbytes' dequantization and quantize_rows.
+is bitsandbytes' own 4-bit product, and the backward pass casts W^T to e4m3 straight from the packed NF4 weight, bit-equal
+to fp8_backward's copy (so the same rounded values), and multiplies in FP8. No bytes beyond the 4-bit weights; a cast of
+each weight per backward pass instead: on CUDA two Triton kernels (nf4_kernel.py), elsewhere bitsandbytes'
+dequantization and quantize_rows.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
-# LLAMA_DOLLY_BNB_FORWARD=1: fp8_backward_4bit's forward by bitsandbytes' own ops, not nf4_kernel's (for the bench's A/B)
-BNB_FORWARD = os.environ.get("LLAMA_DOLLY_BNB_FORWARD") == "1"
-# bitsandbytes 0.50's 4-bit product on CUDA (gemm_4bit): a fused kernel of its own up to this many rows of input, above it
-# dequantize_4bit then F.linear, which fp8_backward_4bit's forward computes with nf4_kernel's dequantization instead
-BNB_FUSED_MAX_ROWS = 1536
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,30 +123,18 @@ class Fp8Linear(torch.nn.Module):
 
 @functools.cache
 def _nf4_fp8_backward() -> type:
-    """bitsandbytes' MatMul4Bit with its backward in FP8: the input gradient from W^T in e4m3 per input column
-    (nf4_kernel.nf4_to_e4m3_t, from the packed weight) times the gradient cast per row. The forward is MatMul4Bit's,
-    product for product: on CUDA above BNB_FUSED_MAX_ROWS rows (the training micro-batches) its dequantize_4bit then
-    F.linear, the dequantization done in one kernel (nf4_kernel.nf4_dequantize, bit-equal) instead of three.
+    """bitsandbytes' MatMul4Bit with its backward in FP8: the forward (its 4-bit product) unchanged, the input gradient
+    from W^T in e4m3 per input column (nf4_kernel.nf4_to_e4m3_t, from the packed weight) times the gradient cast per row.
     Made on first use: importing bitsandbytes and triton is only needed here."""
     from bitsandbytes.autograd._functions import MatMul4Bit
 
-    from nf4_kernel import ROUNDING, absmax_parts, nf4_dequantize, nf4_to_e4m3_t  # registers the ops (imports triton)
+    from nf4_kernel import absmax_parts, nf4_to_e4m3_t  # registers the op (and imports triton): only here
 
     class Nf4Fp8Backward(MatMul4Bit):
         @staticmethod
         def forward(ctx, A, B, out, bias, quant_state, col_max):
             ctx.col_max = col_max  # W's column maxima (frozen), as bitsandbytes keeps B: not a saved activation
-            if (A.numel() == 0 or not A.is_cuda or A.dtype not in ROUNDING or out is not None or BNB_FORWARD
-                    or A.numel() // A.shape[-1] <= BNB_FUSED_MAX_ROWS):
-                return MatMul4Bit.forward(ctx, A, B, out, bias, quant_state)
-            # what MatMul4Bit.forward keeps for the backward (bitsandbytes' own, with a bias to train)
-            ctx.is_empty, ctx.state = False, quant_state
-            ctx.dtype_A, ctx.dtype_B, ctx.dtype_bias = A.dtype, B.dtype, None if bias is None else bias.dtype
-            ctx.tensors = (None, B.view(-1, 1)) if any(ctx.needs_input_grad[:2]) else (None, None)
-            state = quant_state
-            weight = nf4_dequantize(B.view(torch.uint8), *absmax_parts(state), state.code.float(), list(state.shape),
-                                    state.blocksize, A.dtype)
-            return torch.nn.functional.linear(A, weight, bias)
+            return MatMul4Bit.forward(ctx, A, B, out, bias, quant_state)
 
         @staticmethod
         def backward(ctx, grad):

@@ -1,24 +1,22 @@
-"""Triton kernels over a bitsandbytes NF4 weight for --dense-base fp8_backward_4bit (fp8.py): W in 16 bits for the forward
-product, W^T in e4m3 for the backward's, each straight from the packed weight.
+"""Triton kernels for --dense-base fp8_backward_4bit (fp8.py): W^T in e4m3 straight from a bitsandbytes NF4 weight.
 
     absmax = absmax_parts(layer.weight.quant_state)  # what the kernels read of the absmax (double quantization undone inside)
-    w = nf4_dequantize(packed, *absmax, code, [out, in], blocksize, dtype)  # each forward
     col_max = column_max(packed, absmax, code, [out, in], blocksize)  # once: W is frozen
     wt_q, wt_scale = nf4_to_e4m3_t(packed, *absmax, code, col_max, [out, in], blocksize, dtype, grad_dtype)  # each backward
 
-nf4_dequantize is bit-equal to bitsandbytes' dequantize_4bit (its training forward: the absmax decoded by one kernel,
-the offset added by another, then the weight by a third), in one kernel that decodes each block's 8-bit absmax itself.
-nf4_to_e4m3_t is bit-equal to quantize_rows(dequantize_4bit(W).to(grad_dtype).t()), what fp8_backward's copy holds,
-without the 16-bit W: one kernel takes the column maxima (an atomic max per column), the other casts and writes W^T a
-tile at a time, the tile transposed in registers so that each row of W^T is stored contiguously. The base is frozen, so
-its column maxima are taken once, at load (4 bytes per input column); each backward pass runs only the cast, which reads
-the packed nibbles (half a byte per weight) and the absmax and writes one byte per weight, against ~7 bytes of traffic
-for dequantizing to 16 bits and casting the transpose with torch ops (session 12's version: 0.98x the 4-bit base).
+Bit-equal to quantize_rows(dequantize_4bit(W).to(grad_dtype).t()), what fp8_backward's copy holds, without the 16-bit W:
+one kernel takes the column maxima (an atomic max per column), the other casts and writes W^T a tile at a time, the
+tile transposed in registers so that each row of W^T is stored contiguously. The base is frozen, so its column maxima
+are taken once, at load (4 bytes per input column); each backward pass runs only the cast, which reads the packed
+nibbles (half a byte per weight) and the absmax (one byte per 64 weights, decoded in the kernel as bitsandbytes decodes
+it) and writes one byte per weight, against ~7 bytes of traffic for dequantizing to 16 bits and casting the transpose
+with torch ops (session 12's version: 0.98x the 4-bit base).
 
-torch.library.triton_ops: inside a compiled graph Inductor launches the kernels itself (no Python custom-op call per
-layer); off CUDA the ops are bitsandbytes' dequantization (and quantize_rows). The tests run the kernels on the CPU
+A torch.library.triton_op: inside a compiled graph Inductor launches the cast itself (no Python custom-op call per
+layer); off CUDA the op is bitsandbytes' dequantization and quantize_rows. The tests run the kernels on the CPU
 under Triton's interpreter (TRITON_INTERPRET=1, set before triton is first imported), whose float casts truncate: so
-the kernels round with integer arithmetic on the bits, which the GPU computes the same way.
+the kernels round with integer arithmetic on the bits, which the GPU computes the same way; and compile them for an
+sm90 GPU (Triton's compiler needs no GPU), which the interpreter does not.
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from torch.library import triton_op, wrap_triton
 
 # (BO, BI, warps, ROWS): a tile of BO rows x BI columns of W (BI even); the column maxima take ROWS rows per program
 CONFIG = (32, 64, 4, 512)  # the fastest of bench/nf4_cast.py's sweep on an H200 (session 13)
-DEQUANTIZE_CONFIG = (16, 4)  # (absmax blocks per program, warps) of nf4_dequantize: bench/nf4_cast.py --dequantize
 ROUNDING = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes the kernels round W through (1: to bfloat16)
 
 
@@ -105,23 +102,6 @@ def _tile(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, row0, n_o
     if ROUND:
         w = _round_bf16(w, NATIVE)
     return rows, cols, w, mask
-
-
-@triton.jit
-def _dequantize(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, Out, numel, BLOCKSIZE: tl.constexpr,
-                BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ROUND: tl.constexpr, NATIVE: tl.constexpr, NB: tl.constexpr):
-    """W (flattened, as bitsandbytes' blocks run) in Out's dtype, NB absmax blocks per program: one absmax per block, the
-    block's packed bytes as a row of the tile, stored contiguously."""
-    blocks = tl.program_id(0) * NB + tl.arange(0, NB)
-    in_w = blocks < tl.cdiv(numel, BLOCKSIZE)
-    absmax = _absmax(Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, blocks, in_w, NESTED, BLOCKSIZE2, NATIVE)
-    pairs = blocks[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-    byte = tl.load(Packed + pairs, mask=pairs < tl.cdiv(numel, 2), other=0).to(tl.int32)
-    w = tl.load(Code + tl.interleave(byte >> 4, byte & 15)) * absmax[:, None]
-    if ROUND:
-        w = _round_bf16(w, NATIVE)  # exact in bfloat16 after this: the store's cast cannot round again (the interpreter truncates)
-    offsets = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(Out + offsets, w.to(Out.dtype.element_ty), mask=offsets < numel)
 
 
 @triton.jit
@@ -212,20 +192,6 @@ def column_max(packed: torch.Tensor, absmax: tuple, code: torch.Tensor, shape: l
     return col_max
 
 
-def dequantize(packed: torch.Tensor, absmax: tuple, code: torch.Tensor, shape: list[int], blocksize: int, dtype: torch.dtype,
-               wrap=lambda kernel: kernel, config: tuple = DEQUANTIZE_CONFIG, native: bool | None = None) -> torch.Tensor:
-    """W [out, in] in `dtype` (bfloat16 or float32) by the _dequantize kernel; config: (blocks per program, warps)."""
-    numel = shape[0] * shape[1]
-    _check_size(numel)
-    nb, warps = config
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
-    native = packed.is_cuda if native is None else native
-    wrap(_dequantize)[(triton.cdiv(triton.cdiv(numel, blocksize), nb),)](
-        packed, *absmax[:4], code, out, numel, BLOCKSIZE=blocksize, BLOCKSIZE2=max(absmax[4], 1),
-        NESTED=int(absmax[0].dtype == torch.uint8), ROUND=int(dtype == torch.bfloat16), NATIVE=int(native), NB=nb, num_warps=warps)
-    return out
-
-
 def _check_size(numel: int) -> None:
     if numel >= 2**31:
         raise ValueError(f"nf4_kernel: a weight of {numel} elements has 2^31 or more (int32 offsets)")
@@ -265,14 +231,3 @@ def nf4_to_e4m3_t(packed: torch.Tensor, absmax: torch.Tensor, absmax_code: torch
     round_bf16 = torch.bfloat16 in (dtype, grad_dtype)  # fp32 -> bf16 -> fp32 is exact; bf16 twice is bf16 once
     return launch(packed, parts, code, shape, blocksize, round_bf16, wrap_triton, col_max=col_max)
 
-
-@triton_op("llama_qa::nf4_dequantize", mutates_args=())
-def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, absmax_code: torch.Tensor, absmax_scale: torch.Tensor,
-                   absmax_offset: torch.Tensor, blocksize2: int, code: torch.Tensor, shape: list[int], blocksize: int,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """W [out, in] in `dtype` from a bitsandbytes NF4 weight (packed nibbles, absmax_parts, code): bit-equal to
-    bitsandbytes' dequantize_4bit, in one kernel on CUDA (bfloat16, float32), bitsandbytes' own elsewhere."""
-    parts = (absmax, absmax_code, absmax_scale, absmax_offset, blocksize2)
-    if packed.device.type != "cuda" or dtype not in ROUNDING:
-        return torch.ops.bitsandbytes.dequantize_4bit(packed, fp32_absmax(parts), blocksize, "nf4", shape, dtype)
-    return dequantize(packed, parts, code, shape, blocksize, dtype, wrap_triton)

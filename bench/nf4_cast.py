@@ -1,20 +1,16 @@
-"""Time nf4_kernel's W^T cast (--dense-base fp8_backward_4bit's backward) and its dequantization (the forward's W) over
-launch configs, at Llama-2-7B's weight shapes.
+"""Time nf4_kernel's W^T cast (--dense-base fp8_backward_4bit's backward) over launch configs, at Llama-2-7B's weight shapes.
 
-    python bench/nf4_cast.py --out nf4_cast.json [--configs 32,64,4,512 64,128,4,512 ...] [--dequantize 16,4 32,4 ...]
+    python bench/nf4_cast.py --out nf4_cast.json [--configs 32,64,4,512 64,128,4,512 ...]
 
 Per shape and config: microseconds per call (both kernels) and the bytes they must move at least (half a byte per weight
 read twice, the fp32 absmax twice, one byte per weight written) over that time; beside them, in the same process,
 bitsandbytes' own dequantization to bf16 and the torch cast of session 12 (dequantize + quantize_rows of W^T).
 The backward runs only the cast (parts_us.cast_transposed): the column maxima are taken once, at load (W is frozen).
-The dequantization (nf4_kernel.dequantize, configs NB,warps) against bitsandbytes' dequantize_4bit, both in GPU time
-(CUDA-graph replays), bit-equality checked.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -124,26 +120,6 @@ def parts(q, absmax, code, n_out, n_in, config):
     return out
 
 
-def dequantize_configs(q, state, absmax, code, shape, configs) -> dict:
-    """GPU microseconds (CUDA-graph replays) of bitsandbytes' dequantize_4bit (its training forward's W: absmax decoded,
-    offset added, W dequantized) and of nf4_kernel.dequantize per config, with whether each is bit-equal to it."""
-    from bitsandbytes import functional as F
-    from triton.testing import do_bench_cudagraph
-
-    want = F.dequantize_4bit(q, state)
-    out = {"bnb": round(do_bench_cudagraph(lambda: F.dequantize_4bit(q, state), rep=50) * 1e3, 1)}
-    for text in configs:
-        config = tuple(int(v) for v in text.split(","))
-        try:
-            got = nf4_kernel.dequantize(q, absmax, code, shape, 64, torch.bfloat16, config=config)
-            us = do_bench_cudagraph(functools.partial(nf4_kernel.dequantize, q, absmax, code, shape, 64, torch.bfloat16, config=config),
-                                    rep=50)
-            out[text] = round(us * 1e3, 1) if torch.equal(got.view(torch.int16), want.view(torch.int16)) else "differs"
-        except Exception as e:  # noqa: BLE001 - a config the card cannot run is reported, not fatal
-            out[text] = f"{type(e).__name__}: {e}"[:200]
-    return out
-
-
 def torch_cast(q, state):
     """Session 12's cast: bitsandbytes' 16-bit W, then quantize_rows of its transpose."""
     from bitsandbytes import functional as F
@@ -159,8 +135,6 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", default=["8,128,2,256", "8,64,2,256", "16,64,2,256", "16,64,4,256",
                                                          "32,64,4,512", "16,32,2,256", "32,32,2,512"],
                         help="launch configs BO,BI,warps,ROWS (nf4_kernel.CONFIG's fields)")
-    parser.add_argument("--dequantize", nargs="*", default=["4,4", "8,4", "16,4", "32,4", "64,4", "16,8", "32,8", "64,8", "8,2"],
-                        help="nf4_kernel.dequantize's launch configs NB,warps (DEQUANTIZE_CONFIG's fields)")
     args = parser.parse_args()
     from bitsandbytes import functional as F
 
@@ -187,8 +161,6 @@ def main() -> None:
         print(f"[nf4_cast] {n_out}x{n_in} GPU us per part at {best[1]}: {row['parts_us']}", flush=True)
         print(f"[nf4_cast] {n_out}x{n_in}: bnb dequantize {row['bnb_dequantize_us']:.0f} us, torch cast {row['torch_cast_us']:.0f} us; "
               + ", ".join(f"{k}: {v.get('us', v.get('error'))}" for k, v in row["configs"].items()) + f"; best {best[1]}", flush=True)
-        row["dequantize"] = dequantize_configs(q, state, absmax, code, [n_out, n_in], args.dequantize)
-        print(f"[nf4_cast] {n_out}x{n_in} dequantize, GPU us: {row['dequantize']}", flush=True)
         rows.append(row)
     with open(args.out, "w") as fh:
         json.dump(rows, fh, indent=1)

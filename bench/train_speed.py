@@ -70,7 +70,6 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "default_firstfit": ["--pack-open-rows", "4"],
     "cap24_firstfit": ["--pack-open-rows", "4"],
     "cap24_greedy": ["--pack-open-rows", "1"],
-    "cap24_bnb_forward": [],  # default_cap24 with fp8_backward_4bit's forward by bitsandbytes' ops, not nf4_dequantize (ENVS)
     "default_dense": ["--dense-base", "yes"],  # python main.py before session 11: the 16-bit copy, no FP8 input gradients
     "default_4bit": ["--dense-base", "no"],  # python main.py before session 6: the plan without the 16-bit copy of the base
     "dense_nogc_2048": ["--attention", "varlen", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048",
@@ -142,8 +141,7 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
 CAPS = {"default_cap24": 24, "default_cap40": 40, "compiled_cap24": 24, "varlen_cap24": 24, "cudagraphs_cap24": 24,
         "cudagraphs_cap40": 40, "padded_cap24": 24, "fp8_cap24": 24, "fp8_cap24_compiled": 24, "fp8_cap40": 40,
         "fp8_cudagraphs_cap24": 24, "fp8_backward_cap40": 40, "cap24_firstfit": 24, "cap24_greedy": 24, "nf4_cap24": 24,
-        "cap24_bnb_forward": 24, "fp8_backward_4bit_cudagraphs_cap24": 24}
-ENVS = {"cap24_bnb_forward": {"LLAMA_DOLLY_BNB_FORWARD": "1"}}  # environment variables of a variant's process (fp8.BNB_FORWARD)
+        "fp8_backward_4bit_cudagraphs_cap24": 24}
 REFERENCES = ("baseline", "hf_tuned", "hf_tuned_nogc")  # every row's tokens/s is given as a ratio to each of these
 
 
@@ -406,7 +404,7 @@ def run_child(args, name: str, data: str, mean_context: float, mean_record: floa
            "--warmup", str(args.warmup), "--seed", str(args.seed), "--mean-context", str(mean_context), "--mean-record", str(mean_record),
            "--profile-steps", str(profile), "--out", args.out, "--logging-steps", str(args.logging_steps),
            *(["--sync-every-step"] if args.sync_every_step else [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | ENVS.get(name, {}))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     with open(os.path.join(args.out_dir, f"{name}.log"), "w") as fh:
         fh.write(proc.stdout + "\n" + proc.stderr)
     for line in proc.stdout.splitlines():

@@ -119,12 +119,6 @@ def train_in_both_compile_modes(tmp_path, flags: list[str]) -> tuple[dict[str, s
     return outs, metrics
 
 
-def pack_tokens(dense_base: str) -> str:
-    """512, or 2,048 over the 4-bit base with FP8 input gradients: past bitsandbytes' fused-kernel rows, where its forward
-    runs nf4_kernel's dequantization (fp8.BNB_FUSED_MAX_ROWS)."""
-    return "2048" if dense_base == "fp8_backward_4bit" else "512"
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize(("accumulation", "dense_base"), [(1, "no"), (2, "no"), (1, "fp8_backward"), (2, "fp8_backward_4bit")])
 def test_cuda_graph_training_records_once_and_matches_default_compile(tmp_path, accumulation, dense_base):
@@ -137,7 +131,7 @@ def test_cuda_graph_training_records_once_and_matches_default_compile(tmp_path, 
     if dense_base in FP8ES and fp8.check_fp8_device("cuda:0"):
         pytest.skip(fp8.check_fp8_device("cuda:0"))
     flags = ["--preset", "smoke", "--max-steps", "8", "--val-fraction", "0", "--save-steps", "8", "--pad-to-budget",
-             "--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", pack_tokens(dense_base),
+             "--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "512",
              "--gradient-accumulation-steps", str(accumulation), "--dense-base", dense_base]
     outs, metrics = train_in_both_compile_modes(tmp_path, flags)
     graphs = metrics["reduce-overhead"]["compile"]
@@ -156,8 +150,8 @@ def test_cuda_graph_training_with_evaluation_matches_default_compile(tmp_path, d
     if dense_base in FP8ES and fp8.check_fp8_device("cuda:0"):
         pytest.skip(fp8.check_fp8_device("cuda:0"))
     flags = ["--preset", "smoke", "--max-steps", "8", "--val-fraction", "0.2", "--eval-steps", "4", "--save-steps", "8",
-             "--pad-to-budget", "--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing",
-             "--pack-tokens", pack_tokens(dense_base), "--dense-base", dense_base]
+             "--pad-to-budget", "--compile", "on", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "512",
+             "--dense-base", dense_base]
     outs, metrics = train_in_both_compile_modes(tmp_path, flags)
     graphs = metrics["reduce-overhead"]["compile"]
     # the training graphs recorded once (not 2 more per layer at every step after 4); evaluation's own, at most once per pass
