@@ -128,7 +128,7 @@ def _nf4_fp8_backward() -> type:
     Made on first use: importing bitsandbytes and triton is only needed here."""
     from bitsandbytes.autograd._functions import MatMul4Bit
 
-    from nf4_kernel import absmax_parts, nf4_to_e4m3_t  # registers the op (and imports triton): only here
+    from nf4_kernel import fp32_absmax, nf4_to_e4m3_t  # registers the op (and imports triton): only here
 
     class Nf4Fp8Backward(MatMul4Bit):
         @staticmethod
@@ -143,7 +143,7 @@ def _nf4_fp8_backward() -> type:
             if not ctx.needs_input_grad[0]:
                 return None, None, None, None, None, None
             state = ctx.state
-            wt_q, wt_scale = nf4_to_e4m3_t(ctx.tensors[1].view(torch.uint8), *absmax_parts(state), state.code.float(),
+            wt_q, wt_scale = nf4_to_e4m3_t(ctx.tensors[1].view(torch.uint8), fp32_absmax(state), state.code.float(),
                                            ctx.col_max, list(state.shape), state.blocksize, state.dtype, grad.dtype)
             grad_x = fp8_matmul(grad.reshape(-1, grad.shape[-1]), wt_q, wt_scale, grad.dtype)
             return grad_x.reshape(*grad.shape[:-1], wt_q.shape[0]), None, None, None, None, None
@@ -165,10 +165,10 @@ class Nf4Fp8BackwardLinear(torch.nn.Module):
             raise ValueError(f"FP8 matmuls need both sizes of a weight divisible by 16, got {(self.out_features, self.in_features)}")
         if layer.weight.quant_type != "nf4":
             raise ValueError(f"--dense-base fp8_backward_4bit reads NF4 weights, not {layer.weight.quant_type}")
-        from nf4_kernel import absmax_parts, column_max
+        from nf4_kernel import column_max, fp32_absmax
 
         state = layer.weight.quant_state  # the frozen W's column maxima, taken once (each backward pass casts with them)
-        self.register_buffer("col_max", column_max(layer.weight.data.view(torch.uint8), absmax_parts(state), state.code.float(),
+        self.register_buffer("col_max", column_max(layer.weight.data.view(torch.uint8), fp32_absmax(state), state.code.float(),
                                                    list(state.shape), state.blocksize), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,22 +1,20 @@
 """Triton kernels for --dense-base fp8_backward_4bit (fp8.py): W^T in e4m3 straight from a bitsandbytes NF4 weight.
 
-    absmax = absmax_parts(layer.weight.quant_state)  # what the kernels read of the absmax (double quantization undone inside)
     col_max = column_max(packed, absmax, code, [out, in], blocksize)  # once: W is frozen
-    wt_q, wt_scale = nf4_to_e4m3_t(packed, *absmax, code, col_max, [out, in], blocksize, dtype, grad_dtype)  # each backward
+    wt_q, wt_scale = nf4_to_e4m3_t(packed, absmax, code, col_max, [out, in], blocksize, dtype, grad_dtype)  # each backward
 
 Bit-equal to quantize_rows(dequantize_4bit(W).to(grad_dtype).t()), what fp8_backward's copy holds, without the 16-bit W:
 one kernel takes the column maxima (an atomic max per column), the other casts and writes W^T a tile at a time, the
 tile transposed in registers so that each row of W^T is stored contiguously. The base is frozen, so its column maxima
 are taken once, at load (4 bytes per input column); each backward pass runs only the cast, which reads the packed
-nibbles (half a byte per weight) and the absmax (one byte per 64 weights, decoded in the kernel as bitsandbytes decodes
-it) and writes one byte per weight, against ~7 bytes of traffic for dequantizing to 16 bits and casting the transpose
-with torch ops (session 12's version: 0.98x the 4-bit base).
+nibbles (half a byte per weight) and the fp32 absmax and writes one byte per weight, against ~7 bytes of traffic for
+dequantizing to 16 bits and casting the transpose with torch ops (session 12's version: 0.98x the 4-bit base).
 
 A torch.library.triton_op: inside a compiled graph Inductor launches the cast itself (no Python custom-op call per
 layer); off CUDA the op is bitsandbytes' dequantization and quantize_rows. The tests run the kernels on the CPU
 under Triton's interpreter (TRITON_INTERPRET=1, set before triton is first imported), whose float casts truncate: so
-the kernels round with integer arithmetic on the bits, which the GPU computes the same way; and compile them for an
-sm90 GPU (Triton's compiler needs no GPU), which the interpreter does not.
+the kernels round with integer arithmetic on the bits, which the GPU computes the same way; another test compiles them
+for an sm90 GPU there (Triton's compiler needs none), which the interpreter does not check.
 """
 
 from __future__ import annotations
@@ -57,28 +55,8 @@ def _to_e4m3(x, NATIVE: tl.constexpr):
 
 
 @triton.jit
-def _absmax(Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, block, mask, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-            NATIVE: tl.constexpr):
-    """The fp32 absmax of blocks `block`: stored, or (NESTED: double quantization) decoded as bitsandbytes decodes it,
-    code[q] * scale[block // BLOCKSIZE2] rounded, then + offset."""
-    if NESTED:  # (one return: the compiler types every return of a function, a constexpr branch's too)
-        code = tl.load(AbsmaxCode + tl.load(Absmax + block, mask=mask, other=0).to(tl.int32))
-        scale = tl.load(AbsmaxScale + block // BLOCKSIZE2, mask=mask, other=0.0)
-        if NATIVE:  # PTX's mul.rn: never contracted into an FMA with the sum below, subnormals kept (libdevice's flushes)
-            product = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [code, scale], dtype=tl.float32, is_pure=True,
-                                                pack=1)
-        else:
-            product = code * scale
-        absmax = tl.where(mask, product + tl.load(AbsmaxOffset), 0.0)
-    else:
-        absmax = tl.load(Absmax + block, mask=mask, other=0.0)
-    return absmax
-
-
-@triton.jit
-def _tile(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, row0, n_out, n_in, BLOCKSIZE: tl.constexpr,
-          BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr, NATIVE: tl.constexpr,
-          BO: tl.constexpr, BI: tl.constexpr):
+def _tile(Packed, Absmax, Code, row0, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr,
+          NATIVE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
     """(rows, cols, W[rows, cols] in fp32, in-bounds mask) for rows row0.. and this program's columns, W dequantized as
     bitsandbytes does (code[nibble] * absmax in fp32, the even element in the high nibble), rounded to bfloat16 if
     ROUND; 0 outside W. Each packed byte is loaded once (n_in is even: a row's bytes start at row * n_in / 2). ALIGNED
@@ -93,38 +71,34 @@ def _tile(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, row0, n_o
     cols = tl.program_id(1) * BI + tl.arange(0, BI)
     mask = in_rows[:, None] & (cols[None, :] < n_in)
     if ALIGNED:
-        absmax = _absmax(Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, rows * (n_in // BLOCKSIZE) + (tl.program_id(1) * BI) // BLOCKSIZE,
-                         in_rows, NESTED, BLOCKSIZE2, NATIVE)
+        absmax = tl.load(Absmax + rows * (n_in // BLOCKSIZE) + (tl.program_id(1) * BI) // BLOCKSIZE, mask=in_rows, other=0.0)
         w = tl.load(Code + nibble) * absmax[:, None]
     else:
-        block = (rows[:, None] * n_in + cols[None, :]) // BLOCKSIZE  # a block per weight
-        w = tl.load(Code + nibble) * _absmax(Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, block, mask, NESTED, BLOCKSIZE2, NATIVE)
+        w = tl.load(Code + nibble) * tl.load(Absmax + (rows[:, None] * n_in + cols[None, :]) // BLOCKSIZE, mask=mask, other=0.0)
     if ROUND:
         w = _round_bf16(w, NATIVE)
     return rows, cols, w, mask
 
 
 @triton.jit
-def _column_max(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, ColMax, n_out, n_in, BLOCKSIZE: tl.constexpr,
-                BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr, NATIVE: tl.constexpr,
-                BO: tl.constexpr, BI: tl.constexpr, ROWS: tl.constexpr):
+def _column_max(Packed, Absmax, Code, ColMax, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr,
+                ALIGNED: tl.constexpr, NATIVE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, ROWS: tl.constexpr):
     """The largest |W| of each column over ROWS rows, BO at a time (kept per element, reduced once), then one atomic max
     per column."""
     running = tl.zeros([BO, BI], dtype=tl.float32)
     for r in range(0, ROWS, BO):
-        rows, cols, w, mask = _tile(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, tl.program_id(0) * ROWS + r, n_out,
-                                    n_in, BLOCKSIZE, BLOCKSIZE2, NESTED, ROUND, ALIGNED, NATIVE, BO, BI)
+        rows, cols, w, mask = _tile(Packed, Absmax, Code, tl.program_id(0) * ROWS + r, n_out, n_in, BLOCKSIZE, ROUND,
+                                    ALIGNED, NATIVE, BO, BI)
         running = tl.maximum(running, tl.abs(w))
     cols = tl.program_id(1) * BI + tl.arange(0, BI)
     tl.atomic_max(ColMax + cols, tl.max(running, axis=0), mask=cols < n_in)
 
 
 @triton.jit
-def _cast_transposed(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, ColMax, Out, Scale, n_out, n_in,
-                     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ROUND: tl.constexpr,
-                     ALIGNED: tl.constexpr, NATIVE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
-    rows, cols, w, mask = _tile(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, tl.program_id(0) * BO, n_out, n_in,
-                                BLOCKSIZE, BLOCKSIZE2, NESTED, ROUND, ALIGNED, NATIVE, BO, BI)
+def _cast_transposed(Packed, Absmax, Code, ColMax, Out, Scale, n_out, n_in, BLOCKSIZE: tl.constexpr,
+                     ROUND: tl.constexpr, ALIGNED: tl.constexpr, NATIVE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+    rows, cols, w, mask = _tile(Packed, Absmax, Code, tl.program_id(0) * BO, n_out, n_in, BLOCKSIZE, ROUND, ALIGNED, NATIVE,
+                                BO, BI)
     amax = tl.load(ColMax + cols, mask=cols < n_in, other=1.0)
     if ROUND:  # the maxima of the rounded W: rounding is monotone, so the rounded maxima (idempotent where rounded already)
         amax = _round_bf16(amax, NATIVE)
@@ -137,97 +111,79 @@ def _cast_transposed(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code
         tl.store(Scale + cols, scale, mask=cols < n_in)
 
 
-def absmax_parts(state) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """What the kernels read of a bitsandbytes QuantState's absmax: (absmax, absmax_code, absmax_scale, absmax_offset,
-    blocksize2). With double quantization (state.nested) the 8-bit absmax, the code, fp32 scale per blocksize2 blocks and
-    offset that undo it (the kernels decode each block's absmax themselves); else the fp32 absmax, and three unread
-    stand-ins (the absmax itself) and 0."""
-    if state.nested:
-        return state.absmax, state.state2.code, state.state2.absmax, state.offset.reshape(1), state.state2.blocksize
-    absmax = state.absmax.float()
-    return absmax, absmax, absmax, absmax, 0
-
-
-def fp32_absmax(absmax: tuple) -> torch.Tensor:
-    """absmax_parts' blocks' absmax in fp32, decoded by torch ops as bitsandbytes decodes it (the CPU paths)."""
-    values, code, scale, offset, blocksize2 = absmax
-    if values.dtype != torch.uint8:
-        return values
-    return code[values.long()] * scale.repeat_interleave(blocksize2)[: values.numel()] + offset
-
-
-def launch(packed: torch.Tensor, absmax: tuple, code: torch.Tensor, shape: list[int], blocksize: int, round_bf16: bool,
-           wrap=lambda kernel: kernel, config: tuple = CONFIG, native: bool | None = None,
+def launch(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: list[int], blocksize: int,
+           round_bf16: bool, wrap=lambda kernel: kernel, config: tuple = CONFIG, native: bool | None = None,
            col_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cast over `packed` (uint8, out * in / 2 bytes; absmax: absmax_parts), after the column maxima (column_max's
-    kernel) unless `col_max` holds them already (W is frozen, so Nf4Fp8BackwardLinear takes them once, at load); wrap:
-    torch.library.wrap_triton around the cast inside the op; config: (BO, BI, warps, ROWS), CONFIG by default; native: the
-    GPU's own float conversions (default: on CUDA)."""
+    """The cast over `packed` (uint8, out * in / 2 bytes), after the column maxima (column_max's kernel) unless `col_max`
+    holds them already (W is frozen, so Nf4Fp8BackwardLinear takes them once, at load); wrap: torch.library.wrap_triton
+    around the cast inside the op; config: (BO, BI, warps, ROWS), CONFIG by default; native: the GPU's own float
+    conversions (default: on CUDA)."""
     n_out, n_in = shape
-    _check_size(n_out * n_in)
+    if n_out * n_in >= 2**31:
+        raise ValueError(f"nf4_kernel: a {n_out} x {n_in} weight has 2^31 elements or more (int32 offsets)")
     bo, bi, _, _ = config
     if col_max is None:
         col_max = column_max(packed, absmax, code, shape, blocksize, config, packed.is_cuda if native is None else native)
     out = torch.empty(n_in, n_out, dtype=torch.float8_e4m3fn, device=packed.device)
     scale = torch.empty(1, n_in, dtype=torch.float32, device=packed.device)
     wrap(_cast_transposed)[(triton.cdiv(n_out, bo), triton.cdiv(n_in, bi))](
-        packed, *absmax[:4], code, col_max, out, scale, n_out, n_in, **_meta(packed, absmax, n_in, blocksize, round_bf16, config, native))
+        packed, absmax, code, col_max, out, scale, n_out, n_in, **_meta(packed, n_in, blocksize, round_bf16, config, native))
     return out, scale
 
 
 @torch.no_grad()
-def column_max(packed: torch.Tensor, absmax: tuple, code: torch.Tensor, shape: list[int], blocksize: int,
+def column_max(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: list[int], blocksize: int,
                config: tuple = CONFIG, native: bool | None = None) -> torch.Tensor:
     """max |W| over each column of the NF4 weight, in fp32, W not rounded (the cast rounds the maxima as it rounds W):
     the _column_max kernel on CUDA (or under the interpreter), bitsandbytes' fp32 dequantization elsewhere."""
     if packed.device.type != "cuda" and native is None:
-        weight = torch.ops.bitsandbytes.dequantize_4bit(packed, fp32_absmax(absmax), blocksize, "nf4", shape, torch.float32)
+        weight = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, blocksize, "nf4", shape, torch.float32)
         return weight.abs().amax(dim=0)
     n_out, n_in = shape
-    _check_size(n_out * n_in)
     _, bi, _, rows = config
     col_max = torch.zeros(n_in, dtype=torch.float32, device=packed.device)
-    _column_max[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](packed, *absmax[:4], code, col_max, n_out, n_in, ROWS=rows,
-                                                                    **_meta(packed, absmax, n_in, blocksize, False, config, native))
+    _column_max[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](packed, absmax, code, col_max, n_out, n_in, ROWS=rows,
+                                                                    **_meta(packed, n_in, blocksize, False, config, native))
     return col_max
 
 
-def _check_size(numel: int) -> None:
-    if numel >= 2**31:
-        raise ValueError(f"nf4_kernel: a weight of {numel} elements has 2^31 or more (int32 offsets)")
-
-
-def _meta(packed: torch.Tensor, absmax: tuple, n_in: int, blocksize: int, round_bf16: bool, config: tuple,
-          native: bool | None) -> dict:
-    """The tile kernels' compile-time arguments (ROWS apart): NESTED (8-bit absmax, decoded inside), ALIGNED where blocks
-    align with the tiles' columns; NATIVE (the GPU's own float conversions) by default on CUDA."""
+def _meta(packed: torch.Tensor, n_in: int, blocksize: int, round_bf16: bool, config: tuple, native: bool | None) -> dict:
+    """The kernels' compile-time arguments (ROWS apart): ALIGNED where blocks align with the tiles' columns; NATIVE
+    (the GPU's own float conversions) by default on CUDA."""
     bo, bi, warps, _ = config
     native = packed.is_cuda if native is None else native
-    return dict(BLOCKSIZE=blocksize, BLOCKSIZE2=max(absmax[4], 1), NESTED=int(absmax[0].dtype == torch.uint8),
-                ROUND=int(round_bf16), ALIGNED=int(n_in % blocksize == 0 and blocksize % bi == 0), NATIVE=int(native), BO=bo,
-                BI=bi, num_warps=warps)
+    return dict(BLOCKSIZE=blocksize, ROUND=int(round_bf16), ALIGNED=int(n_in % blocksize == 0 and blocksize % bi == 0),
+                NATIVE=int(native), BO=bo, BI=bi, num_warps=warps)
+
+
+def fp32_absmax(state) -> torch.Tensor:
+    """A bitsandbytes QuantState's absmax per block in fp32, what the kernels read: with double quantization the absmax
+    values are themselves 8-bit, undone as dequantize_4bit undoes them."""
+    if not state.nested:
+        return state.absmax.float()
+    from bitsandbytes import functional as F
+
+    return (F.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
 
 
 def by_torch(packed, absmax, code, shape, blocksize, dtype, grad_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the cast computes, by bitsandbytes' dequantization and quantize_rows (the CPU; float16)."""
+    """What the kernels compute, by bitsandbytes' dequantization and quantize_rows (the CPU; float16)."""
     import fp8
 
-    weight = torch.ops.bitsandbytes.dequantize_4bit(packed, fp32_absmax(absmax), blocksize, "nf4", shape, dtype)
+    weight = torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, blocksize, "nf4", shape, dtype)
     wt_q, wt_scale = fp8.quantize_rows(weight.to(grad_dtype).t())
     return wt_q, wt_scale.reshape(1, -1)
 
 
 @triton_op("llama_qa::nf4_to_e4m3_t", mutates_args=())
-def nf4_to_e4m3_t(packed: torch.Tensor, absmax: torch.Tensor, absmax_code: torch.Tensor, absmax_scale: torch.Tensor,
-                  absmax_offset: torch.Tensor, blocksize2: int, code: torch.Tensor, col_max: torch.Tensor, shape: list[int],
+def nf4_to_e4m3_t(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, col_max: torch.Tensor, shape: list[int],
                   blocksize: int, dtype: torch.dtype, grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(W^T in e4m3 [in, out], its scale [1, in]) from a bitsandbytes NF4 weight of `shape` [out, in]: packed nibbles
-    (uint8), the absmax as absmax_parts gives it, the 16-entry code, W's column maxima (column_max: computed once, W being
-    frozen; the CPU path recomputes them). W is rounded to `dtype` (the weight's) then `grad_dtype`, as
-    dequantize_4bit(...).to(grad_dtype) gives it, and W^T is cast as quantize_rows(W.t()) casts it: bit-equal to that."""
-    parts = (absmax, absmax_code, absmax_scale, absmax_offset, blocksize2)
+    (uint8), fp32 absmax per `blocksize` weights (double quantization undone), the 16-entry code, W's column maxima
+    (column_max: computed once, W being frozen; the CPU path recomputes them). W is rounded to
+    `dtype` (the weight's) then `grad_dtype`, as dequantize_4bit(...).to(grad_dtype) gives it, and W^T is cast as
+    quantize_rows(W.t()) casts it: bit-equal to that."""
     if packed.device.type != "cuda" or dtype not in ROUNDING or grad_dtype not in ROUNDING:  # float16 rounding: not written
-        return by_torch(packed, parts, code, shape, blocksize, dtype, grad_dtype)  # (a branch Inductor traces too)
+        return by_torch(packed, absmax, code, shape, blocksize, dtype, grad_dtype)  # (a branch Inductor traces too)
     round_bf16 = torch.bfloat16 in (dtype, grad_dtype)  # fp32 -> bf16 -> fp32 is exact; bf16 twice is bf16 once
-    return launch(packed, parts, code, shape, blocksize, round_bf16, wrap_triton, col_max=col_max)
-
+    return launch(packed, absmax, code, shape, blocksize, round_bf16, wrap_triton, col_max=col_max)

@@ -28,11 +28,10 @@ SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # q/k/v/o, gate/up, down
 
 
 @triton.jit
-def tile_only(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, Out, n_out, n_in, BLOCKSIZE: tl.constexpr,
-              BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr, NATIVE: tl.constexpr,
-              BO: tl.constexpr, BI: tl.constexpr):
-    rows, cols, w, mask = nf4_kernel._tile(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, tl.program_id(0) * BO,
-                                           n_out, n_in, BLOCKSIZE, BLOCKSIZE2, NESTED, ROUND, ALIGNED, NATIVE, BO, BI)
+def tile_only(Packed, Absmax, Code, Out, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr, ALIGNED: tl.constexpr,
+              NATIVE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+    rows, cols, w, mask = nf4_kernel._tile(Packed, Absmax, Code, tl.program_id(0) * BO, n_out, n_in, BLOCKSIZE, ROUND, ALIGNED,
+                                           NATIVE, BO, BI)
     tl.store(Out + rows[:, None] * n_in + cols[None, :], w.to(tl.bfloat16), mask=mask)
 
 
@@ -52,11 +51,10 @@ def tile_no_gather(Packed, Absmax, Out, n_out, n_in, BLOCKSIZE: tl.constexpr, RO
 
 
 @triton.jit
-def cast_untransposed(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, ColMax, Out, n_out, n_in,
-                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ROUND: tl.constexpr,
+def cast_untransposed(Packed, Absmax, Code, ColMax, Out, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUND: tl.constexpr,
                       ALIGNED: tl.constexpr, NATIVE: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
-    rows, cols, w, mask = nf4_kernel._tile(Packed, Absmax, AbsmaxCode, AbsmaxScale, AbsmaxOffset, Code, tl.program_id(0) * BO,
-                                           n_out, n_in, BLOCKSIZE, BLOCKSIZE2, NESTED, ROUND, ALIGNED, NATIVE, BO, BI)
+    rows, cols, w, mask = nf4_kernel._tile(Packed, Absmax, Code, tl.program_id(0) * BO, n_out, n_in, BLOCKSIZE, ROUND, ALIGNED,
+                                           NATIVE, BO, BI)
     amax = tl.load(ColMax + cols, mask=cols < n_in, other=1.0)
     scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)
     inverse = tl.math.div_rn(1.0, scale)
@@ -88,7 +86,7 @@ def parts(q, absmax, code, n_out, n_in, config):
     from triton.testing import do_bench_cudagraph
 
     bo, bi, warps, rows = config
-    meta = nf4_kernel._meta(q, absmax, n_in, 64, True, config, True)
+    meta = dict(BLOCKSIZE=64, BO=bo, BI=bi, num_warps=warps, ALIGNED=int(64 % bi == 0), NATIVE=1, ROUND=1)
     grid = (triton.cdiv(n_out, bo), triton.cdiv(n_in, bi))
     col_max = torch.zeros(n_in, dtype=torch.float32, device="cuda")
     out8 = torch.empty(n_in, n_out, dtype=torch.float8_e4m3fn, device="cuda")
@@ -96,17 +94,13 @@ def parts(q, absmax, code, n_out, n_in, config):
     out16 = torch.empty(n_out, n_in, dtype=torch.bfloat16, device="cuda")
     flat = q.reshape(-1)
     copied = torch.empty_like(flat)
-    fp32 = nf4_kernel.fp32_absmax(absmax)
-    plain = {k: v for k, v in meta.items() if k not in ("NESTED", "BLOCKSIZE2")}  # tile_no_gather's: an fp32 absmax
     runs = {
         "column_max": lambda: nf4_kernel._column_max[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](
-            q, *absmax[:4], code, col_max, n_out, n_in, ROWS=rows, **meta),
-        "cast_transposed": lambda: nf4_kernel._cast_transposed[grid](q, *absmax[:4], code, col_max, out8, scale, n_out, n_in, **meta),
-        "cast_transposed_fp32_absmax": lambda: nf4_kernel._cast_transposed[grid](q, fp32, fp32, fp32, fp32, code, col_max, out8, scale,
-                                                                                 n_out, n_in, BLOCKSIZE2=1, NESTED=0, **plain),
-        "cast_untransposed": lambda: cast_untransposed[grid](q, *absmax[:4], code, col_max, out8, n_out, n_in, **meta),
-        "tile_to_bf16": lambda: tile_only[grid](q, *absmax[:4], code, out16, n_out, n_in, **meta),
-        "tile_to_bf16_no_code_gather": lambda: tile_no_gather[grid](q, fp32, out16, n_out, n_in, **plain),
+            q, absmax, code, col_max, n_out, n_in, ROWS=rows, **meta),
+        "cast_transposed": lambda: nf4_kernel._cast_transposed[grid](q, absmax, code, col_max, out8, scale, n_out, n_in, **meta),
+        "cast_untransposed": lambda: cast_untransposed[grid](q, absmax, code, col_max, out8, n_out, n_in, **meta),
+        "tile_to_bf16": lambda: tile_only[grid](q, absmax, code, out16, n_out, n_in, **meta),
+        "tile_to_bf16_no_code_gather": lambda: tile_no_gather[grid](q, absmax, out16, n_out, n_in, **meta),
         "interpreter_rounding_both_kernels": lambda: nf4_kernel.launch(q, absmax, code, [n_out, n_in], 64, True, config=config,
                                                                         native=False),
         "copy_packed_bytes": lambda: copy_bytes[(triton.cdiv(flat.numel(), 1024),)](flat, copied, flat.numel(), BLOCK=1024),
@@ -142,9 +136,9 @@ def main() -> None:
     for n_out, n_in in SHAPES:
         w = (torch.randn(n_out, n_in, device="cuda") * 0.02).bfloat16()
         q, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-        absmax = nf4_kernel.absmax_parts(state)
+        absmax = nf4_kernel.fp32_absmax(state)
         code = state.code.float()
-        least = n_out * n_in * (0.5 * 2 + 1) + absmax[0].numel() * 2
+        least = n_out * n_in * (0.5 * 2 + 1) + absmax.numel() * 4 * 2
         row = {"shape": [n_out, n_in], "card": torch.cuda.get_device_name(),
                "bnb_dequantize_us": seconds_per_call(F.dequantize_4bit, q, state) * 1e6,
                "torch_cast_us": seconds_per_call(torch_cast, q, state) * 1e6, "configs": {}}

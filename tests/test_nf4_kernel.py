@@ -42,7 +42,7 @@ def nf4_case(out_features, in_features, dtype, blocksize, nested, device="cpu", 
     q, state = F.quantize_4bit(w.to(device, dtype), blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
     import nf4_kernel
 
-    return q, state, nf4_kernel.absmax_parts(state)
+    return q, state, nf4_kernel.fp32_absmax(state)
 
 
 def by_bitsandbytes(q, state, grad_dtype):
@@ -74,7 +74,7 @@ def interpreted_checks():
             for given in (None, col_max):  # the maxima taken by the kernel in the launch, or given
                 assert_bit_equal(nf4_kernel.launch(*weight, torch.bfloat16 in (dtype, grad_dtype), config=config,
                                                    col_max=given), want)
-        assert_bit_equal(nf4_kernel.nf4_to_e4m3_t(q, *absmax, state.code.float(), col_max, *weight[3:], dtype, grad_dtype), want)
+        assert_bit_equal(nf4_kernel.nf4_to_e4m3_t(*weight[:3], col_max, *weight[3:], dtype, grad_dtype), want)
         values = want[0].float()
         if not nested:  # (double quantization of the absmax loses row 7's scale: its values come out far larger)
             assert ((values != 0) & (values.abs() < 2**-6)).sum() >= 10  # e4m3 subnormals (row 7 of W)
@@ -98,45 +98,41 @@ def test_the_op_on_the_cpu_is_bitsandbytes_and_quantize_rows_and_traces_with_fak
     import nf4_kernel
 
     q, state, absmax = nf4_case(48, 80, torch.bfloat16, 64, True)
-    code = state.code.float()
-    col_max = nf4_kernel.column_max(q, absmax, code, [48, 80], 64)
-    assert_bit_equal(nf4_kernel.nf4_to_e4m3_t(q, *absmax, code, col_max, [48, 80], 64, torch.bfloat16, torch.bfloat16),
-                     by_bitsandbytes(q, state, torch.bfloat16))
+    col_max = nf4_kernel.column_max(q, absmax, state.code.float(), [48, 80], 64)
+    assert_bit_equal(nf4_kernel.nf4_to_e4m3_t(q, absmax, state.code.float(), col_max, [48, 80], 64, torch.bfloat16,
+                                              torch.bfloat16), by_bitsandbytes(q, state, torch.bfloat16))
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
-        fake = [mode.from_tensor(t) for t in (q, *absmax[:4], code, col_max)]
-        wt_q, wt_scale = nf4_kernel.nf4_to_e4m3_t(*fake[:5], absmax[4], *fake[5:], [48, 80], 64, torch.bfloat16, torch.bfloat16)
+        wt_q, wt_scale = nf4_kernel.nf4_to_e4m3_t(mode.from_tensor(q), mode.from_tensor(absmax), mode.from_tensor(state.code),
+                                                  mode.from_tensor(col_max), [48, 80], 64, torch.bfloat16, torch.bfloat16)
     assert (wt_q.shape, wt_q.dtype, wt_scale.shape, wt_scale.dtype) == ((80, 48), torch.float8_e4m3fn, (1, 80), torch.float32)
 
 
 def test_kernels_compile_for_hopper_on_the_cpu():
-    """Every kernel compiles for an sm90 GPU here, without one (Triton's compiler down to a cubin), in each combination of
-    its compile-time flags the ops launch: the interpreter runs what the GPU would refuse to compile (two returns of
-    different types, session 15). The double-quantized absmax is decoded with an IEEE product (mul.rn) before its sum,
-    never an FMA, as bitsandbytes rounds it."""
+    """Both kernels compile for an sm90 GPU here, without one (Triton's compiler, down to a cubin), in every combination of
+    the flags the launches pass: the interpreter above runs code the GPU compiler may refuse (session 15 met a kernel the
+    interpreter ran and the compiler rejected). NATIVE rounds W to bfloat16 with the GPU's own conversion (cvt.rn.bf16);
+    the cast writes e4m3 with the GPU's saturating conversion either way."""
     pytest.importorskip("triton")
     import triton
     from triton.backends.compiler import GPUTarget
 
     import nf4_kernel
 
-    pointers = {"Packed": "*u8", "Code": "*fp32", "AbsmaxCode": "*fp32", "AbsmaxScale": "*fp32", "AbsmaxOffset": "*fp32",
-                "ColMax": "*fp32", "Out": "*fp8e4nv", "Scale": "*fp32"}
-    kernels = {  # kernel: (its runtime arguments, the flag combinations)
-        nf4_kernel._cast_transposed: ("Packed Absmax AbsmaxCode AbsmaxScale AbsmaxOffset Code ColMax Out Scale n_out n_in",
-                                      [dict(NESTED=n, ROUND=1, ALIGNED=a, BO=32, BI=64) for n in (0, 1) for a in (0, 1)]),
-        nf4_kernel._column_max: ("Packed Absmax AbsmaxCode AbsmaxScale AbsmaxOffset Code ColMax n_out n_in",
-                                 [dict(NESTED=1, ROUND=0, ALIGNED=1, BO=32, BI=64, ROWS=512)]),
-    }
-    for kernel, (names, flags) in kernels.items():
-        for flag in flags:
-            types = pointers | {"Absmax": "*u8" if flag["NESTED"] else "*fp32"}
-            constexprs = dict(flag, BLOCKSIZE=64, BLOCKSIZE2=256, NATIVE=1)
-            signature = {n: types.get(n, "i32") for n in names.split()} | dict.fromkeys(constexprs, "constexpr")
-            source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-            ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-            assert ("mul.rn.f32" in ptx) == bool(flag["NESTED"]), (kernel.__name__, flag)
+    types = {"Packed": "*u8", "Absmax": "*fp32", "Code": "*fp32", "ColMax": "*fp32", "Out": "*fp8e4nv", "Scale": "*fp32"}
+    kernels = {nf4_kernel._cast_transposed: ("Packed Absmax Code ColMax Out Scale n_out n_in", {}),
+               nf4_kernel._column_max: ("Packed Absmax Code ColMax n_out n_in", {"ROWS": 512})}
+    for kernel, (names, extra) in kernels.items():
+        for aligned in (0, 1):
+            for native in (0, 1):
+                round_bf16 = int(kernel is nf4_kernel._cast_transposed)  # the cast rounds (bfloat16); the maxima do not
+                constexprs = dict(extra, BLOCKSIZE=64, ROUND=round_bf16, ALIGNED=aligned, NATIVE=native, BO=32, BI=64)
+                signature = {n: types.get(n, "i32") for n in names.split()} | dict.fromkeys(constexprs, "constexpr")
+                source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+                ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+                assert ("cvt.rn.bf16.f32" in ptx) == bool(native and round_bf16), (kernel.__name__, constexprs)
+                assert ("cvt.rn.satfinite.e4m3x2.f32" in ptx) == (kernel is nf4_kernel._cast_transposed), kernel.__name__
 
 
 @pytest.mark.gpu
@@ -144,8 +140,7 @@ def test_kernels_on_cuda_equal_bitsandbytes_at_llama_7b_shapes_and_beat_the_torc
     """Compiled on the GPU: bit-equal to bitsandbytes' dequantization + quantize_rows at Llama-2-7B's three weight
     shapes (launched directly, through the op, inside torch.compile; the GPU's own float conversions and the
     interpreter's rounding on the bits; one absmax per tile row and one per weight), and faster than that torch path
-    (the reason the kernels exist); the cast alone, given the column maxima taken at load, faster still. The
-    double-quantized absmax decoded as bitsandbytes decodes it."""
+    (the reason the kernels exist); the cast alone, given the column maxima taken at load, faster still."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from bitsandbytes import functional as F
@@ -158,14 +153,11 @@ def test_kernels_on_cuda_equal_bitsandbytes_at_llama_7b_shapes_and_beat_the_torc
     compiled = torch.compile(nf4_kernel.nf4_to_e4m3_t, fullgraph=True)
     for out_features, in_features in ((4096, 4096), (11008, 4096), (4096, 11008)):
         q, state, absmax = nf4_case(out_features, in_features, torch.bfloat16, 64, True, device="cuda")
-        shape, code = [out_features, in_features], state.code.float()
-        weight = (q, absmax, code, shape, 64)
-        assert torch.equal(nf4_kernel.fp32_absmax(absmax), F.dequantize_blockwise(state.absmax, state.state2) + state.offset)
+        weight = (q, absmax, state.code.float(), [out_features, in_features], 64)
         col_max = nf4_kernel.column_max(*weight)
-        args = (q, *absmax, code, col_max, shape, 64, torch.bfloat16, torch.bfloat16)
+        args = (*weight[:3], col_max, *weight[3:], torch.bfloat16, torch.bfloat16)
         want = by_bitsandbytes(q, state, torch.bfloat16)
-        unrounded = torch.ops.bitsandbytes.dequantize_4bit(q, nf4_kernel.fp32_absmax(absmax), 64, "nf4", shape, torch.float32)
-        assert torch.equal(col_max, unrounded.abs().amax(0))
+        assert torch.equal(col_max, torch.ops.bitsandbytes.dequantize_4bit(*weight[:2], 64, "nf4", weight[3], torch.float32).abs().amax(0))
         got = {"both kernels": nf4_kernel.launch(*weight, True), "op": nf4_kernel.nf4_to_e4m3_t(*args),
                "compiled": compiled(*args), "cast, maxima given": nf4_kernel.launch(*weight, True, col_max=col_max),
                "rounded on the bits": nf4_kernel.launch(*weight, True, native=False),
@@ -183,6 +175,7 @@ def test_kernels_on_cuda_equal_bitsandbytes_at_llama_7b_shapes_and_beat_the_torc
         for v in got.values():
             assert_bit_equal(v, want)
         assert times["the cast, maxima given"] < times["both kernels"] < times["torch"]
+
 
 if __name__ == "__main__":
     interpreted_checks()

@@ -94,9 +94,7 @@ def test_pack_groups_fills_the_oldest_open_row_that_fits_and_closes_the_oldest_b
     assert dataset.pack_groups([5, 5, 3, 3], 8, 0, open_rows=1) == [[0], [1, 2], [3]]
     from config import TrainConfig
 
-    assert TrainConfig().open_rows == dataset.OPEN_ROWS == 1  # auto, rows not padded: greedy
-    assert TrainConfig(pad_to_budget=True).open_rows == 4  # auto, every row padded to the budget: first fit
-    assert TrainConfig(pad_to_budget=True, pack_open_rows=1).open_rows == 1  # given: kept
+    assert TrainConfig().pack_open_rows == dataset.OPEN_ROWS
 
 
 def test_collate_packed_makes_one_unpadded_row():
