@@ -436,6 +436,10 @@ def main() -> None:
                              "the others after every other variant. Its first run on a fresh machine was 1.5-1.8x slower than "
                              "later ones, and one at a command's start 4-12% slower than one at its end (H200); the baseline "
                              "must be the strongest.")
+    parser.add_argument("--variant-runs", type=int, default=1,
+                        help="Runs of each of the project's variants, in passes over them in the listed order (two variants: "
+                             "A, B, A, B), all runs kept in runs_tokens_per_s and the fastest reported: for an A/B of two "
+                             "settings whose difference is smaller than a command's drift (session 15: first fit).")
     parser.add_argument("--deadline", type=float, default=0, help="Unix time: variants that would end later are skipped (0: none).")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -455,12 +459,12 @@ def main() -> None:
     results |= {"versions": versions(), "variants": {}}
     attempts: dict[str, list[dict]] = {}
     names = args.variants.split(",")
-    order = schedule(names, args.baseline_runs)
+    order = schedule(names, args.baseline_runs, args.variant_runs)
     for i, name in enumerate(order):
         again = name in attempts
         # seconds: load, steps, and the compilation; before the baselines' runs at the end, room is kept for them (a
         # baseline left with its first run alone, maybe a fresh machine's slow one, would flatter every ratio)
-        reruns_after = len(order) - max(i + 1, len(names))  # the baselines' further runs still to come after this one
+        reruns_after = sum(isinstance(VARIANTS[n], str) for n in order[max(i + 1, len(names)):])  # the baselines' further runs to come
         needs = (180 if name.startswith("compiled") else 75) + 75 * reruns_after
         if args.deadline and time.time() + needs > args.deadline:
             print(f"[bench] {name}{' (another run)' if again else ''} skipped: it would not finish before the deadline "
@@ -490,12 +494,14 @@ def main() -> None:
               f"marginal {o['marginal_tokens_per_s']} tokens/s", flush=True)
 
 
-def schedule(names: list[str], baseline_runs: int) -> list[str]:
-    """The order of the runs: each variant once, as listed, then each plain-HF variant's further runs (--baseline-runs)
-    at the end. Its fastest run is kept. A baseline run only at the start of a command came out 4-12% slower than one
-    at its end (sessions 13-14, H200, across commands), so a ratio depended on where the baseline stood. Bracketing the other variants, its
-    best run sees both ends."""
-    return list(names) + [n for n in names if isinstance(VARIANTS[n], str) for _ in range(baseline_runs - 1)]
+def schedule(names: list[str], baseline_runs: int, variant_runs: int = 1) -> list[str]:
+    """The order of the runs: each variant once, as listed; then variant_runs - 1 more passes over the project's variants
+    (--variant-runs: A, B, A, B); then each plain-HF variant's further runs (--baseline-runs) at the end. Each variant's
+    fastest run is kept. A baseline run only at the start of a command came out 4-12% slower than one at its end
+    (sessions 13-14, H200, across commands; 24-47% in session 15), so a ratio depended on where the baseline stood.
+    Bracketing the other variants, its best run sees both ends."""
+    project = [n for n in names if not isinstance(VARIANTS[n], str)]
+    return list(names) + project * (variant_runs - 1) + [n for n in names if isinstance(VARIANTS[n], str) for _ in range(baseline_runs - 1)]
 
 
 def print_row(r: dict) -> None:

@@ -44,3 +44,6 @@ def test_the_baselines_further_runs_come_after_every_other_variant():
     assert train_speed.schedule(names, 2) == names + ["hf_tuned", "hf_tuned_nogc"]
     assert train_speed.schedule(names, 1) == names
     assert train_speed.schedule(["default_cap24", "hf_tuned"], 3) == ["default_cap24", "hf_tuned", "hf_tuned", "hf_tuned"]
+    # --variant-runs 2: the project's variants alternate (A, B, A, B) between the baseline's first run and its last
+    assert train_speed.schedule(["hf_tuned", "default_cap24", "cap24_firstfit"], 2, 2) == [
+        "hf_tuned", "default_cap24", "cap24_firstfit", "default_cap24", "cap24_firstfit", "hf_tuned"]
