@@ -23,6 +23,8 @@ from transformers import TrainerCallback
 
 from runtime import Runtime, launched_processes
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that replay CUDA graphs
+
 
 class CompileError(RuntimeError):
     """The compiled layers did not stay compiled (eager fallback, recompiles, graph breaks)."""
@@ -99,7 +101,7 @@ def recompile_reasons(code, limit: int = 300) -> list[str]:
 
 def compile_report(stats: dict) -> dict:
     """Compiled variants of the layer and the guards that made each recompile, graph breaks by reason, unique graphs and
-    Dynamo + Inductor compile seconds; with --compile-mode reduce-overhead, the CUDA graphs recorded so far and the skips
+    Dynamo + Inductor compile seconds; with CUDA graphs (CUDA_GRAPH_MODES), the CUDA graphs recorded so far and the skips
     (cudagraph_report)."""
     from torch._dynamo.utils import compile_times, counters
 
@@ -110,7 +112,7 @@ def compile_report(stats: dict) -> dict:
               "graph_breaks": dict(counters["graph_break"]), "unique_graphs": counters["stats"]["unique_graphs"],
               "dynamo_compile_s": round(times.get("_compile.compile_inner", 0.0), 1),  # tracing + forward compile, all variants
               "inductor_compile_s": round(times.get("compile_fx_inner", 0.0), 1)}  # forward and (lazily compiled) backward graphs
-    return report | (cudagraph_report() if stats["mode"] == "reduce-overhead" else {})
+    return report | (cudagraph_report() if stats["mode"] in CUDA_GRAPH_MODES else {})
 
 
 def cudagraph_report() -> dict:
@@ -153,7 +155,7 @@ def check_compiled(stats: dict, max_variants: int = 8) -> dict:
 def zero_grads_outside_graphs(model: torch.nn.Module) -> None:
     """Give every trainable parameter without a gradient a zeroed .grad, allocated outside the CUDA graphs' memory pool.
 
-    With CUDA graphs (--compile-mode reduce-overhead) and several micro-batches per optimizer step: autograd would make the
+    With CUDA graphs (--compile-mode reduce-overhead or max-autotune) and several micro-batches per optimizer step: autograd would make the
     first micro-batch's gradient, an output of the backward's graph living in the graphs' pool, the .grad itself, and the
     next micro-batch's replay writes into that pool (pytorch#96693: a quarter of the gradient left with 4 micro-batches).
     With a .grad already there, each backward's gradient is added into it and dies; a new CUDA-graph generation before
@@ -178,13 +180,13 @@ class CompileWatch(TrainerCallback):
         self._t0 = time.perf_counter()
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if self.stats["mode"] == "reduce-overhead":
+        if self.stats["mode"] in CUDA_GRAPH_MODES:
             torch.compiler.cudagraph_mark_step_begin()  # one CUDA-graph generation per micro-batch (and on_substep_end)
             if args.gradient_accumulation_steps > 1 and model is not None:
                 zero_grads_outside_graphs(model)
 
     def on_substep_end(self, args, state, control, **kwargs):
-        if self.stats["mode"] == "reduce-overhead":  # the next micro-batch replays the same graphs from the root
+        if self.stats["mode"] in CUDA_GRAPH_MODES:  # the next micro-batch replays the same graphs from the root
             torch.compiler.cudagraph_mark_step_begin()
 
     def on_step_end(self, args, state, control, **kwargs):

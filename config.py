@@ -165,9 +165,12 @@ class TrainConfig:
         "gradient checkpointing (1.11x on an H100, same losses: BENCHMARKS.md) or with --dense-base fp8 (checkpointing or "
         "not: eager FP8 casts were 2x slower on an H200), off otherwise.",
     )
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = doc(
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = doc(
         "default",
-        "torch.compile mode for --compile; reduce-overhead adds CUDA graphs (one shape: use it with --pad-to-budget; with "
+        "torch.compile mode for --compile; max-autotune: reduce-overhead's CUDA graphs plus Inductor's autotuning of the "
+        "products it sees (LoRA's, FP8's _scaled_mm; not bitsandbytes' 4-bit product), cached in the Inductor cache, not "
+        "measured here yet (bench variant compiled_autotune_cap24). reduce-overhead adds CUDA graphs (one shape: use it "
+        "with --pad-to-budget; with "
         "accumulation each micro-batch replays the same graphs into zeroed gradients). Measured on an H200 (BENCHMARKS.md): "
         "1.27x default at 2,048-token micro-batches (1.49-1.71x with fp8_backward; a fixed 0.041-0.046 s per micro-batch "
         "instead of 0.12-0.14 s), equal at 8,192 (default's) and at 4,096 x 2 on a 4-bit base, 0.95x at 4,096 x 2 with the "

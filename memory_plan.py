@@ -272,16 +272,18 @@ def apply_memory_plan(cfg, explicit: set[str]):
         return dataclasses.replace(cfg, dense_base="no") if cfg.dense_base == "auto" else cfg
     from transformers import AutoConfig
 
+    from compile_layers import CUDA_GRAPH_MODES
     from hub import resolve_base_model
 
     name = resolve_base_model(cfg.base_model, cfg.gguf_file)
     shape = shape_from_config(AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code))
     fixed = {f: getattr(cfg, f) for f in FIELDS if f in explicit and f != "dense_base"}
-    graphs_ok = ((cfg.compile_mode == "reduce-overhead" or "compile_mode" not in explicit)
+    graphs_ok = ((cfg.compile_mode in CUDA_GRAPH_MODES or "compile_mode" not in explicit)
                  and (cfg.pad_to_budget or "pad_to_budget" not in explicit))
     plan = plan_from_cuda(shape, torch.device(rt.device).index or 0, quantization=cfg.quantization, lora_r=cfg.lora_r,
                           tokens_per_step=cfg.tokens_per_step, max_length=cfg.max_length, fused_cross_entropy=cfg.liger, fixed=fixed,
                           dense_base=cfg.dense_base, fp8_ok=fp8_backward_ok(cfg, rt), cuda_graphs_ok=graphs_ok)
     print(plan.line(), flush=True)
-    graphs = {"compile_mode": "reduce-overhead", "pad_to_budget": True} if plan.cuda_graphs else {}
+    mode = cfg.compile_mode if "compile_mode" in explicit else "reduce-overhead"  # a graphs mode given (max-autotune) is kept
+    graphs = {"compile_mode": mode, "pad_to_budget": True} if plan.cuda_graphs else {}
     return dataclasses.replace(cfg, **{f: getattr(plan, f) for f in FIELDS}, **graphs)

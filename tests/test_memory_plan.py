@@ -247,6 +247,8 @@ def test_a_24gb_fp8_card_gets_cuda_graphs_over_fp8_backward_4bit_unless_the_mode
     planned = apply_memory_plan(cfg, set())
     assert (planned.dense_base, planned.compile_mode, planned.pad_to_budget, planned.gradient_checkpointing,
             planned.pack_tokens, planned.gradient_accumulation_steps) == ("fp8_backward_4bit", "reduce-overhead", True, False, 4096, 2)
+    tuned = apply_memory_plan(dataclasses.replace(cfg, compile_mode="max-autotune"), {"compile_mode"})  # graphs too: kept
+    assert (tuned.dense_base, tuned.compile_mode, tuned.pad_to_budget) == ("fp8_backward_4bit", "max-autotune", True)
     kept = apply_memory_plan(dataclasses.replace(cfg, compile_mode="default"), {"compile_mode"})
     assert (kept.dense_base, kept.compile_mode, kept.pad_to_budget) == ("no", "default", False)
     assert apply_memory_plan(cfg, {"pad_to_budget"}).dense_base == "no"  # --no-pad-to-budget given
