@@ -62,6 +62,10 @@ def compile_decoder_layers(model: torch.nn.Module, mode: str = "default", dynami
     never_fall_back()
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+    if mode == "max-autotune":  # everything Inductor can tune: its kernels' launch configs too (gpt-fast's recipe)
+        import torch._inductor.config
+
+        torch._inductor.config.coordinate_descent_tuning = True
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(mode=None if mode == "default" else mode, dynamic=dynamic, fullgraph=True)

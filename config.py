@@ -168,8 +168,9 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = doc(
         "default",
         "torch.compile mode for --compile; max-autotune: reduce-overhead's CUDA graphs plus Inductor's autotuning of the "
-        "products it sees (LoRA's, FP8's _scaled_mm; not bitsandbytes' 4-bit product), cached in the Inductor cache, not "
-        "measured here yet (bench variant compiled_autotune_cap24). reduce-overhead adds CUDA graphs (one shape: use it "
+        "products it sees (LoRA's, FP8's _scaled_mm; not bitsandbytes' 4-bit product) and of its own kernels' launch "
+        "configs (coordinate descent), cached in the Inductor cache, not measured here yet (bench variant "
+        "compiled_autotune_cap24). reduce-overhead adds CUDA graphs (one shape: use it "
         "with --pad-to-budget; with "
         "accumulation each micro-batch replays the same graphs into zeroed gradients). Measured on an H200 (BENCHMARKS.md): "
         "1.27x default at 2,048-token micro-batches (1.49-1.71x with fp8_backward; a fixed 0.041-0.046 s per micro-batch "

@@ -54,17 +54,19 @@ def test_a_layer_running_eager_fails_loudly():
         check_compiled({"layers": 2, "code": never_compiled.__code__, "mode": "default"})
 
 
-def test_cuda_graphs_get_a_generation_per_micro_batch_and_zeroed_gradients(monkeypatch):
-    """--compile-mode reduce-overhead with 2 micro-batches per step: a new CUDA-graph generation before each micro-batch
-    (on_step_begin, on_substep_end), and zeroed .grad buffers for the trainable parameters only, made before the first
-    micro-batch (the backward's gradients are then added into them, not left in the graphs' pool)."""
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graphs_get_a_generation_per_micro_batch_and_zeroed_gradients(monkeypatch, mode):
+    """--compile-mode reduce-overhead (or max-autotune, its graphs too) with 2 micro-batches per step: a new CUDA-graph
+    generation before each micro-batch (on_step_begin, on_substep_end), and zeroed .grad buffers for the trainable
+    parameters only, made before the first micro-batch (the backward's gradients are then added into them, not left in
+    the graphs' pool)."""
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
     model[0].requires_grad_(False)
     kept = torch.ones(2)
     model[1].bias.grad = kept
-    watch, args = CompileWatch({"mode": "reduce-overhead"}), type("Args", (), {"gradient_accumulation_steps": 2})()
+    watch, args = CompileWatch({"mode": mode}), type("Args", (), {"gradient_accumulation_steps": 2})()
     watch.on_step_begin(args, None, None, model=model)
     assert model[1].weight.grad.tolist() == [[0.0, 0.0], [0.0, 0.0]] and model[1].bias.grad is kept
     assert model[0].weight.grad is None and model[0].bias.grad is None
@@ -75,6 +77,26 @@ def test_cuda_graphs_get_a_generation_per_micro_batch_and_zeroed_gradients(monke
     model.zero_grad()
     watch.on_step_begin(type("Args", (), {"gradient_accumulation_steps": 1})(), None, None, model=model)
     assert model[1].weight.grad is None and len(marks) == 3  # one micro-batch per step: autograd's own .grad is fine
+
+
+def test_max_autotune_compiles_every_decoder_layer_and_tunes_inductors_kernels_too(monkeypatch):
+    """--compile-mode max-autotune: each decoder layer compiled in that mode (lazily: nothing runs here), and Inductor's
+    coordinate-descent tuning of its own kernels' launch configs switched on with it, as gpt-fast does."""
+    import torch._inductor.config
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compile_layers import compile_decoder_layers
+
+    monkeypatch.setattr(torch._inductor.config, "coordinate_descent_tuning", False)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    model = LlamaForCausalLM(config)
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(kw["mode"]))
+    compile_decoder_layers(model, "default")
+    assert compiled == [None, None] and not torch._inductor.config.coordinate_descent_tuning
+    stats = compile_decoder_layers(model, "max-autotune")
+    assert compiled[2:] == ["max-autotune", "max-autotune"] and stats["mode"] == "max-autotune"
+    assert torch._inductor.config.coordinate_descent_tuning
 
 
 def test_zeroed_gradients_accumulate_like_autograds_own():
