@@ -61,7 +61,7 @@ def _tile(Packed, Absmax, Code, row0, n_out, n_in, BLOCKSIZE: tl.constexpr, ROUN
     bitsandbytes does (code[nibble] * absmax in fp32, the even element in the high nibble), rounded to bfloat16 if
     ROUND; 0 outside W. Each packed byte is loaded once (n_in is even: a row's bytes start at row * n_in / 2). ALIGNED
     (BLOCKSIZE divides n_in and BI divides BLOCKSIZE): one absmax per row of the tile, else one per weight. int32
-    offsets: launch checks that W has fewer than 2^31 elements."""
+    offsets: _meta (every launch) checks that W has fewer than 2^31 elements."""
     rows = row0 + tl.arange(0, BO)
     pairs = tl.program_id(1) * (BI // 2) + tl.arange(0, BI // 2)
     in_rows = rows < n_out
@@ -119,15 +119,13 @@ def launch(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape
     around the cast inside the op; config: (BO, BI, warps, ROWS), CONFIG by default; native: the GPU's own float
     conversions (default: on CUDA)."""
     n_out, n_in = shape
-    if n_out * n_in >= 2**31:
-        raise ValueError(f"nf4_kernel: a {n_out} x {n_in} weight has 2^31 elements or more (int32 offsets)")
     bo, bi, _, _ = config
     if col_max is None:
         col_max = column_max(packed, absmax, code, shape, blocksize, config, packed.is_cuda if native is None else native)
     out = torch.empty(n_in, n_out, dtype=torch.float8_e4m3fn, device=packed.device)
     scale = torch.empty(1, n_in, dtype=torch.float32, device=packed.device)
     wrap(_cast_transposed)[(triton.cdiv(n_out, bo), triton.cdiv(n_in, bi))](
-        packed, absmax, code, col_max, out, scale, n_out, n_in, **_meta(packed, n_in, blocksize, round_bf16, config, native))
+        packed, absmax, code, col_max, out, scale, n_out, n_in, **_meta(packed, shape, blocksize, round_bf16, config, native))
     return out, scale
 
 
@@ -143,13 +141,17 @@ def column_max(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, s
     _, bi, _, rows = config
     col_max = torch.zeros(n_in, dtype=torch.float32, device=packed.device)
     _column_max[(triton.cdiv(n_out, rows), triton.cdiv(n_in, bi))](packed, absmax, code, col_max, n_out, n_in, ROWS=rows,
-                                                                    **_meta(packed, n_in, blocksize, False, config, native))
+                                                                    **_meta(packed, shape, blocksize, False, config, native))
     return col_max
 
 
-def _meta(packed: torch.Tensor, n_in: int, blocksize: int, round_bf16: bool, config: tuple, native: bool | None) -> dict:
+def _meta(packed: torch.Tensor, shape: list[int], blocksize: int, round_bf16: bool, config: tuple, native: bool | None) -> dict:
     """The kernels' compile-time arguments (ROWS apart): ALIGNED where blocks align with the tiles' columns; NATIVE
-    (the GPU's own float conversions) by default on CUDA."""
+    (the GPU's own float conversions) by default on CUDA. Both kernels' launches pass here, so W's size is checked here:
+    the kernels' offsets are int32."""
+    n_out, n_in = shape
+    if n_out * n_in >= 2**31:
+        raise ValueError(f"nf4_kernel: a {n_out} x {n_in} weight has 2^31 elements or more (int32 offsets)")
     bo, bi, warps, _ = config
     native = packed.is_cuda if native is None else native
     return dict(BLOCKSIZE=blocksize, ROUND=int(round_bf16), ALIGNED=int(n_in % blocksize == 0 and blocksize % bi == 0),

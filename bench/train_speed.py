@@ -295,7 +295,7 @@ def run_variant(args) -> dict:
     spec = VARIANTS[args.variant]
     if cuda():
         torch.cuda.reset_peak_memory_stats()
-    if isinstance(spec, str):
+    if is_baseline(args.variant):
         tokenizer = load_tokenizer(args.model)
         train_ds, _ = tokenize_records(load_records(args.data), tokenizer, 1024)
         trainer, micro, extra = hf_trainer(args, spec, train_ds, tokenizer), 1, {}
@@ -466,7 +466,7 @@ def main() -> None:
         again = name in attempts
         # seconds: load, steps, and the compilation; before the baselines' runs at the end, room is kept for them (a
         # baseline left with its first run alone, maybe a fresh machine's slow one, would flatter every ratio)
-        reruns_after = sum(isinstance(VARIANTS[n], str) for n in order[max(i + 1, len(names)):])  # the baselines' further runs to come
+        reruns_after = sum(map(is_baseline, order[max(i + 1, len(names)):]))  # the baselines' further runs to come
         needs = (180 if name.startswith("compiled") else 75) + 75 * reruns_after
         if args.deadline and time.time() + needs > args.deadline:
             print(f"[bench] {name}{' (another run)' if again else ''} skipped: it would not finish before the deadline "
@@ -483,7 +483,7 @@ def main() -> None:
         print_row(result)
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=2)
-    short = [n for n in names if isinstance(VARIANTS[n], str) and 0 < len(attempts.get(n, [])) < args.baseline_runs]
+    short = [n for n in names if is_baseline(n) and 0 < len(attempts.get(n, [])) < args.baseline_runs]
     if short:
         print(f"[bench] WARNING: {short} ran fewer than --baseline-runs {args.baseline_runs} times: a weaker baseline", flush=True)
     if any(len(a) > 1 for a in attempts.values()):  # the ratios printed above were against the baselines' runs so far
@@ -502,8 +502,13 @@ def schedule(names: list[str], baseline_runs: int, variant_runs: int = 1) -> lis
     fastest run is kept. A baseline run only at the start of a command came out 4-12% slower than one at its end
     (sessions 13-14, H200, across commands; 24-47% in session 15), so a ratio depended on where the baseline stood.
     Bracketing the other variants, its best run sees both ends."""
-    project = [n for n in names if not isinstance(VARIANTS[n], str)]
-    return list(names) + project * (variant_runs - 1) + [n for n in names if isinstance(VARIANTS[n], str) for _ in range(baseline_runs - 1)]
+    project = [n for n in names if not is_baseline(n)]
+    return list(names) + project * (variant_runs - 1) + [n for n in names if is_baseline(n) for _ in range(baseline_runs - 1)]
+
+
+def is_baseline(name: str) -> bool:
+    """A plain Hugging Face variant (VARIANTS maps it to an HF_SETUPS name, not to main.py flags)."""
+    return isinstance(VARIANTS[name], str)
 
 
 def print_row(r: dict) -> None:
