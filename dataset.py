@@ -445,10 +445,9 @@ def make_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
 # --- padding-free batches ----------------------------------------------------------------
 
 
-OPEN_ROWS = 1  # pack_groups' rows kept open (--pack-open-rows): 1 = greedy filling. First fit over 4 open rows fills the
-# bench's dolly-like records (Llama-2 tokens) into 4,096-token rows 99.35% full instead of 95.1% (8,192: 98.7% vs 97.5%),
-# but under a 24 GiB cap on an H200 it ran at 0.95x greedy's tokens/s, with a third compiled variant (BENCHMARKS.md,
-# session 11): not the default until that is understood.
+OPEN_ROWS = 1  # pack_groups' rows kept open by default: 1 = greedy filling. First fit over 4 open rows fills the bench's
+# dolly-like records (Llama-2 tokens) into 4,096-token rows 99.35% full instead of 95.1% (8,192: 98.7% vs 97.5%); main.py
+# takes it where every row is padded to the budget (TrainConfig.open_rows), greedy elsewhere (BENCHMARKS.md, session 16).
 
 
 def pack_examples(ds: datasets.Dataset, max_tokens: int, seed: int, open_rows: int = OPEN_ROWS) -> datasets.Dataset:

@@ -169,9 +169,9 @@ def prepare_data(cfg: TrainConfig, records, tokenizer) -> tuple[Any, Any, dict[s
         raise DataError(f"{cfg.dataset}: no training record left: {why_none_kept(train_summary, cfg.max_length)}")
     if cfg.packing:
         records = len(train_ds)
-        train_ds, val_ds = (pack_examples(ds, cfg.pack_tokens, cfg.seed, cfg.pack_open_rows) for ds in (train_ds, val_ds))
+        train_ds, val_ds = (pack_examples(ds, cfg.pack_tokens, cfg.seed, cfg.open_rows) for ds in (train_ds, val_ds))
         fill = train_summary["tokens"] / (len(train_ds) * cfg.pack_tokens)
-        how = f"first fit over {cfg.pack_open_rows} open rows" if cfg.pack_open_rows > 1 else "greedy filling"
+        how = f"first fit over {cfg.open_rows} open rows" if cfg.open_rows > 1 else "greedy filling"
         print(f"[data] packed {records} training records into {len(train_ds)} rows of <= {cfg.pack_tokens} tokens "
               f"({fill:.0%} full, {how}, {'each padded to the budget' if cfg.pad_to_budget else 'no padding'})")
     return train_ds, val_ds, {"train": train_summary, "validation": val_summary, "fingerprints": fingerprints}

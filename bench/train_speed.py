@@ -65,9 +65,11 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
     "varlen_eager": ["--attention", "varlen", "--compile", "off"],
     "varlen_cap24": ["--attention", "varlen"],  # varlen under a 24 GiB cap
     "varlen_nogc_2048": ["--attention", "varlen", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048"],
-    # packed rows by first fit over 4 open rows (--pack-open-rows 4; greedy = 1 is the default): against default / default_cap24
+    # packed rows by first fit over 4 open rows (--pack-open-rows 4): against default (greedy: rows not padded). Under the
+    # 24 GiB cap the plan pads every row to the budget, where auto has taken first fit since session 16: cap24_greedy is the old
     "default_firstfit": ["--pack-open-rows", "4"],
     "cap24_firstfit": ["--pack-open-rows", "4"],
+    "cap24_greedy": ["--pack-open-rows", "1"],
     "default_dense": ["--dense-base", "yes"],  # python main.py before session 11: the 16-bit copy, no FP8 input gradients
     "default_4bit": ["--dense-base", "no"],  # python main.py before session 6: the plan without the 16-bit copy of the base
     "dense_nogc_2048": ["--attention", "varlen", "--memory-plan", "off", "--no-gradient-checkpointing", "--pack-tokens", "2048",
@@ -141,7 +143,7 @@ VARIANTS = {  # name -> main.py flags, or the plain Hugging Face setup it runs
 CAPS = {"default_cap24": 24, "default_cap40": 40, "compiled_cap24": 24, "varlen_cap24": 24, "cudagraphs_cap24": 24,
         "cudagraphs_cap40": 40, "padded_cap24": 24, "fp8_cap24": 24, "fp8_cap24_compiled": 24, "fp8_cap40": 40,
         "fp8_cudagraphs_cap24": 24, "fp8_backward_cap40": 40, "cap24_firstfit": 24, "nf4_cap24": 24,
-        "fp8_backward_4bit_cudagraphs_cap24": 24, "compiled_autotune_cap24": 24}
+        "fp8_backward_4bit_cudagraphs_cap24": 24, "compiled_autotune_cap24": 24, "cap24_greedy": 24}
 REFERENCES = ("baseline", "hf_tuned", "hf_tuned_nogc")  # every row's tokens/s is given as a ratio to each of these
 
 
@@ -306,7 +308,7 @@ def run_variant(args) -> dict:
                           "gradient_accumulation_steps": micro, "compile": cfg.compile, "compile_mode": cfg.compile_mode,
                           "pad_to_budget": cfg.pad_to_budget,
                           "attention": trainer.model.config._attn_implementation, "dense_base": cfg.dense_base,
-                          "pack_open_rows": cfg.pack_open_rows}}
+                          "pack_open_rows": cfg.open_rows}}
     timer = StepTimer(None if args.sync_every_step else {args.warmup, args.steps})
     trainer.add_callback(timer.callback)
     profiler = None

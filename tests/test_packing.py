@@ -94,7 +94,31 @@ def test_pack_groups_fills_the_oldest_open_row_that_fits_and_closes_the_oldest_b
     assert dataset.pack_groups([5, 5, 3, 3], 8, 0, open_rows=1) == [[0], [1, 2], [3]]
     from config import TrainConfig
 
-    assert TrainConfig().pack_open_rows == dataset.OPEN_ROWS
+    assert TrainConfig().open_rows == dataset.OPEN_ROWS == 1  # auto, rows not padded: greedy
+    assert TrainConfig(pad_to_budget=True).open_rows == 4  # auto, every row padded to the budget: first fit
+    assert TrainConfig(pad_to_budget=True, pack_open_rows=1).open_rows == 1  # given: kept
+
+
+@pytest.mark.parametrize(("pad_to_budget", "open_rows", "how"), [(False, 1, "greedy filling, no padding"),
+                                                                 (True, 4, "first fit over 4 open rows, each padded to the budget")])
+def test_main_packs_by_first_fit_only_where_rows_are_padded_to_the_budget(tiny_tokenizer, capsys, pad_to_budget, open_rows, how):
+    """--pack-open-rows auto (0) in main.prepare_data: padded rows all cost the same, so there the fuller rows of first
+    fit are more tokens per step for free; unpadded rows stay greedy. The rows are exactly pack_groups' for that choice."""
+    import dataset
+    from config import TrainConfig
+    from main import prepare_data
+
+    cfg = TrainConfig(dataset="data/dolly_sample.jsonl", val_fraction=0, pack_tokens=512, max_length=512, pad_to_budget=pad_to_budget)
+    assert cfg.pack_open_rows == 0  # the default: auto
+    records = dataset.load_records(cfg.dataset)
+    train_ds, _, summary = prepare_data(cfg, records, tiny_tokenizer)
+    train_raw = dataset.split_records(records, 0, cfg.seed)[0]
+    lengths = [len(ids) for ids in dataset.tokenize_records(train_raw, tiny_tokenizer, 512, cfg.dataset)[0]["input_ids"]]
+    packs = dataset.pack_groups(lengths, 512, cfg.seed, open_rows)
+    assert [len(ids) for ids in train_ds["input_ids"]] == [sum(lengths[i] for i in pack) for pack in packs]
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[data] packed")]
+    fill = summary["train"]["tokens"] / (len(packs) * 512)
+    assert line == [f"[data] packed {len(lengths)} training records into {len(packs)} rows of <= 512 tokens ({fill:.0%} full, {how})"]
 
 
 def test_collate_packed_makes_one_unpadded_row():
