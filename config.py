@@ -146,9 +146,9 @@ class TrainConfig:
         "Packed rows kept open while packing: each record (in a seeded random order) goes into the oldest open row it fits "
         "in, else starts a new one; 1 = greedy filling. First fit over 4 fills 4,096-token rows of dolly-like records 99.35% "
         "instead of 95.1%. 0 (auto): 4 where every row is padded to the budget (--pad-to-budget: the 24 GB plan), else 1. "
-        "Padded rows all cost the same, so a fuller row is more tokens for the same step: 1.031x and 1.043x greedy's "
-        "tokens/s in two alternating passes under a 24 GiB cap (H200, session 16). Unpadded rows: 0.98x greedy at 8,192 x 1 "
-        "(session 12).",
+        "Padded rows all cost the same, so a fuller row is more tokens for the same step: 1.03-1.07x greedy's tokens/s in "
+        "four alternating pairs of runs under a 24 GiB cap (two commands, H200, session 16). Unpadded rows: 0.98x greedy at "
+        "8,192 x 1 (session 12).",
     )
     tokens_per_step: int = doc(
         8192,
@@ -171,15 +171,16 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = doc(
         "default",
         "torch.compile mode for --compile; max-autotune: reduce-overhead's CUDA graphs plus Inductor's autotuning of the "
-        "products it sees (LoRA's, FP8's _scaled_mm; not bitsandbytes' 4-bit product) and of its own kernels' launch "
-        "configs (coordinate descent), cached in the Inductor cache, not measured here yet (bench variant "
-        "compiled_autotune_cap24). reduce-overhead adds CUDA graphs (one shape: use it with --pad-to-budget; with "
-        "accumulation each micro-batch replays the same graphs into zeroed gradients). Measured on an H200 (BENCHMARKS.md): "
-        "1.27x default at 2,048-token micro-batches (1.49-1.71x with fp8_backward; a fixed 0.041-0.046 s per micro-batch "
-        "instead of 0.12-0.14 s), equal at 8,192 (default's) and at 4,096 x 2 on a 4-bit base, 0.95x at 4,096 x 2 with the "
-        "16-bit copy; not the default, except where --memory-plan auto picks --dense-base fp8_backward_4bit (no copy fits on "
-        "a Hopper card: 1.23x the 4-bit base under a 24 GiB cap together). With gradient checkpointing its recording failed "
-        "(session 9, an error, not a fallback).",
+        "products it sees (LoRA's, FP8's _scaled_mm; not bitsandbytes' 4-bit product) and of its own kernels' launch configs "
+        "(coordinate descent), cached in the Inductor cache. Under a 24 GiB cap on an H200 (session 16): 0.453 s per step "
+        "against reduce-overhead's 0.456-0.465 s in other commands of the session (no same-command pair), after a 273 s first "
+        "step (228 s of autotuning), so it stays opt-in. reduce-overhead adds CUDA graphs (one shape: use it with "
+        "--pad-to-budget; with accumulation each micro-batch replays the same graphs into zeroed gradients). Measured on an "
+        "H200 (BENCHMARKS.md): 1.27x default at 2,048-token micro-batches (1.49-1.71x with fp8_backward; a fixed 0.041-0.046 "
+        "s per micro-batch instead of 0.12-0.14 s), equal at 8,192 (default's) and at 4,096 x 2 on a 4-bit base, 0.95x at "
+        "4,096 x 2 with the 16-bit copy; not the default, except where --memory-plan auto picks --dense-base "
+        "fp8_backward_4bit (no copy fits on a Hopper card: 1.23x the 4-bit base under a 24 GiB cap together). With gradient "
+        "checkpointing its recording failed (session 9, an error, not a fallback).",
     )
     pad_to_budget: bool = doc(
         False,

@@ -20,7 +20,8 @@
 #      checkpointing, compiled, varlen; 4-bit base) vs project --dense-base yes vs plain HF (with and without
 #      checkpointing) vs project --no-liger, same records: where the 8,192-token gap to plain HF comes from.
 # PROFILE=a,b (default: default; empty: none) picks the profiled variants; STEPS / WARMUP (8 / 3) the steps per variant and
-# the first ones left out of the timing; VARIANT_RUNS=2 runs the project's variants in two alternating passes (A/B).
+# the first ones left out of the timing (the project's variants; the plain-HF ones time one whole length-grouped megabatch,
+# BASELINE_WINDOW=steps: the same steps as the others, issue 12's protocol); VARIANT_RUNS=2 runs the project's variants in two alternating passes (A/B).
 # STAGES=parity runs only step 2 (a second command, if device time is left). CPU_DRY_RUN=1: the same plumbing on the
 # tiny model on the CPU (a few steps, no wheels, nothing timed that means anything).
 set -u
@@ -51,7 +52,8 @@ fi
 echo "[gpu_train] model $model, stages $stages, $((deadline - $(date +%s))) s left"
 if [[ $stages == *speed* ]]; then
   python bench/train_speed.py --model "$model" --out "$out/train_speed.json" "${speed[@]}" --variants "$variants" \
-    --profile "${PROFILE-default}" --variant-runs "${VARIANT_RUNS:-1}" --deadline "$deadline" 2>&1 | tee "$out/train_speed.log"
+    --profile "${PROFILE-default}" --variant-runs "${VARIANT_RUNS:-1}" \
+    --baseline-window "${BASELINE_WINDOW:-megabatch}" --deadline "$deadline" 2>&1 | tee "$out/train_speed.log"
 fi
 left=$((deadline - $(date +%s)))
 if [[ $stages == *parity* ]] && { [ $left -gt 240 ] || [ -n "${CPU_DRY_RUN:-}" ] || [[ $stages != *speed* ]]; }; then

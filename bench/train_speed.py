@@ -14,6 +14,9 @@ the same with `--compile off`; `default_cap24`/`_cap40` under a per-process memo
 Timing (from session 6): every variant logs every --logging-steps (10, main.py's default) and the GPU is synchronized only at
 the ends of the timed window, as in a real run; sessions 1-5 logged and synchronized at every step (--logging-steps 1
 --sync-every-step), which leaves the GPU idle while the host prepares each next step. Per-step losses: loss_parity.py.
+From session 16 the plain-HF variants that group records by length time one whole length-grouped megabatch (their
+second: --baseline-window megabatch, megabatch_window), a random sample of the records; the first steps, issue 12's
+window, hold only the longest batches, on which the baseline runs fastest per token.
 
 Reported per variant: tokens/s (non-padding tokens) and its ratio to baseline, hf_tuned and
 hf_tuned_nogc; seconds and tokens per optimizer step and per micro-batch; peak GPU memory; MFU
@@ -221,6 +224,20 @@ HF_SETUPS = {  # batch, gradient checkpointing, LoRA dropout, prepare_model_for_
 }
 
 
+
+def megabatch_window(records: int, batch: int) -> tuple[int, int]:
+    """(warmup, steps) that time exactly the second length-grouped megabatch of a plain-HF run (--baseline-window megabatch).
+
+    transformers' group_by_length sampler cuts a random order into megabatches of min(records // (4 x batch), 50) batches
+    and sorts each longest first (the longest batch of all moved to the very front). So issue 12's window, steps 4-8,
+    times the 4th-8th longest batches of the first megabatch: 8,328 tokens per step at batch 16 on the bench's records,
+    against 3,718 for the mean batch (16 x 232). Long batches run faster per token, so that window flatters the baseline.
+    A whole megabatch is a random sample of the records: its tokens/s is what a run of the epoch gets.
+    """
+    mult = max(1, min(records // (batch * 4), 50))
+    return mult, 2 * mult
+
+
 def hf_trainer(args, setup: str, train_ds, tokenizer):
     """Plain transformers + peft + bitsandbytes QLoRA: NF4 + double quant, bf16 compute, SDPA, LoRA r=16 alpha=32 on all
     linear layers, Trainer with per-device batches padded to their longest record (setups in HF_SETUPS)."""
@@ -300,7 +317,11 @@ def run_variant(args) -> dict:
     if is_baseline(args.variant):
         tokenizer = load_tokenizer(args.model)
         train_ds, _ = tokenize_records(load_records(args.data), tokenizer, 1024)
-        trainer, micro, extra = hf_trainer(args, spec, train_ds, tokenizer), 1, {}
+        extra = {"window": {"kind": "steps", "warmup": args.warmup, "steps": args.steps}}
+        if args.baseline_window == "megabatch" and HF_SETUPS[spec]["sampling"] == "group_by_length":
+            args.warmup, args.steps = megabatch_window(len(train_ds), HF_SETUPS[spec]["batch"])
+            extra = {"window": {"kind": "megabatch", "warmup": args.warmup, "steps": args.steps}}
+        trainer, micro = hf_trainer(args, spec, train_ds, tokenizer), 1
     else:
         trainer, cfg = project_trainer(args, spec, args.data)
         micro = cfg.gradient_accumulation_steps
@@ -405,6 +426,7 @@ def run_child(args, name: str, data: str, mean_context: float, mean_record: floa
     cmd = [sys.executable, __file__, "--model", args.model, "--variant", name, "--data", data, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--seed", str(args.seed), "--mean-context", str(mean_context), "--mean-record", str(mean_record),
            "--profile-steps", str(profile), "--out", args.out, "--logging-steps", str(args.logging_steps),
+           "--baseline-window", args.baseline_window,
            *(["--sync-every-step"] if args.sync_every_step else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     with open(os.path.join(args.out_dir, f"{name}.log"), "w") as fh:
@@ -444,6 +466,12 @@ def main() -> None:
                         help="Runs of each of the project's variants, in passes over them in the listed order (two variants: "
                              "A, B, A, B), all runs kept in runs_tokens_per_s and the fastest reported: for an A/B of two "
                              "settings whose difference is smaller than a command's drift (session 15: first fit).")
+    parser.add_argument("--baseline-window", choices=("megabatch", "steps"), default="megabatch",
+                        help="Timed steps of the plain-HF variants that group by length (hf_tuned, hf_tuned_nogc): megabatch = "
+                             "exactly their second length-grouped megabatch (steps 47-92 at batch 16 over 3,000 records), a random "
+                             "sample of the records, as a whole run sees them; steps = --warmup+1 .. --steps like every other "
+                             "variant (issue 12's protocol, which times only the longest batches of the first megabatch: "
+                             "megabatch_window). The project's packed rows are alike, so its window is --steps either way.")
     parser.add_argument("--deadline", type=float, default=0, help="Unix time: variants that would end later are skipped (0: none).")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -468,8 +496,7 @@ def main() -> None:
         again = name in attempts
         # seconds: load, steps, and the compilation; before the baselines' runs at the end, room is kept for them (a
         # baseline left with its first run alone, maybe a fresh machine's slow one, would flatter every ratio)
-        reruns_after = sum(map(is_baseline, order[max(i + 1, len(names)):]))  # the baselines' further runs to come
-        needs = (180 if name.startswith("compiled") else 75) + 75 * reruns_after
+        needs = seconds_needed(args, name) + sum(seconds_needed(args, n) for n in order[max(i + 1, len(names)):] if is_baseline(n))
         if args.deadline and time.time() + needs > args.deadline:
             print(f"[bench] {name}{' (another run)' if again else ''} skipped: it would not finish before the deadline "
                   f"({needs} s needed)", flush=True)
@@ -508,6 +535,13 @@ def schedule(names: list[str], baseline_runs: int, variant_runs: int = 1) -> lis
     return list(names) + project * (variant_runs - 1) + [n for n in names if is_baseline(n) for _ in range(baseline_runs - 1)]
 
 
+def seconds_needed(args, name: str) -> int:
+    """A run's seconds, generously: load, steps and compilation; a baseline over a whole megabatch at up to 1 s per step."""
+    if is_baseline(name) and args.baseline_window == "megabatch" and HF_SETUPS[VARIANTS[name]]["sampling"] == "group_by_length":
+        return 45 + megabatch_window(args.records, HF_SETUPS[VARIANTS[name]]["batch"])[1]
+    return 180 if name.startswith("compiled") else 75
+
+
 def is_baseline(name: str) -> bool:
     """A plain Hugging Face variant (VARIANTS maps it to an HF_SETUPS name, not to main.py flags)."""
     return isinstance(VARIANTS[name], str)
@@ -520,6 +554,8 @@ def print_row(r: dict) -> None:
     if plan:
         setting = f"GC {'on' if plan['gradient_checkpointing'] else 'off'} {plan['pack_tokens']}x{plan['gradient_accumulation_steps']}"
         setting += " 16-bit base" if plan.get("dense_base") == "yes" else ""
+    if r.get("window", {}).get("kind") == "megabatch":
+        setting += f"steps {r['window']['warmup'] + 1}-{r['window']['steps']} (one megabatch)"
     if len(r.get("runs_tokens_per_s", [])) > 1:
         setting += " runs " + " / ".join(f"{t:.0f}" for t in r["runs_tokens_per_s"])
     memory = r.get("peak_gpu_mem_gib", float("nan"))

@@ -47,3 +47,29 @@ def test_the_baselines_further_runs_come_after_every_other_variant():
     # --variant-runs 2: the project's variants alternate (A, B, A, B) between the baseline's first run and its last
     assert train_speed.schedule(["hf_tuned", "default_cap24", "cap24_firstfit"], 2, 2) == [
         "hf_tuned", "default_cap24", "cap24_firstfit", "default_cap24", "cap24_firstfit", "hf_tuned"]
+
+
+@pytest.mark.parametrize(("records", "batch", "window"), [(3000, 16, (46, 92)), (3000, 8, (50, 100)), (40, 16, (1, 2))])
+def test_the_megabatch_window_times_exactly_the_second_length_grouped_megabatch(records, batch, window):
+    """--baseline-window megabatch against transformers' own group_by_length sampler: the timed batches (steps warmup+1 ..
+    steps) are exactly one megabatch, sorted longest first, that starts and ends where the sampler cut it; issue 12's
+    window (steps 4-8) sits among the longest batches of the first one."""
+    import random
+
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    assert train_speed.megabatch_window(records, batch) == window
+    warmup, steps = window
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 1024) for _ in range(records)]
+    order = list(LengthGroupedSampler(batch, lengths=lengths, generator=torch.Generator().manual_seed(0)))
+    size = warmup * batch  # one megabatch, in records
+    timed = [lengths[i] for i in order[warmup * batch: steps * batch]]
+    # one sorted megabatch: its first record may be the one swapped out of the first megabatch for the longest of all
+    assert len(timed) == size and timed[1:] == sorted(timed[1:], reverse=True)
+    # the sampler's second megabatch: the records of that slice of its random permutation, but for that one swap
+    perm = torch.randperm(records, generator=torch.Generator().manual_seed(0)).tolist()
+    assert len(set(order[warmup * batch: steps * batch]) ^ set(perm[size: 2 * size])) <= 2
+    if warmup >= 8:  # issue 12's steps 4-8 hold longer records than the mean of a megabatch
+        assert sum(lengths[i] for i in order[3 * batch: 8 * batch]) / (5 * batch) > 1.5 * sum(timed) / len(timed)
