@@ -229,7 +229,7 @@ def megabatch_window(records: int, batch: int) -> tuple[int, int]:
     """(warmup, steps) that time exactly the second length-grouped megabatch of a plain-HF run (--baseline-window megabatch).
 
     transformers' group_by_length sampler cuts a random order into megabatches of min(records // (4 x batch), 50) batches
-    and sorts each longest first (the longest batch of all moved to the very front). So issue 12's window, steps 4-8,
+    and sorts each longest first (the longest record of all swapped to the very front). So issue 12's window, steps 4-8,
     times the 4th-8th longest batches of the first megabatch: 8,328 tokens per step at batch 16 on the bench's records,
     against 3,718 for the mean batch (16 x 232). Long batches run faster per token, so that window flatters the baseline.
     A whole megabatch is a random sample of the records: its tokens/s is what a run of the epoch gets.
@@ -536,9 +536,10 @@ def schedule(names: list[str], baseline_runs: int, variant_runs: int = 1) -> lis
 
 
 def seconds_needed(args, name: str) -> int:
-    """A run's seconds, generously: load, steps and compilation; a baseline over a whole megabatch at up to 1 s per step."""
+    """A run's seconds, generously: load, steps and compilation. A baseline over a whole megabatch: ~30 s of loading and
+    0.8 s per step (hf_tuned over 92 steps took ~92 s in all on an H200, at 0.67 s per timed step; session 16)."""
     if is_baseline(name) and args.baseline_window == "megabatch" and HF_SETUPS[VARIANTS[name]]["sampling"] == "group_by_length":
-        return 45 + megabatch_window(args.records, HF_SETUPS[VARIANTS[name]]["batch"])[1]
+        return int(30 + 0.8 * megabatch_window(args.records, HF_SETUPS[VARIANTS[name]]["batch"])[1])
     return 180 if name.startswith("compiled") else 75
 
 

@@ -1,4 +1,5 @@
-"""bench/train_speed.py's arithmetic: the fixed overhead per micro-batch fitted from two token budgets of one setting."""
+"""bench/train_speed.py's arithmetic: the fixed overhead per micro-batch fitted from two token budgets of one setting, the
+order of the runs, and the plain-HF baseline's timed window (one length-grouped megabatch)."""
 
 from __future__ import annotations
 
