@@ -21,7 +21,8 @@
 #      checkpointing) vs project --no-liger, same records: where the 8,192-token gap to plain HF comes from.
 # PROFILE=a,b (default: default; empty: none) picks the profiled variants; STEPS / WARMUP (8 / 3) the steps per variant and
 # the first ones left out of the timing (the project's variants; the plain-HF ones time one whole length-grouped megabatch,
-# BASELINE_WINDOW=steps: the same steps as the others, issue 12's protocol); VARIANT_RUNS=2 runs the project's variants in two alternating passes (A/B).
+# BASELINE_WINDOW=steps: the same steps as the others, issue 12's protocol); VARIANT_RUNS=2 runs the project's variants
+# in two alternating passes (A/B).
 # STAGES=parity runs only step 2 (a second command, if device time is left). CPU_DRY_RUN=1: the same plumbing on the
 # tiny model on the CPU (a few steps, no wheels, nothing timed that means anything).
 set -u

@@ -224,7 +224,6 @@ HF_SETUPS = {  # batch, gradient checkpointing, LoRA dropout, prepare_model_for_
 }
 
 
-
 def megabatch_window(records: int, batch: int) -> tuple[int, int]:
     """(warmup, steps) that time exactly the second length-grouped megabatch of a plain-HF run (--baseline-window megabatch).
 
@@ -317,10 +316,10 @@ def run_variant(args) -> dict:
     if is_baseline(args.variant):
         tokenizer = load_tokenizer(args.model)
         train_ds, _ = tokenize_records(load_records(args.data), tokenizer, 1024)
-        extra = {"window": {"kind": "steps", "warmup": args.warmup, "steps": args.steps}}
-        if args.baseline_window == "megabatch" and HF_SETUPS[spec]["sampling"] == "group_by_length":
-            args.warmup, args.steps = megabatch_window(len(train_ds), HF_SETUPS[spec]["batch"])
-            extra = {"window": {"kind": "megabatch", "warmup": args.warmup, "steps": args.steps}}
+        window = baseline_window(args, args.variant, len(train_ds))
+        if window:
+            args.warmup, args.steps = window
+        extra = {"window": {"kind": "megabatch" if window else "steps", "warmup": args.warmup, "steps": args.steps}}
         trainer, micro = hf_trainer(args, spec, train_ds, tokenizer), 1
     else:
         trainer, cfg = project_trainer(args, spec, args.data)
@@ -538,9 +537,19 @@ def schedule(names: list[str], baseline_runs: int, variant_runs: int = 1) -> lis
 def seconds_needed(args, name: str) -> int:
     """A run's seconds, generously: load, steps and compilation. A baseline over a whole megabatch: ~30 s of loading and
     0.8 s per step (hf_tuned over 92 steps took ~92 s in all on an H200, at 0.67 s per timed step; session 16)."""
-    if is_baseline(name) and args.baseline_window == "megabatch" and HF_SETUPS[VARIANTS[name]]["sampling"] == "group_by_length":
-        return int(30 + 0.8 * megabatch_window(args.records, HF_SETUPS[VARIANTS[name]]["batch"])[1])
+    window = baseline_window(args, name, args.records)
+    if window:
+        return int(30 + 0.8 * window[1])
     return 180 if name.startswith("compiled") else 75
+
+
+def baseline_window(args, name: str, records: int) -> tuple[int, int] | None:
+    """(warmup, steps) of a plain-HF variant that groups by length under --baseline-window megabatch; None otherwise
+    (the variant is timed over --warmup+1 .. --steps)."""
+    if not is_baseline(name) or args.baseline_window != "megabatch":
+        return None
+    setup = HF_SETUPS[VARIANTS[name]]
+    return megabatch_window(records, setup["batch"]) if setup["sampling"] == "group_by_length" else None
 
 
 def is_baseline(name: str) -> bool:

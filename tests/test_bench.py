@@ -74,3 +74,15 @@ def test_the_megabatch_window_times_exactly_the_second_length_grouped_megabatch(
     assert len(set(order[warmup * batch: steps * batch]) ^ set(perm[size: 2 * size])) <= 2
     if warmup >= 8:  # issue 12's steps 4-8 hold longer records than the mean of a megabatch
         assert sum(lengths[i] for i in order[3 * batch: 8 * batch]) / (5 * batch) > 1.5 * sum(timed) / len(timed)
+
+
+def test_only_the_length_grouped_baselines_get_the_megabatch_window():
+    """baseline_window: hf_tuned / hf_tuned_nogc under --baseline-window megabatch; the randomly sampled plain-HF setup, the
+    project's variants and --baseline-window steps keep --warmup / --steps (None)."""
+    args = type("Args", (), {"baseline_window": "megabatch"})()
+    assert train_speed.baseline_window(args, "hf_tuned", 3000) == (46, 92)
+    assert train_speed.baseline_window(args, "hf_tuned_nogc", 3000) == (50, 100)
+    assert train_speed.baseline_window(args, "baseline", 3000) is None  # hf_common: random sampling
+    assert train_speed.baseline_window(args, "default", 3000) is None
+    args.baseline_window = "steps"
+    assert train_speed.baseline_window(args, "hf_tuned", 3000) is None
