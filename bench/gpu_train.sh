@@ -8,10 +8,13 @@
 # (default 530 s from the start):
 #   1. bench/train_speed.py -> OUT/train_speed.json (+ one log per variant):
 #      hf_tuned, hf_tuned_nogc (plain HF, issue 12's settings; each run twice, where listed and after every other
-#      variant, the faster kept: --baseline-runs);
+#      variant, the faster kept: --baseline-runs; over a whole megabatch each run takes ~100-120 s, so name fewer
+#      VARIANTS: the default list does not fit in one command, and the deadline skips the later ones);
 #      default = python main.py (memory plan, --compile auto, --attention auto: varlen FlashAttention over the record
-#      bounds, --dense-base auto: the 16-bit copy of the base where it fits), then 3 more steps profiled
-#      (OUT/profile-default/trace.json.gz, summary.json); default_4bit (--dense-base no: the default before session 6);
+#      bounds, --dense-base auto: the 16-bit copy of the base where it fits; listed second, so that its ratio comes
+#      before the deadline: session 17's command that listed both baselines first ran out of time for it), then 3 more
+#      steps profiled (OUT/profile-default/trace.json.gz, summary.json); default_4bit (--dense-base no: the default
+#      before session 6);
 #      default_cap24 (a 24 GiB cap); dense_nogc_2048 / varlen_nogc_2048 (with default / default_4bit: fixed_overhead_s);
 #      compiled_cudagraphs (--pad-to-budget --compile-mode reduce-overhead: CUDA graphs over fixed shapes);
 #      compiled_16k (the recipe doubled: one 16,384-token micro-batch per step); baseline (plain HF as commonly run).
@@ -41,7 +44,7 @@ if [ -z "${CPU_DRY_RUN:-}" ]; then
   [ -f "$model/config.json" ] || python bench/make_random_llama.py --out "$model" --tokenizer "$tok" > "$out/make_model.log" 2>&1 \
     || { tail -20 "$out/make_model.log"; exit 1; }
   nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$out/gpu.csv"
-  variants=${VARIANTS:-hf_tuned,hf_tuned_nogc,default,default_4bit,default_cap24,dense_nogc_2048,varlen_nogc_2048,compiled_cudagraphs,compiled_16k,baseline}
+  variants=${VARIANTS:-hf_tuned,default,hf_tuned_nogc,default_4bit,default_cap24,dense_nogc_2048,varlen_nogc_2048,compiled_cudagraphs,compiled_16k,baseline}
   speed=(--steps "${STEPS:-8}" --warmup "${WARMUP:-3}" --records 3000)
   parity=(--steps 20 --records 1500 --pack-tokens 8192 --no-gc --sides project,project_dense,hf,hf_nogc,project_noliger)
 else
