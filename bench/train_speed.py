@@ -535,8 +535,10 @@ def schedule(names: list[str], baseline_runs: int, variant_runs: int = 1) -> lis
 
 
 def seconds_needed(args, name: str) -> int:
-    """A run's seconds, generously: load, steps and compilation. A baseline over a whole megabatch: ~30 s of loading and
-    0.8 s per step (hf_tuned over 92 steps took ~92 s in all on an H200, at 0.67 s per timed step; session 16)."""
+    """A run's seconds, roughly: load, steps and compilation. A baseline over a whole megabatch: ~30 s of loading and
+    0.8 s per step (hf_tuned over 92 steps took ~92 s in all on an H200, at 0.67 s per timed step; session 16). On session
+    17's slower H200 the four runs of hf_tuned and hf_tuned_nogc took ~110 s each against 104-110 s estimated, so
+    gpu_train.sh's deadline keeps some 30 s below the device's 600 s limit."""
     window = baseline_window(args, name, args.records)
     if window:
         return int(30 + 0.8 * window[1])
